@@ -1,0 +1,157 @@
+"""From a volume to the network's axial slices, and exactly back.
+
+A case ``(C, X, Y, Z)`` becomes a batch of axial slices ``(Z', C, H, W)``: only the slices
+``z0:z1`` that hold brain, each cropped to a window around the brain's bounding box (``H`` along
+the longer in-plane brain extent, 192 by default; ``W`` along the shorter, 160), each modality
+z-scored over its own brain (nonzero) voxels, background 0. ``Geometry`` records everything
+needed to put a prediction back on the input grid with ``uncrop``.
+
+Pure functions: inputs are never modified.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+CROP = (192, 160)
+MULTIPLE = 32
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where the slices came from on the input grid ``shape`` (X, Y, Z).
+
+    The crop window starts at ``(x0, y0)`` (negative or past the edge means zero padding) and
+    spans ``size_x`` by ``size_y`` voxels; ``h_is_x`` says whether the slice's H axis runs along
+    X (else along Y); slices ``z0:z1`` were kept.
+    """
+
+    shape: tuple[int, int, int]
+    x0: int
+    y0: int
+    size_x: int
+    size_y: int
+    z0: int
+    z1: int
+    h_is_x: bool
+
+    @property
+    def slice_shape(self) -> tuple[int, int]:
+        """(H, W) of one slice."""
+        return (self.size_x, self.size_y) if self.h_is_x else (self.size_y, self.size_x)
+
+    @property
+    def n_slices(self) -> int:
+        return self.z1 - self.z0
+
+
+def _grow(extent: int, size: int, multiple: int) -> int:
+    """The crop size: ``size``, or the next multiple of ``multiple`` that holds ``extent``."""
+    return size if extent <= size else -(-extent // multiple) * multiple
+
+
+def brain_mask(image: np.ndarray) -> np.ndarray:
+    """Voxels nonzero in any modality: ``(C, X, Y, Z)`` → ``(X, Y, Z)`` bool."""
+    return np.any(image != 0, axis=0)
+
+
+def compute_geometry(
+    image: np.ndarray, crop: tuple[int, int] = CROP, multiple: int = MULTIPLE
+) -> Geometry:
+    """The crop window and brain slices for ``image`` ``(C, X, Y, Z)``.
+
+    ``crop`` is (long, short): the long side goes along the longer in-plane brain extent. A
+    brain larger than the crop grows the window to the next multiple of ``multiple`` rather
+    than being cut.
+    """
+    if image.ndim != 4:
+        raise ValueError(f"expected a volume (C, X, Y, Z), got shape {image.shape}")
+    mask = brain_mask(image)
+    shape = tuple(int(s) for s in mask.shape)
+    if not mask.any():
+        raise ValueError("the volume holds no brain: every voxel is 0 in every modality")
+    lo, hi = [], []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        idx = np.flatnonzero(mask.any(axis=other))
+        lo.append(int(idx[0]))
+        hi.append(int(idx[-1]) + 1)
+    ext_x, ext_y = hi[0] - lo[0], hi[1] - lo[1]
+    h_is_x = ext_x > ext_y
+    long, short = crop
+    size_x = _grow(ext_x, long if h_is_x else short, multiple)
+    size_y = _grow(ext_y, short if h_is_x else long, multiple)
+    # Centre the window on the brain's bounding box.
+    x0 = (lo[0] + hi[0]) // 2 - size_x // 2
+    y0 = (lo[1] + hi[1]) // 2 - size_y // 2
+    return Geometry(shape, x0, y0, size_x, size_y, lo[2], hi[2], h_is_x)
+
+
+def extract(volume: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """Cut the slices out of ``volume`` ``(..., X, Y, Z)`` → ``(Z', ..., H, W)``, same dtype.
+
+    Parts of the window outside the volume are zero.
+    """
+    g = geometry
+    if volume.shape[-3:] != g.shape:
+        raise ValueError(f"volume shape {volume.shape[-3:]} does not match geometry {g.shape}")
+    lead = volume.shape[:-3]
+    window = np.zeros((*lead, g.size_x, g.size_y, g.n_slices), dtype=volume.dtype)
+    sx = slice(max(g.x0, 0), min(g.x0 + g.size_x, g.shape[0]))
+    sy = slice(max(g.y0, 0), min(g.y0 + g.size_y, g.shape[1]))
+    window[..., sx.start - g.x0 : sx.stop - g.x0, sy.start - g.y0 : sy.stop - g.y0, :] = (
+        volume[..., sx, sy, g.z0 : g.z1]
+    )
+    # (..., X, Y, Z) → (Z, ..., H, W)
+    n = len(lead)
+    order = (n + 2, *range(n), n, n + 1) if g.h_is_x else (n + 2, *range(n), n + 1, n)
+    return np.ascontiguousarray(window.transpose(order))
+
+
+def uncrop(slices: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """The exact inverse of ``extract``: ``(Z', ..., H, W)`` → ``(..., X, Y, Z)``, zeros elsewhere."""
+    g = geometry
+    if slices.shape[0] != g.n_slices or slices.shape[-2:] != g.slice_shape:
+        raise ValueError(
+            f"slices of shape {slices.shape} do not match geometry "
+            f"({g.n_slices}, ..., {g.slice_shape[0]}, {g.slice_shape[1]})"
+        )
+    lead = slices.shape[1:-2]
+    n = len(lead)
+    # (Z, ..., H, W) → (..., X, Y, Z)
+    order = (*range(1, n + 1), n + 1, n + 2, 0) if g.h_is_x else (*range(1, n + 1), n + 2, n + 1, 0)
+    window = slices.transpose(order)
+    out = np.zeros((*lead, *g.shape), dtype=slices.dtype)
+    sx = slice(max(g.x0, 0), min(g.x0 + g.size_x, g.shape[0]))
+    sy = slice(max(g.y0, 0), min(g.y0 + g.size_y, g.shape[1]))
+    out[..., sx, sy, g.z0 : g.z1] = window[
+        ..., sx.start - g.x0 : sx.stop - g.x0, sy.start - g.y0 : sy.stop - g.y0, :
+    ]
+    return out
+
+
+def zscore(slices: np.ndarray) -> np.ndarray:
+    """Z-score each modality of ``(Z', C, H, W)`` over its nonzero voxels; zeros stay 0.
+
+    Returns a new float32 array. A modality with constant brain intensity gets std 1.
+    """
+    out = np.zeros(slices.shape, dtype=np.float32)
+    for c in range(slices.shape[1]):
+        channel = slices[:, c]
+        mask = channel != 0
+        values = channel[mask].astype(np.float64)
+        if values.size == 0:
+            continue
+        mean, std = values.mean(), values.std()
+        out[:, c][mask] = ((values - mean) / (std if std > 0 else 1.0)).astype(np.float32)
+    return out
+
+
+def preprocess(
+    image: np.ndarray, crop: tuple[int, int] = CROP
+) -> tuple[np.ndarray, Geometry]:
+    """A case ``(C, X, Y, Z)`` → network slices ``(Z', C, H, W)`` float32 and their geometry."""
+    geometry = compute_geometry(image, crop)
+    return zscore(extract(image, geometry)), geometry

@@ -1,0 +1,87 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tiramisu_brats.preprocess import compute_geometry, extract, preprocess, uncrop, zscore
+
+
+def _volume(shape=(60, 70, 20), box=((10, 40), (8, 60), (3, 17)), seed=0):
+    rng = np.random.default_rng(seed)
+    image = np.zeros((4, *shape), np.float32)
+    (a, b), (c, d), (e, f) = box
+    image[:, a:b, c:d, e:f] = rng.uniform(50, 500, (4, b - a, d - c, f - e))
+    return image
+
+
+def test_crop_puts_the_long_side_along_the_longer_brain_extent():
+    image = _volume()  # brain extent 30 along X, 52 along Y
+    slices, g = preprocess(image, crop=(64, 32))
+    assert slices.shape == (14, 4, 64, 32) and slices.dtype == np.float32
+    assert not g.h_is_x and (g.size_y, g.size_x) == (64, 32) and (g.z0, g.z1) == (3, 17)
+
+
+def test_brats_sized_volume_gives_192x160_slices():
+    image = _volume((240, 240, 155), ((50, 190), (30, 200), (10, 150)))
+    slices, g = preprocess(image)
+    assert slices.shape == (140, 4, 192, 160)
+
+
+def test_a_brain_wider_than_the_crop_grows_it_to_a_multiple_of_32():
+    image = _volume((240, 240, 20), ((5, 235), (20, 200), (0, 20)))
+    _, g = preprocess(image)
+    assert g.h_is_x and g.slice_shape == (256, 192)
+
+
+def test_zscore_is_mean_0_std_1_in_the_brain_and_0_outside():
+    image = _volume()
+    slices, _ = preprocess(image, crop=(64, 64))
+    for c in range(4):
+        brain = slices[:, c][slices[:, c] != 0]
+        assert abs(brain.mean()) < 1e-5 and abs(brain.std() - 1) < 1e-5
+    assert np.count_nonzero(slices) == np.count_nonzero(image)
+
+
+def test_preprocess_does_not_change_its_input():
+    image = _volume()
+    before = image.copy()
+    preprocess(image, crop=(64, 64))
+    np.testing.assert_array_equal(image, before)
+
+
+def test_all_zero_volume_is_refused():
+    with pytest.raises(ValueError, match="no brain"):
+        compute_geometry(np.zeros((4, 8, 8, 8), np.float32))
+
+
+def test_zscore_of_a_constant_modality_stays_finite():
+    s = np.zeros((2, 1, 4, 4), np.float32)
+    s[:, :, 1:3, 1:3] = 7
+    out = zscore(s)
+    assert np.isfinite(out).all() and np.count_nonzero(out) == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shape=st.tuples(st.integers(3, 70), st.integers(3, 70), st.integers(1, 12)),
+    data=st.data(),
+)
+def test_extract_then_uncrop_gives_back_the_grid(shape, data):
+    lo = [data.draw(st.integers(0, s - 1)) for s in shape]
+    hi = [data.draw(st.integers(lo_ + 1, s)) for lo_, s in zip(lo, shape)]
+    crop = (data.draw(st.sampled_from([32, 64])), data.draw(st.sampled_from([32, 64])))
+    rng = np.random.default_rng(0)
+    labels = np.zeros(shape, np.uint8)
+    labels[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = rng.integers(1, 5, [h - l for l, h in zip(lo, hi)])
+    image = np.stack([labels.astype(np.float32)] * 4)
+    image[:, lo[0], lo[1], lo[2]] = 1  # make sure the brain box is exactly lo:hi
+    image[:, hi[0] - 1, hi[1] - 1, hi[2] - 1] = 1
+    g = compute_geometry(image, crop)
+    slices = extract(labels, g)
+    assert slices.shape == (g.n_slices, *g.slice_shape)
+    assert g.slice_shape[0] % 32 == 0 and g.slice_shape[1] % 32 == 0
+    back = uncrop(slices, g)
+    assert back.shape == labels.shape and back.dtype == labels.dtype
+    np.testing.assert_array_equal(back, labels)  # nothing inside the brain box was cut
+    multi = extract(np.stack([labels, labels * 2]), g)
+    np.testing.assert_array_equal(uncrop(multi, g)[1], labels * 2)
