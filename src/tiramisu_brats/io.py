@@ -1,0 +1,466 @@
+"""Reading BraTS cases and label maps, writing label maps, atomic file writes.
+
+Volumes are channel-first ``(4, X, Y, Z)`` ``float32`` in ``MODALITIES`` order; label maps are
+``(X, Y, Z)`` ``uint8`` in the internal BraTS 2017-2021 numbering 0/1/2/4. The BraTS 2023
+numbering (0/1/2/3) exists only on disk: ``read_label_map`` and ``write_label_map`` convert.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path, PureWindowsPath
+
+import nibabel as nib
+import numpy as np
+from nibabel.filebasedimages import ImageFileError
+from nibabel.spatialimages import HeaderDataError
+
+logger = logging.getLogger(__name__)
+
+MODALITIES = ("t1", "t1ce", "t2", "flair")
+LABEL_CONVENTIONS = ("brats", "brats2023")
+
+# File-name suffixes (before .nii/.nii.gz) of the four modalities, in MODALITIES order, and of
+# the segmentation, per naming scheme. Matched case-insensitively against the end of the stem.
+_LAYOUTS: dict[str, tuple[tuple[str, str, str, str], tuple[str, ...]]] = {
+    "BraTS 2017-2021": (("_t1", "_t1ce", "_t2", "_flair"), ("_seg",)),
+    "BraTS 2023": (("-t1n", "-t1c", "-t2w", "-t2f"), ("-seg",)),
+    "nnU-Net": (("_0000", "_0001", "_0002", "_0003"), ("", "_seg")),
+}
+_NIFTI_EXTS = (".nii.gz", ".nii")
+_MAX_AXIS = 1024
+_MAX_VOXELS = 2**28
+_AFFINE_ATOL = 1e-3  # mm
+_READ_ERRORS = (ImageFileError, HeaderDataError, OSError, EOFError, zlib.error, ValueError)
+# Internal label -> on-disk label, per convention.
+_TO_DISK: dict[str, dict[int, int]] = {
+    "brats": {0: 0, 1: 1, 2: 2, 4: 4},
+    "brats2023": {0: 0, 1: 1, 2: 2, 4: 3},
+}
+
+
+class InputError(ValueError):
+    """A problem with the user's input; the message is one line naming the file and the problem."""
+
+
+@dataclass(frozen=True)
+class CaseFiles:
+    """The files of one case: four images in ``MODALITIES`` order and an optional segmentation."""
+
+    case_id: str
+    images: tuple[Path, Path, Path, Path]
+    seg: Path | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class Case:
+    """One loaded case.
+
+    ``image``: ``(4, X, Y, Z)`` float32 in ``MODALITIES`` order; ``affine``: ``(4, 4)`` float64;
+    ``header``: the T1 file's header (the reference when writing outputs).
+    """
+
+    case_id: str
+    image: np.ndarray
+    affine: np.ndarray
+    header: nib.Nifti1Header
+    files: CaseFiles
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm along X, Y, Z (from the header zooms)."""
+        return tuple(float(z) for z in self.header.get_zooms()[:3])  # type: ignore[return-value]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Spatial shape ``(X, Y, Z)``."""
+        return self.image.shape[1:]  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------------
+# Finding files
+
+
+def _nifti_stem(name: str) -> str | None:
+    """``name`` without ``.nii``/``.nii.gz`` (any case), or None if it is not a NIfTI name."""
+    lower = name.lower()
+    for ext in _NIFTI_EXTS:
+        if lower.endswith(ext):
+            return name[: -len(ext)]
+    return None
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def find_case_files(folder: str | os.PathLike[str]) -> CaseFiles:
+    """Find the four images (and the segmentation, if any) of the case in ``folder``.
+
+    Accepts BraTS 2017-2021 (``<case>_t1``, ``_t1ce``, ``_t2``, ``_flair``, ``_seg``), BraTS 2023
+    (``<case>-t1n``, ``-t1c``, ``-t2w``, ``-t2f``, ``-seg``) and nnU-Net (``<case>_0000`` ..
+    ``_0003``, seg ``<case>`` or ``<case>_seg``) naming, ``.nii`` or ``.nii.gz``.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: not a folder")
+    stems = {
+        p: stem.lower()
+        for p in sorted(folder.iterdir())
+        if not p.name.startswith(".") and (stem := _nifti_stem(p.name)) and p.is_file()
+    }
+    if not stems:
+        raise InputError(f"{folder}: no NIfTI files (.nii or .nii.gz)")
+
+    def matching(suffix: str) -> list[Path]:
+        return [p for p, stem in stems.items() if stem.endswith(suffix)]
+
+    layout, (suffixes, seg_suffixes) = max(
+        _LAYOUTS.items(), key=lambda item: sum(bool(matching(s)) for s in item[1][0])
+    )
+    if not any(matching(s) for s in suffixes):
+        raise InputError(
+            f"{folder}: no file named like <case>_t1.nii.gz (BraTS 2017-2021), "
+            "<case>-t1n.nii.gz (BraTS 2023) or <case>_0000.nii.gz (nnU-Net)"
+        )
+    images = []
+    for modality, suffix in zip(MODALITIES, suffixes, strict=True):
+        found = matching(suffix)
+        if not found:
+            raise InputError(
+                f"{folder}: no {modality} image (expected <case>{suffix}.nii.gz, {layout} naming)"
+            )
+        if len(found) > 1:
+            raise InputError(
+                f"{folder}: several {modality} images: {', '.join(p.name for p in found)}"
+            )
+        images.append(found[0])
+    prefixes = {p.name[: len(stems[p]) - len(s)] for p, s in zip(images, suffixes, strict=True)}
+    if len(prefixes) > 1:
+        raise InputError(f"{folder}: the image files name different cases: {sorted(prefixes)}")
+    case_id = prefixes.pop() or folder.name
+    seg_stems = {(case_id + s).lower() for s in seg_suffixes}
+    segs = [p for p, stem in stems.items() if stem in seg_stems]
+    if len(segs) > 1:
+        raise InputError(f"{folder}: several segmentations: {', '.join(p.name for p in segs)}")
+    return CaseFiles(case_id, tuple(images), segs[0] if segs else None)  # type: ignore[arg-type]
+
+
+def case_files_from_paths(
+    t1: str | os.PathLike[str],
+    t1ce: str | os.PathLike[str],
+    t2: str | os.PathLike[str],
+    flair: str | os.PathLike[str],
+    case_id: str | None = None,
+) -> CaseFiles:
+    """A case from four explicit files; the case id defaults to the T1 name without its
+    extension and modality suffix (``BraTS2021_00006_t1.nii.gz`` -> ``BraTS2021_00006``)."""
+    paths = tuple(Path(p) for p in (t1, t1ce, t2, flair))
+    for path in paths:
+        if not path.is_file():
+            raise InputError(f"{path}: no such file")
+        if _nifti_stem(path.name) is None:
+            raise InputError(f"{path}: not a NIfTI file name (expected .nii or .nii.gz)")
+    if case_id is None:
+        case_id = _nifti_stem(paths[0].name) or paths[0].name
+        for suffixes, _ in _LAYOUTS.values():
+            if case_id.lower().endswith(suffixes[0]) and len(case_id) > len(suffixes[0]):
+                case_id = case_id[: -len(suffixes[0])]
+                break
+    return CaseFiles(case_id, paths)  # type: ignore[arg-type]
+
+
+def is_case_folder(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a folder holding one complete case (see ``find_case_files``)."""
+    try:
+        find_case_files(path)
+    except InputError:
+        return False
+    return True
+
+
+def find_cases(root: str | os.PathLike[str]) -> list[Path]:
+    """``[root]`` if ``root`` is a case folder, else the sorted case folders directly below it."""
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"{root}: not a folder")
+    if is_case_folder(root):
+        return [root]
+    cases = [p for p in sorted(root.iterdir()) if not p.name.startswith(".") and is_case_folder(p)]
+    if not cases:
+        raise InputError(
+            f"{root}: neither a case folder nor a folder of case folders (no complete set of "
+            "t1/t1ce/t2/flair NIfTI files found)"
+        )
+    return cases
+
+
+def safe_case_id(case_id: str) -> str:
+    """Return ``case_id`` if it is usable as a file name inside an output folder."""
+    if (
+        not case_id
+        or case_id in (".", "..")
+        or any(c in case_id for c in "/\\\0")
+        or PureWindowsPath(case_id).drive
+    ):
+        raise InputError(f"{case_id!r}: case id is not usable as a file name")
+    return case_id
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+
+
+def _open_volume(path: Path) -> tuple[nib.Nifti1Image, tuple[int, int, int]]:
+    """Open a NIfTI file (header only) and check that it holds one plausible 3D volume.
+
+    Returns the image and its 3D shape (a trailing singleton 4th axis is dropped).
+    """
+    try:
+        img = nib.load(path)
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except _READ_ERRORS as e:
+        raise InputError(f"{path}: not a readable NIfTI file ({_one_line(e)})") from e
+    if not isinstance(img, nib.Nifti1Pair):  # NIfTI-1 and NIfTI-2, single file or pair
+        raise InputError(f"{path}: not a NIfTI file ({type(img).__name__})")
+    shape = tuple(int(n) for n in img.shape)
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
+        extra = f" with {shape[3]} volumes" if len(shape) == 4 else ""
+        raise InputError(f"{path}: {len(shape)}D image{extra} of shape {img.shape}, expected 3D")
+    if max(shape) > _MAX_AXIS or np.prod(shape, dtype=np.int64) > _MAX_VOXELS or min(shape) < 1:
+        raise InputError(f"{path}: header claims an implausible image size {shape}")
+    dtype = img.get_data_dtype()
+    if dtype.kind not in "biuf":
+        raise InputError(f"{path}: unsupported voxel type {dtype}")
+    return img, shape  # type: ignore[return-value]
+
+
+def _read_voxels(img: nib.Nifti1Image, path: Path) -> np.ndarray:
+    """The voxel array as stored (scaled by nibabel if the header says so)."""
+    try:
+        return np.asanyarray(img.dataobj)
+    except _READ_ERRORS as e:
+        raise InputError(f"{path}: cannot read the voxel data ({_one_line(e)})") from e
+
+
+def read_case(files: CaseFiles) -> Case:
+    """Load the four images of a case into one ``(4, X, Y, Z)`` float32 array.
+
+    All headers are checked (3D, plausible size, same shape and affine as the T1) before any
+    voxel data is read. NaN/Inf voxels become 0 (with a warning); an all-zero image is an error.
+    """
+    opened = [_open_volume(Path(p)) for p in files.images]
+    ref, shape = opened[0]
+    affine = ref.affine.astype(np.float64)
+    for path, (img, img_shape) in zip(files.images[1:], opened[1:], strict=True):
+        if img_shape != shape:
+            raise InputError(f"{path}: shape {img_shape} differs from t1's {shape}")
+        if not np.allclose(img.affine, affine, atol=_AFFINE_ATOL):
+            diff = np.abs(img.affine - affine).max()
+            raise InputError(f"{path}: affine differs from t1's (by up to {diff:.4g})")
+    spacing = tuple(float(z) for z in ref.header.get_zooms()[:3])
+    if not np.allclose(spacing, 1.0, atol=0.05):
+        logger.warning(
+            "%s: voxel spacing %s mm is not 1 mm isotropic; the model was trained on 1 mm data "
+            "(results may be poor unless the case is resampled to 1 mm)",
+            files.case_id,
+            "x".join(f"{z:g}" for z in spacing),
+        )
+
+    image = np.empty((len(MODALITIES), *shape), dtype=np.float32)
+    for slot, path, (img, _) in zip(image, files.images, opened, strict=True):
+        data = _read_voxels(img, Path(path))
+        with np.errstate(over="ignore"):  # float64 beyond float32 range -> Inf, handled below
+            slot[...] = data.reshape(shape)
+        if data.dtype.kind == "f":  # only float data can hold NaN/Inf (or overflow float32)
+            bad = ~np.isfinite(slot)
+            if bad.any():
+                logger.warning("%s: %d NaN/Inf voxels set to 0", path, np.count_nonzero(bad))
+                slot[bad] = 0
+        if not slot.any():
+            raise InputError(f"{path}: all voxels are zero")
+    return Case(files.case_id, image, affine, ref.header, files)
+
+
+def _values_text(values: np.ndarray | list, limit: int = 10) -> str:
+    values = list(np.asarray(values).tolist())
+    more = f" and {len(values) - limit} more" if len(values) > limit else ""
+    return f"{values[:limit]}{more}"
+
+
+def _as_uint8(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``data`` cast to a new uint8 array, and the sorted unique values that do not survive the
+    cast (non-integers, NaN, negative or > 255)."""
+    data = np.asarray(data)
+    with np.errstate(invalid="ignore", over="ignore"):
+        labels = data.astype(np.uint8)
+    lost = labels != data
+    return labels, (np.unique(data[lost]) if lost.any() else np.empty(0, np.uint8))
+
+
+def read_label_map(
+    path: str | os.PathLike[str],
+) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header]:
+    """Read a segmentation as ``(labels, affine, header)``.
+
+    ``labels``: ``(X, Y, Z)`` uint8 in the internal numbering 0/1/2/4. The convention is detected
+    from the values: a subset of {0, 1, 2, 4} is BraTS 2017-2021; {0, 1, 2, 3} with a 3 is BraTS
+    2023 (3 becomes 4). Float storage is fine if the values are integers.
+    """
+    path = Path(path)
+    img, shape = _open_volume(path)
+    labels, lost = _as_uint8(_read_voxels(img, path).reshape(shape))
+    present = np.flatnonzero(np.bincount(labels.ravel(), minlength=256))
+    unexpected = lost if lost.size else present[present > 4]
+    if unexpected.size:
+        raise InputError(
+            f"{path}: unexpected label values {_values_text(unexpected)} "
+            "(expected 0/1/2/4, or 0/1/2/3 in BraTS 2023 numbering)"
+        )
+    if 3 in present and 4 in present:
+        raise InputError(
+            f"{path}: label values {_values_text(present)} mix 3 (BraTS 2023 enhancing tumor) "
+            "and 4 (BraTS 2017-2021 enhancing tumor)"
+        )
+    convention = "brats2023" if 3 in present else "brats"
+    logger.debug("%s: labels %s, %s numbering", path, present.tolist(), convention)
+    return from_convention(labels, convention), img.affine, img.header
+
+
+def _remap(labels: np.ndarray, mapping: dict[int, int]) -> np.ndarray:
+    labels8, lost = _as_uint8(labels)
+    lut = np.full(256, 255, dtype=np.uint8)
+    lut[list(mapping)] = list(mapping.values())
+    out = lut[labels8]
+    if lost.size or (out == 255).any():
+        bad = lost if lost.size else np.unique(labels8[out == 255])
+        raise ValueError(f"label values {_values_text(bad)} not in {sorted(mapping)}")
+    return out
+
+
+def _check_convention(convention: str) -> None:
+    if convention not in LABEL_CONVENTIONS:
+        raise ValueError(
+            f"unknown label convention {convention!r} (use one of {LABEL_CONVENTIONS})"
+        )
+
+
+def to_convention(labels: np.ndarray, convention: str) -> np.ndarray:
+    """Internal labels (0/1/2/4) -> a new uint8 array in ``convention`` (brats2023: 4 -> 3)."""
+    _check_convention(convention)
+    return _remap(labels, _TO_DISK[convention])
+
+
+def from_convention(labels: np.ndarray, convention: str) -> np.ndarray:
+    """Labels in ``convention`` -> a new uint8 array in the internal numbering 0/1/2/4."""
+    _check_convention(convention)
+    return _remap(labels, {disk: internal for internal, disk in _TO_DISK[convention].items()})
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+
+def _extension(name: str) -> str:
+    """The file type suffix of ``name``: ``.nii.gz`` for ``x.nii.gz``, ``.json`` for ``x.json``."""
+    suffixes = Path(name).suffixes
+    if len(suffixes) >= 2 and suffixes[-1].lower() in (".gz", ".bz2", ".zst"):
+        return "".join(suffixes[-2:])
+    return suffixes[-1] if suffixes else ""
+
+
+def atomic_write(
+    path: str | os.PathLike[str],
+    write_fn: Callable[[Path], object],
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``path`` atomically: ``write_fn(tmp)`` writes a hidden temporary file in the same
+    folder (same extension, so e.g. nibabel still compresses ``.nii.gz``), which is then fsynced
+    and renamed over ``path``. On any error the temporary file is removed and an existing
+    ``path`` is left untouched."""
+    path = Path(path)
+    folder = path.parent
+    if not folder.is_dir():
+        raise InputError(f"{path}: output folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"{path}: output folder {folder} is not writable")
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise FileExistsError(f"{path}: already exists (pass --overwrite to replace it)")
+    tmp = folder / f".{path.name}.tmp-{secrets.token_hex(4)}{_extension(path.name)}"
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # reserve the name
+    try:
+        write_fn(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    with contextlib.suppress(OSError):  # persist the rename (POSIX; not possible everywhere)
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str, *, overwrite: bool = True) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` via ``atomic_write``."""
+    return atomic_write(
+        path, lambda tmp: tmp.write_text(text, encoding="utf-8"), overwrite=overwrite
+    )
+
+
+def atomic_write_bytes(
+    path: str | os.PathLike[str], data: bytes, *, overwrite: bool = True
+) -> Path:
+    """Write ``data`` to ``path`` via ``atomic_write``."""
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data), overwrite=overwrite)
+
+
+def write_label_map(
+    path: str | os.PathLike[str],
+    labels: np.ndarray,
+    reference_header: nib.Nifti1Header,
+    affine: np.ndarray,
+    *,
+    convention: str = "brats",
+    overwrite: bool = False,
+) -> Path:
+    """Write ``labels`` ((X, Y, Z) uint8, internal numbering) as a uint8 NIfTI in ``convention``.
+
+    Shape, qform/sform and their codes come from ``reference_header`` (normally ``Case.header``);
+    ``affine`` must agree with it (ValueError otherwise, as for a shape mismatch).
+    """
+    path = Path(path)
+    if _nifti_stem(path.name) is None:
+        raise InputError(f"{path}: output file name must end in .nii.gz or .nii")
+    labels = np.asarray(labels)
+    ref_shape = tuple(int(n) for n in reference_header.get_data_shape())
+    if labels.shape != ref_shape[:3] or any(n != 1 for n in ref_shape[3:]):
+        raise ValueError(
+            f"{path}: label map shape {labels.shape} differs from reference {ref_shape}"
+        )
+    header = reference_header.copy()
+    ref_affine = header.get_best_affine()
+    if not np.allclose(affine, ref_affine, atol=_AFFINE_ATOL):
+        raise ValueError(f"{path}: affine differs from the reference header's")
+    data = to_convention(labels, convention)
+    header.set_data_dtype(np.uint8)
+    header.set_slope_inter(1, 0)
+    header["cal_min"], header["cal_max"] = 0, 0
+    klass = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+    # The reference's own best affine leaves the header's qform/sform and codes untouched.
+    img = klass(data, ref_affine, header, dtype=np.uint8)
+    return atomic_write(path, lambda tmp: nib.save(img, tmp), overwrite=overwrite)

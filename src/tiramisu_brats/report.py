@@ -1,0 +1,466 @@
+"""Evaluation reports: per-case metrics CSV, summary JSON, box plots and slice overlays.
+
+Rows are dicts with ``case`` (the case id) plus the :data:`~tiramisu_brats.metrics.METRIC_COLUMNS`
+of :func:`~tiramisu_brats.metrics.evaluate_case`; they may carry extra scalar columns (for
+example ``stage``). Every file goes through :mod:`tiramisu_brats.io`'s atomic writers.
+
+Figures are built on :class:`matplotlib.figure.Figure` objects directly, so no global backend
+(and no display) is needed.
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _stdio
+import json
+import logging
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.colors import to_rgba
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+
+from tiramisu_brats.io import atomic_write, atomic_write_text
+from tiramisu_brats.metrics import METRIC_COLUMNS, REGIONS
+
+__all__ = [
+    "LABEL_COLORS",
+    "LABEL_NAMES",
+    "box_plots",
+    "overlay_png",
+    "summarize",
+    "write_metrics_csv",
+    "write_report",
+    "write_summary_json",
+]
+
+logger = logging.getLogger(__name__)
+
+LABEL_NAMES: dict[int, str] = {
+    1: "Necrosis / non-enhancing core (1)",
+    2: "Edema (2)",
+    4: "Enhancing tumor (4)",
+}
+"""Legend names of the labels drawn in the overlays."""
+
+LABEL_COLORS: dict[int, str] = {1: "#ff2a2a", 2: "#2adf2a", 4: "#ffe600"}
+"""Overlay colour of each label (the usual BraTS red / green / yellow)."""
+
+_OVERLAY_ALPHA = 0.45
+_STAGE_COLORS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860")
+_PNG_DPI = 110
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _format_cell(value: Any) -> str:
+    """Text of one CSV cell; floats round-trip exactly (``repr``)."""
+    if value is None:
+        return ""
+    if isinstance(value, bool | np.bool_):
+        return str(bool(value))
+    if isinstance(value, numbers.Integral):
+        return str(int(value))
+    if isinstance(value, numbers.Real):
+        return repr(float(value))
+    return str(value)
+
+
+def _json_safe(value: Any) -> Any:
+    """Nested copy with numpy scalars as Python numbers and NaN / infinities as ``None``."""
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _json_safe(value.tolist())
+    if isinstance(value, bool | np.bool_):
+        return bool(value)
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        f = float(value)
+        return f if math.isfinite(f) else None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _save_figure(fig: Figure, path: Path, overwrite: bool) -> Path:
+    atomic_write(
+        path,
+        lambda tmp: fig.savefig(tmp, format="png", dpi=_PNG_DPI, facecolor="white"),
+        overwrite=overwrite,
+    )
+    return path
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def write_metrics_csv(
+    rows: Sequence[Mapping[str, Any]], path: str | Path, *, overwrite: bool = True
+) -> Path:
+    """Write one row per case: ``case``, the METRIC_COLUMNS, then any extra columns.
+
+    Extra columns (keys besides ``case`` and METRIC_COLUMNS, such as ``stage``) follow in the
+    order they first appear; a row lacking one leaves the cell empty. Floats are written with
+    ``repr``, so they read back exactly.
+
+    Raises:
+        ValueError: a row lacks ``case`` or one of the METRIC_COLUMNS.
+    """
+    path = Path(path)
+    fixed = ["case", *METRIC_COLUMNS]
+    extra: list[str] = []
+    for i, row in enumerate(rows):
+        missing = [c for c in fixed if c not in row]
+        if missing:
+            name = row.get("case", f"row {i}")
+            raise ValueError(f"metrics row {name!r} lacks columns: {', '.join(missing)}")
+        extra.extend(k for k in row if k not in fixed and k not in extra)
+    header = fixed + extra
+    buf = _stdio.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    for row in rows:
+        writer.writerow([_format_cell(row.get(c)) for c in header])
+    atomic_write_text(path, buf.getvalue(), overwrite=overwrite)
+    logger.info("wrote %s (%d cases)", path, len(rows))
+    return path
+
+
+def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+    """Mean, median, population std (``np.std``) and ``n`` of every numeric column.
+
+    A column is numeric when every row has it as a real number (``bool`` excluded); NaN
+    values are left out of its statistics and of its ``n``. METRIC_COLUMNS come first, then
+    the other numeric columns in order of first appearance. No rows -> ``{}``.
+    """
+    if not rows:
+        return {}
+    keys: list[str] = [c for c in METRIC_COLUMNS if c in rows[0]]
+    for row in rows:
+        keys.extend(k for k in row if k not in keys)
+    out: dict[str, dict[str, float]] = {}
+    for key in keys:
+        values = [row.get(key) for row in rows]
+        if not all(_is_number(v) for v in values):
+            continue
+        arr = np.asarray(values, dtype=np.float64)
+        arr = arr[~np.isnan(arr)]
+        if arr.size == 0:
+            out[key] = {"n": 0, "mean": math.nan, "median": math.nan, "std": math.nan}
+            continue
+        out[key] = {
+            "n": int(arr.size),
+            "mean": float(np.mean(arr)),
+            "median": float(np.median(arr)),
+            "std": float(np.std(arr)),
+        }
+    return out
+
+
+def write_summary_json(
+    rows: Sequence[Mapping[str, Any]],
+    path: str | Path,
+    extra: Mapping[str, Any] | None = None,
+    *,
+    overwrite: bool = True,
+) -> Path:
+    """Write ``{"n_cases": N, "metrics": summarize(rows), **extra}`` as indented JSON.
+
+    NaN and infinities become ``null``; numpy scalars and arrays become JSON numbers / lists.
+
+    Raises:
+        ValueError: ``extra`` uses the key ``n_cases`` or ``metrics``.
+    """
+    path = Path(path)
+    doc: dict[str, Any] = {"n_cases": len(rows), "metrics": summarize(rows)}
+    for key, value in (extra or {}).items():
+        if key in doc:
+            raise ValueError(f"summary extra key {key!r} clashes with a reserved key")
+        doc[key] = value
+    text = json.dumps(_json_safe(doc), indent=2, allow_nan=False) + "\n"
+    atomic_write_text(path, text, overwrite=overwrite)
+    logger.info("wrote %s", path)
+    return path
+
+
+# --------------------------------------------------------------------------- box plots
+
+
+def box_plots(
+    stages: Mapping[str, Sequence[Mapping[str, Any]]],
+    path: str | Path,
+    *,
+    overwrite: bool = True,
+) -> Path:
+    """One PNG: box plots of Dice (left) and sensitivity (right) per region, per stage.
+
+    Args:
+        stages: stage name -> metric rows, e.g. ``{"raw": rows_before, "postprocessed":
+            rows_after}``; within each region the stages stand side by side in this order.
+            One stage is fine.
+        path: the PNG to write.
+
+    Raises:
+        ValueError: ``stages`` is empty.
+    """
+    if not stages:
+        raise ValueError("box_plots needs at least one stage")
+    path = Path(path)
+    names = list(stages)
+    regions = list(REGIONS)
+    n_stages = len(names)
+    width = 0.8 / n_stages
+    n_cases = {name: len(rows) for name, rows in stages.items()}
+
+    fig = Figure(figsize=(11.0, 4.8), layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    rng = np.random.default_rng(0)  # deterministic jitter of the case points
+    for ax, metric, label in zip(
+        axes, ("dice", "sensitivity"), ("Dice", "Sensitivity"), strict=True
+    ):
+        for s, name in enumerate(names):
+            color = _STAGE_COLORS[s % len(_STAGE_COLORS)]
+            for g, region in enumerate(regions):
+                col = f"{metric}_{region}"
+                vals = np.asarray(
+                    [r[col] for r in stages[name] if _is_number(r.get(col))], dtype=np.float64
+                )
+                vals = vals[~np.isnan(vals)]
+                if vals.size == 0:
+                    continue
+                pos = g + (s - (n_stages - 1) / 2) * width
+                ax.boxplot(
+                    [vals],
+                    positions=[pos],
+                    widths=width * 0.8,
+                    patch_artist=True,
+                    showfliers=False,
+                    manage_ticks=False,
+                    boxprops={"facecolor": color, "alpha": 0.55, "edgecolor": color},
+                    medianprops={"color": "black", "linewidth": 1.5},
+                    whiskerprops={"color": color},
+                    capprops={"color": color},
+                )
+                jitter = rng.uniform(-width * 0.25, width * 0.25, size=vals.size)
+                ax.scatter(
+                    pos + jitter,
+                    vals,
+                    s=10,
+                    color=color,
+                    edgecolors="black",
+                    linewidths=0.3,
+                    zorder=3,
+                )
+        ax.set_xticks(range(len(regions)))
+        ax.set_xticklabels([f"{r}\n({'+'.join(str(v) for v in REGIONS[r])})" for r in regions])
+        ax.set_xlim(-0.6, len(regions) - 0.4)
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_xlabel("Tumor region (labels)")
+        ax.set_ylabel(label)
+        ax.set_title(f"{label} per region")
+        ax.grid(axis="y", alpha=0.3)
+    handles = [
+        Patch(
+            facecolor=_STAGE_COLORS[s % len(_STAGE_COLORS)],
+            alpha=0.55,
+            label=f"{name} (n={n_cases[name]})",
+        )
+        for s, name in enumerate(names)
+    ]
+    axes[1].legend(handles=handles, title="Stage", loc="lower right")
+    fig.suptitle("Segmentation quality per case (WT whole tumor, TC tumor core, ET enhancing)")
+    _save_figure(fig, path, overwrite)
+    logger.info("wrote %s", path)
+    return path
+
+
+# --------------------------------------------------------------------------- overlays
+
+
+def _window(img2d: np.ndarray) -> np.ndarray:
+    """Scale a slice to [0, 1] by the 1st-99th percentile of its nonzero (brain) voxels."""
+    img = np.asarray(img2d, dtype=np.float64)
+    finite = np.isfinite(img)
+    brain = img[finite & (img != 0)]
+    if brain.size == 0:
+        return np.zeros_like(img)
+    lo, hi = np.percentile(brain, [1.0, 99.0])
+    if hi <= lo:
+        hi = lo + 1.0
+    out = np.clip((img - lo) / (hi - lo), 0.0, 1.0)
+    out[~finite] = 0.0
+    return out
+
+
+def _crop_box(mask2d: np.ndarray, margin: int) -> tuple[slice, slice]:
+    """Bounding box of a 2-D mask grown by ``margin`` (the whole slice if the mask is empty)."""
+    if not mask2d.any():
+        return (slice(None), slice(None))
+    box = []
+    for axis in (0, 1):
+        idx = np.flatnonzero(mask2d.any(axis=1 - axis))
+        box.append(slice(max(int(idx[0]) - margin, 0), int(idx[-1]) + 1 + margin))
+    return (box[0], box[1])
+
+
+def _label_rgba(labels2d: np.ndarray) -> np.ndarray:
+    """RGBA image of a label slice: label colours with alpha, transparent elsewhere."""
+    rgba = np.zeros((*labels2d.shape, 4), dtype=np.float64)
+    for value, color in LABEL_COLORS.items():
+        r, g, b, _ = to_rgba(color)
+        rgba[labels2d == value] = (r, g, b, _OVERLAY_ALPHA)
+    return rgba
+
+
+def _show(ax: Any, img2d: np.ndarray, aspect: float) -> None:
+    # rot90: the (X, Y) slice becomes rows = Y (high Y at the top), columns = X.
+    ax.imshow(
+        np.rot90(img2d), cmap="gray", vmin=0.0, vmax=1.0, aspect=aspect, interpolation="nearest"
+    )
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def overlay_png(
+    flair: np.ndarray,
+    t1ce: np.ndarray,
+    pred: np.ndarray,
+    ref: np.ndarray | None,
+    path: str | Path,
+    case_id: str,
+    spacing: Sequence[float] | None = None,
+    *,
+    overwrite: bool = True,
+) -> Path:
+    """PNG of the axial slice with the largest tumor area, with the labels overlaid.
+
+    Rows: FLAIR, T1ce. Columns: the image alone, the prediction overlaid, and (when ``ref`` is
+    given) the expert segmentation overlaid. The slice is the ``z`` with the most tumor voxels
+    of ``ref`` (of ``pred`` when there is no reference; the slice with the most brain when
+    both are empty). Slices are cropped to the brain (nonzero voxels) plus a margin and shown
+    as ``np.rot90(volume[:, :, z])``: the Y axis runs up the image, X to the right.
+
+    Args:
+        flair, t1ce: ``(X, Y, Z)`` float intensity volumes.
+        pred: ``(X, Y, Z)`` ``uint8`` predicted labels (0/1/2/4).
+        ref: ``(X, Y, Z)`` ``uint8`` expert labels, or ``None``.
+        path: the PNG to write.
+        case_id: shown in the title.
+        spacing: voxel size in mm (X, Y, Z); sets the pixel aspect ratio (square if ``None``).
+
+    Raises:
+        ValueError: the arrays are not 3-D or their shapes differ.
+    """
+    path = Path(path)
+    arrays = {"flair": flair, "t1ce": t1ce, "prediction": pred}
+    if ref is not None:
+        arrays["reference"] = ref
+    shape = np.shape(pred)
+    for name, arr in arrays.items():
+        if np.ndim(arr) != 3 or np.shape(arr) != shape:
+            raise ValueError(f"overlay_png: {name} has shape {np.shape(arr)}, expected 3-D {shape}")
+    aspect = 1.0
+    if spacing is not None:
+        sx, sy = float(spacing[0]), float(spacing[1])
+        aspect = sy / sx  # pixel height / width after rot90 (rows run along Y)
+
+    basis_name = "expert" if ref is not None else "predicted"
+    basis = np.asarray(ref if ref is not None else pred)
+    area = np.count_nonzero(basis != 0, axis=(0, 1))
+    if area.max() > 0:
+        z = int(np.argmax(area))
+        why = f"largest {basis_name} tumor area, {int(area[z])} voxels"
+    else:
+        z = int(np.argmax(np.count_nonzero(np.asarray(flair) != 0, axis=(0, 1))))
+        why = "no tumor; largest brain area"
+
+    # Crop the slice to the bounding box of the brain and the labels, plus a margin.
+    slices_z = [np.asarray(a)[:, :, z] for a in arrays.values()]
+    crop = _crop_box(np.any([a != 0 for a in slices_z], axis=0), margin=6)
+    flair_z, t1ce_z, pred_z, *rest = (a[crop] for a in slices_z)
+    columns: list[tuple[str, np.ndarray | None]] = [("Image", None), ("Prediction", pred_z)]
+    if ref is not None:
+        columns.append(("Expert", rest[0]))
+    images = [("FLAIR", _window(flair_z)), ("T1ce", _window(t1ce_z))]
+
+    panel = 3.3
+    fig = Figure(figsize=(panel * len(columns), panel * 2 + 1.0), layout="constrained")
+    axes = fig.subplots(2, len(columns), squeeze=False)
+    for i, (row_name, img) in enumerate(images):
+        for j, (col_name, lab) in enumerate(columns):
+            ax = axes[i, j]
+            _show(ax, img, aspect)
+            if lab is not None:
+                ax.imshow(np.rot90(_label_rgba(lab)), aspect=aspect, interpolation="nearest")
+            if i == 0:
+                ax.set_title(col_name)
+            if j == 0:
+                ax.set_ylabel(row_name, fontsize="large")
+    handles = [Patch(facecolor=LABEL_COLORS[v], label=LABEL_NAMES[v]) for v in LABEL_NAMES]
+    fig.legend(handles=handles, loc="outside lower center", ncols=3, frameon=False)
+    fig.suptitle(f"{case_id}\naxial slice z = {z} ({why})")
+    _save_figure(fig, path, overwrite)
+    logger.info("wrote %s", path)
+    return path
+
+
+# --------------------------------------------------------------------------- report
+
+
+def write_report(
+    report_dir: str | Path,
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    raw_rows: Sequence[Mapping[str, Any]] | None = None,
+    extra_summary: Mapping[str, Any] | None = None,
+    overwrite: bool = True,
+) -> list[Path]:
+    """Write the evaluation report of a set of cases into ``report_dir`` (created if needed).
+
+    Files: ``metrics.csv`` (``rows``), ``metrics_raw.csv`` (``raw_rows``, only when given),
+    ``summary.json`` (summary of ``rows``; with ``raw_rows`` also ``"metrics_raw"``, their
+    summary; plus ``extra_summary``'s keys) and ``boxplots.png`` (stages ``"raw"`` and
+    ``"postprocessed"`` when ``raw_rows`` is given, else one stage ``"prediction"``).
+    Overlays need the images and are written by the caller with :func:`overlay_png`.
+
+    Returns:
+        The written paths, in the order above.
+    """
+    report_dir = Path(report_dir)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    written = [write_metrics_csv(rows, report_dir / "metrics.csv", overwrite=overwrite)]
+    extra: dict[str, Any] = {}
+    if raw_rows is not None:
+        written.append(
+            write_metrics_csv(raw_rows, report_dir / "metrics_raw.csv", overwrite=overwrite)
+        )
+        extra["n_cases_raw"] = len(raw_rows)
+        extra["metrics_raw"] = summarize(raw_rows)
+    for key, value in (extra_summary or {}).items():
+        if key in extra:
+            raise ValueError(f"summary extra key {key!r} clashes with a reserved key")
+        extra[key] = value
+    written.append(
+        write_summary_json(rows, report_dir / "summary.json", extra, overwrite=overwrite)
+    )
+    stages: dict[str, Sequence[Mapping[str, Any]]]
+    if raw_rows is not None:
+        stages = {"raw": raw_rows, "postprocessed": rows}
+    else:
+        stages = {"prediction": rows}
+    written.append(box_plots(stages, report_dir / "boxplots.png", overwrite=overwrite))
+    return written

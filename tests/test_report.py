@@ -1,0 +1,190 @@
+"""Tests of tiramisu_brats.report."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+from matplotlib.image import imread
+
+from tiramisu_brats.metrics import METRIC_COLUMNS, evaluate_case
+from tiramisu_brats.report import (
+    box_plots,
+    overlay_png,
+    summarize,
+    write_metrics_csv,
+    write_report,
+    write_summary_json,
+)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _rows(n: int = 3, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        row: dict = {"case": f"BraTS_{i:03d}"}
+        for col in METRIC_COLUMNS:
+            row[col] = float(rng.uniform(0, 1)) / 3.0  # not short decimals
+        rows.append(row)
+    return rows
+
+
+def _check_png(path):
+    assert path.is_file()
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    img = imread(path)
+    assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+    return img
+
+
+def _synthetic_case(shape=(48, 56, 20)):
+    x, y, z = np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")
+    brain = ((x - 24) / 20) ** 2 + ((y - 28) / 24) ** 2 + ((z - 10) / 9) ** 2 < 1
+    rng = np.random.default_rng(0)
+    flair = np.where(brain, 100 + 10 * rng.standard_normal(shape), 0).astype(np.float32)
+    t1ce = np.where(brain, 80 + 10 * rng.standard_normal(shape), 0).astype(np.float32)
+    r2 = (x - 30) ** 2 + (y - 20) ** 2 + (z - 13) ** 2 * 4
+    ref = np.zeros(shape, dtype=np.uint8)
+    ref[r2 < 100] = 2
+    ref[r2 < 40] = 4
+    ref[r2 < 12] = 1
+    flair[ref == 2] += 60
+    t1ce[ref == 4] += 80
+    pred = np.roll(ref, 2, axis=1)
+    return flair, t1ce, pred, ref
+
+
+# --------------------------------------------------------------------------- csv
+
+
+def test_metrics_csv_header_and_values(tmp_path):
+    rows = _rows(3)
+    rows[1]["stage"] = "postprocessed"
+    rows[0]["dice_WT"] = 1 / 7
+    path = write_metrics_csv(rows, tmp_path / "m.csv")
+    assert path == tmp_path / "m.csv"
+    with path.open(newline="") as fh:
+        reader = csv.reader(fh)
+        header = next(reader)
+        body = list(reader)
+    assert header == ["case", *METRIC_COLUMNS, "stage"]
+    assert len(body) == 3
+    for row, line in zip(rows, body, strict=True):
+        assert line[0] == row["case"]
+        for col, text in zip(METRIC_COLUMNS, line[1:], strict=False):
+            assert float(text) == pytest.approx(row[col], abs=1e-12, rel=0)
+    assert float(body[0][1]) == 1 / 7  # exact round trip
+    assert body[0][-1] == "" and body[1][-1] == "postprocessed"
+
+
+def test_metrics_csv_missing_column(tmp_path):
+    rows = _rows(1)
+    del rows[0]["hd95_ET"]
+    with pytest.raises(ValueError, match="hd95_ET"):
+        write_metrics_csv(rows, tmp_path / "m.csv")
+
+
+def test_metrics_csv_overwrites_by_default(tmp_path):
+    path = tmp_path / "m.csv"
+    write_metrics_csv(_rows(2), path)
+    write_metrics_csv(_rows(1), path)
+    assert len(path.read_text().splitlines()) == 2
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def test_summarize_three_rows():
+    rows = _rows(3)
+    for row, v in zip(rows, (0.2, 0.5, 0.95), strict=True):
+        row["dice_ET"] = v
+    rows[0]["stage"] = "raw"  # strings are not summarized
+    s = summarize(rows)
+    assert list(s)[: len(METRIC_COLUMNS)] == METRIC_COLUMNS
+    assert "case" not in s and "stage" not in s
+    d = s["dice_ET"]
+    assert d["n"] == 3
+    assert d["mean"] == pytest.approx(0.55)
+    assert d["median"] == pytest.approx(0.5)
+    # population std: sqrt(((0.35)^2 + 0.05^2 + 0.4^2) / 3)
+    assert d["std"] == pytest.approx(math.sqrt((0.35**2 + 0.05**2 + 0.4**2) / 3))
+    assert summarize([]) == {}
+
+
+def test_summarize_skips_nan():
+    rows = _rows(3)
+    rows[2]["hd95_TC"] = float("nan")
+    s = summarize(rows)
+    assert s["hd95_TC"]["n"] == 2
+    assert s["hd95_TC"]["mean"] == pytest.approx((rows[0]["hd95_TC"] + rows[1]["hd95_TC"]) / 2)
+
+
+def test_write_summary_json(tmp_path):
+    rows = _rows(3)
+    path = write_summary_json(rows, tmp_path / "s.json", {"model": "tiramisu", "x": np.float32(2)})
+    doc = json.loads(path.read_text())
+    assert doc["n_cases"] == 3
+    assert doc["model"] == "tiramisu"
+    assert doc["x"] == 2.0
+    assert doc["metrics"]["dice_WT"]["mean"] == pytest.approx(np.mean([r["dice_WT"] for r in rows]))
+    with pytest.raises(ValueError, match="reserved"):
+        write_summary_json(rows, tmp_path / "t.json", {"metrics": 1})
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def test_box_plots_two_stages_and_one(tmp_path):
+    raw, post = _rows(5, seed=1), _rows(5, seed=2)
+    p = box_plots({"raw": raw, "postprocessed": post}, tmp_path / "b.png")
+    _check_png(p)
+    p1 = box_plots({"prediction": post[:1]}, tmp_path / "b1.png")
+    _check_png(p1)
+    with pytest.raises(ValueError):
+        box_plots({}, tmp_path / "b2.png")
+
+
+def test_overlay_png_with_and_without_reference(tmp_path):
+    flair, t1ce, pred, ref = _synthetic_case()
+    copies = [a.copy() for a in (flair, t1ce, pred, ref)]
+    p = overlay_png(flair, t1ce, pred, ref, tmp_path / "o.png", "case_001", (1.0, 1.0, 2.0))
+    img = _check_png(p)
+    p2 = overlay_png(flair, t1ce, pred, None, tmp_path / "o2.png", "case_001")
+    img2 = _check_png(p2)
+    assert img.shape[1] > img2.shape[1]  # one more column with the reference
+    for a, b in zip((flair, t1ce, pred, ref), copies, strict=True):
+        np.testing.assert_array_equal(a, b)
+    empty = np.zeros_like(pred)
+    _check_png(overlay_png(flair, t1ce, empty, empty, tmp_path / "o3.png", "empty"))
+    with pytest.raises(ValueError, match="shape"):
+        overlay_png(flair, t1ce, pred[:-1], ref, tmp_path / "o4.png", "bad")
+
+
+# --------------------------------------------------------------------------- report
+
+
+def test_write_report(tmp_path):
+    _, _, pred, ref = _synthetic_case()
+    raw_row = {"case": "c1", **evaluate_case(pred, ref, (1.0, 1.0, 1.0))}
+    post_row = {"case": "c1", **evaluate_case(ref, ref, (1.0, 1.0, 1.0))}
+    out = tmp_path / "report" / "sub"
+    paths = write_report(out, [post_row], raw_rows=[raw_row], extra_summary={"version": "0.1"})
+    names = [p.name for p in paths]
+    assert names == ["metrics.csv", "metrics_raw.csv", "summary.json", "boxplots.png"]
+    assert all(p.is_file() for p in paths)
+    doc = json.loads((out / "summary.json").read_text())
+    assert doc["metrics"]["dice_WT"]["mean"] == 1.0
+    assert doc["metrics_raw"]["dice_WT"]["mean"] == pytest.approx(raw_row["dice_WT"])
+    assert doc["version"] == "0.1"
+    _check_png(out / "boxplots.png")
+
+    paths = write_report(tmp_path / "r2", [post_row])
+    assert [p.name for p in paths] == ["metrics.csv", "summary.json", "boxplots.png"]
+    # Rerunning into the same folder replaces the files.
+    assert len(write_report(tmp_path / "r2", [post_row, raw_row])) == 3
+    assert len((tmp_path / "r2" / "metrics.csv").read_text().splitlines()) == 3
