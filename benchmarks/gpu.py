@@ -1,0 +1,80 @@
+"""GPU benchmark: training throughput (fp32 vs bf16) and inference seconds per patient.
+
+Run on a machine with a CUDA GPU: ``python benchmarks/gpu.py [--json OUT.json]`` (or
+``bash benchmarks/gpu.sh``). Prints a table; figures go into docs/benchmarks.md by hand,
+with the card's name.
+"""
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from tiramisu_brats.api import Segmenter
+from tiramisu_brats.io import find_case_files
+from tiramisu_brats.model import REFERENCE, Tiramisu, save_weights
+from tiramisu_brats.synthetic import make_case, write_case
+
+
+def train_throughput(dtype: torch.dtype | None, batch: int, steps: int) -> float:
+    """Slices per second of forward + backward + RMSprop step on 192x160 slices."""
+    model = Tiramisu(REFERENCE).cuda().to(memory_format=torch.channels_last).train()
+    opt = torch.optim.RMSprop(model.parameters(), lr=1e-3)
+    x = torch.randn(batch, 4, 192, 160, device="cuda").contiguous(
+        memory_format=torch.channels_last)
+    y = torch.randint(0, 4, (batch, 192, 160), device="cuda")
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = F.cross_entropy(model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    return batch * steps / (time.perf_counter() - t)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args()
+    name = torch.cuda.get_device_name()
+    results = {"gpu": name, "torch": torch.__version__}
+    torch.backends.cudnn.benchmark = True
+    results["train_slices_per_s_fp32"] = train_throughput(None, args.batch, args.steps)
+    results["train_slices_per_s_bf16"] = train_throughput(torch.bfloat16, args.batch, args.steps)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        weights = save_weights(Tiramisu(REFERENCE), tmp / "w.safetensors")
+        case_dir = write_case(make_case(seed=0), tmp / "in")
+        seg = Segmenter(weights, "torch", device="cuda", batch_size=32)
+        totals, infer = [], []
+        for i in range(4):
+            summary = seg.segment_case(find_case_files(case_dir), tmp / f"o{i}.nii.gz")
+            totals.append(summary["timings_s"]["total"])
+            infer.append(summary["timings_s"]["infer"])
+        results["patient_s_total_median"] = statistics.median(totals[1:])
+        results["patient_s_infer_median"] = statistics.median(infer[1:])
+    width = max(map(len, results))
+    for k, v in results.items():
+        print(f"{k:<{width}}  {v:.3f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,275 @@
+"""The few calls users make: read a case, segment it, evaluate segmentations.
+
+>>> from tiramisu_brats import api
+>>> case = api.read_case("BraTS2021_00006/")            # (4, X, Y, Z) float32 + affine
+>>> seg = api.segment(case.image)                        # labels (X, Y, Z) uint8, 0/1/2/4
+>>> rows = api.evaluate("predictions/", "BraTS2021/", "report/")
+
+The CLI is a thin layer over these.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tiramisu_brats import io, metrics, report
+from tiramisu_brats.infer import default_weights, load_backend, predict_labels
+from tiramisu_brats.postprocess import postprocess as _postprocess
+from tiramisu_brats.preprocess import CROP, preprocess, uncrop
+
+log = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike[str]
+
+
+def read_case(
+    folder: PathLike | None = None, *, t1: PathLike | None = None, t1ce: PathLike | None = None,
+    t2: PathLike | None = None, flair: PathLike | None = None,
+) -> io.Case:
+    """Read a case folder (any BraTS or nnU-Net layout) or four explicit files.
+
+    Returns an ``io.Case`` with ``image`` (4, X, Y, Z) float32 in T1, T1ce, T2, FLAIR order.
+    """
+    explicit = (t1, t1ce, t2, flair)
+    if folder is not None and any(explicit):
+        raise ValueError("give a case folder or the four files --t1 --t1ce --t2 --flair, not both")
+    if folder is not None:
+        return io.read_case(io.find_case_files(folder))
+    if not all(explicit):
+        missing = [m for m, p in zip(io.MODALITIES, explicit) if not p]
+        raise ValueError(f"missing modality file(s): {', '.join('--' + m for m in missing)}")
+    return io.read_case(io.case_files_from_paths(t1, t1ce, t2, flair))
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    """``labels`` (X, Y, Z) uint8 0/1/2/4 after postprocessing (or raw when it was off),
+    ``raw`` before postprocessing, and seconds per stage."""
+
+    labels: np.ndarray
+    raw: np.ndarray
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Segmenter:
+    """A loaded model and backend, reused across cases."""
+
+    def __init__(
+        self, model: PathLike | None = None, backend: str = "torch", *, batch_size: int = 8,
+        threads: int | None = None, device: str | None = None, crop: tuple[int, int] = CROP,
+        postprocess: bool = True,
+    ) -> None:
+        self.weights = Path(model) if model is not None else default_weights()
+        self.backend = load_backend(backend, self.weights, threads=threads, device=device)
+        self.batch_size = batch_size
+        self.crop = crop
+        self.postprocess = postprocess
+
+    def model_info(self) -> dict:
+        """What the per-case JSON records about the model."""
+        return {"weights": str(self.weights), "sha256": _sha256(self.weights),
+                "backend": self.backend.name, "device": self.backend.device}
+
+    def segment(
+        self, image: np.ndarray, on_batch: Callable[[int], None] | None = None,
+    ) -> Segmentation:
+        """Segment one case: ``image`` (4, X, Y, Z) → labels (X, Y, Z) uint8 in 0/1/2/4."""
+        if image.ndim != 4 or image.shape[0] != 4:
+            raise ValueError(f"expected an image (4, X, Y, Z), got shape {image.shape}")
+        t0 = time.perf_counter()
+        slices, geometry = preprocess(image, self.crop)
+        t1 = time.perf_counter()
+        raw = uncrop(predict_labels(self.backend, slices, self.batch_size, on_batch), geometry)
+        t2 = time.perf_counter()
+        labels = _postprocess(raw) if self.postprocess else raw
+        t3 = time.perf_counter()
+        return Segmentation(labels, raw, {"preprocess": t1 - t0, "infer": t2 - t1,
+                                          "postprocess": t3 - t2})
+
+    def segment_case(
+        self, files: io.CaseFiles, output: PathLike, *, convention: str = "brats",
+        overwrite: bool = False, save_raw: bool = False,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> dict:
+        """Read, segment and write one case; returns the summary also written as JSON.
+
+        Writes ``output`` (a .nii.gz label map on the input's grid), ``<output stem>.json``
+        (volumes in ml, model, timings) and with ``save_raw`` ``<output stem>_raw.nii.gz``.
+        """
+        output = Path(output)
+        stem = label_stem(output)
+        sidecar = output.with_name(stem + ".json")
+        raw_path = output.with_name(stem + "_raw.nii.gz")
+        inputs = {Path(p).resolve() for p in (*files.images, files.seg) if p is not None}
+        for target in (output, sidecar, raw_path):
+            if target.resolve() in inputs:
+                raise io.InputError(f"{target}: the output would overwrite an input file")
+        if not overwrite:
+            for target in (output, sidecar, *((raw_path,) if save_raw else ())):
+                if target.exists():
+                    raise FileExistsError(f"{target}: exists; pass --overwrite to replace it")
+        t0 = time.perf_counter()
+        case = io.read_case(files)
+        t1 = time.perf_counter()
+        seg = self.segment(case.image, on_batch)
+        t2 = time.perf_counter()
+        io.write_label_map(output, seg.labels, case.header, case.affine, convention=convention,
+                           overwrite=overwrite)
+        if save_raw:
+            io.write_label_map(raw_path, seg.raw, case.header, case.affine,
+                               convention=convention, overwrite=overwrite)
+        t3 = time.perf_counter()
+        timings = {"load": t1 - t0, **seg.timings, "save": t3 - t2}
+        timings["total"] = sum(timings.values())
+        summary = {
+            "case": case.case_id,
+            "label_map": output.name,
+            "label_convention": convention,
+            "labels": {"necrosis": 1, "edema": 2, "enhancing": 3 if convention == "brats2023"
+                       else 4},
+            "volumes_ml": metrics.volumes_ml(seg.labels, case.spacing),
+            "postprocessed": self.postprocess,
+            "shape": list(case.shape),
+            "spacing_mm": list(case.spacing),
+            "model": self.model_info(),
+            "timings_s": timings,
+        }
+        io.atomic_write_text(sidecar, json.dumps(summary, indent=2), overwrite=True)
+        return summary
+
+
+def segment(image: np.ndarray, model: PathLike | None = None, backend: str = "torch",
+            **options) -> Segmentation:
+    """Segment one image (4, X, Y, Z) with a fresh ``Segmenter`` (see its options)."""
+    return Segmenter(model, backend, **options).segment(image)
+
+
+def label_stem(path: PathLike) -> str:
+    """A label file's name without ``.nii``/``.nii.gz``."""
+    name = Path(path).name
+    for ext in (".nii.gz", ".nii"):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def _label_id(path: Path) -> str:
+    stem = label_stem(path)
+    for suffix in ("_seg", "-seg"):
+        if stem.lower().endswith(suffix):
+            return stem[: -len(suffix)]
+    return stem
+
+
+@dataclass(frozen=True)
+class LabelSource:
+    """A label map to evaluate, with the case's images when known (for overlays)."""
+
+    case_id: str
+    path: Path
+    raw: Path | None = None
+    images: io.CaseFiles | None = None
+
+
+def find_label_maps(root: PathLike) -> dict[str, LabelSource]:
+    """Label maps by case id: a file, a case folder (its ``_seg``), a folder of label files
+    (``<case>.nii.gz``, with ``<case>_raw.nii.gz`` kept as the map before postprocessing), or
+    a folder of case folders."""
+    root = Path(root)
+    if root.is_file():
+        return {_label_id(root): LabelSource(_label_id(root), root)}
+    if not root.is_dir():
+        raise io.InputError(f"{root}: no such file or folder")
+    if io.is_case_folder(root):
+        folders = [root]
+    else:
+        folders = [p for p in sorted(root.iterdir()) if p.is_dir() and io.is_case_folder(p)]
+    found: dict[str, LabelSource] = {}
+    for folder in folders:
+        files = io.find_case_files(folder)
+        if files.seg is not None:
+            found[files.case_id] = LabelSource(files.case_id, files.seg, images=files)
+    files = sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
+    raws = {label_stem(p)[:-4]: p for p in files if label_stem(p).endswith("_raw")}
+    for p in files:
+        stem = label_stem(p)
+        if stem != p.name and not stem.endswith("_raw") and not io.is_case_folder(root):
+            found[_label_id(p)] = LabelSource(_label_id(p), p, raw=raws.get(stem))
+    if not found:
+        raise io.InputError(f"{root}: no label maps found (.nii/.nii.gz or case folders)")
+    return found
+
+
+def evaluate(
+    pred: PathLike, ref: PathLike, report_dir: PathLike | None = None, *,
+    overlays: bool = True, overwrite: bool = False,
+    on_case: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """Score predicted label maps against the expert's; returns one row per case.
+
+    ``pred`` and ``ref`` are each a label file or a folder (cases matched by id; either label
+    convention). With ``report_dir``: metrics.csv, summary.json, box plots and overlays.
+    """
+    preds, refs = find_label_maps(pred), find_label_maps(ref)
+    if len(preds) == 1 and len(refs) == 1 and Path(pred).is_file() and Path(ref).is_file():
+        (p,), (r,) = preds.values(), refs.values()
+        preds = {p.case_id: p}
+        refs = {p.case_id: LabelSource(p.case_id, r.path, images=r.images)}
+    common = sorted(set(preds) & set(refs))
+    if not common:
+        raise io.InputError(f"{pred}: no case matches a reference in {ref} "
+                            f"(predictions: {sorted(preds)[:5]}, references: {sorted(refs)[:5]})")
+    missing = sorted(set(refs) - set(preds))
+    if missing:
+        log.warning("%d reference case(s) have no prediction: %s", len(missing), missing[:10])
+    if report_dir is not None:
+        report_dir = Path(report_dir)
+        if report_dir.exists() and any(report_dir.iterdir()) and not overwrite:
+            raise FileExistsError(f"{report_dir}: not empty; pass --overwrite to replace it")
+        report_dir.mkdir(parents=True, exist_ok=True)
+    rows, raw_rows = [], []
+    for case_id in common:
+        p, r = preds[case_id], refs[case_id]
+        ref_labels, ref_affine, ref_header = io.read_label_map(r.path)
+        spacing = tuple(float(z) for z in ref_header.get_zooms()[:3])
+        stages = [(p.path, rows)] + ([(p.raw, raw_rows)] if p.raw is not None else [])
+        for path, out in stages:
+            labels, affine, _ = io.read_label_map(path)
+            if labels.shape != ref_labels.shape:
+                raise io.InputError(f"{path}: shape {labels.shape} differs from the "
+                                    f"reference's {ref_labels.shape} ({r.path})")
+            if not np.allclose(affine, ref_affine, atol=1e-3):
+                log.warning("%s: affine differs from the reference %s", path, r.path)
+            out.append({"case": case_id, **metrics.evaluate_case(labels, ref_labels, spacing)})
+        if report_dir is not None and overlays and r.images is not None:
+            image = io.read_case(r.images).image
+            pred_labels = io.read_label_map(p.path)[0]
+            report.overlay_png(image[3], image[1], pred_labels, ref_labels,
+                               report_dir / f"overlay_{io.safe_case_id(case_id)}.png", case_id,
+                               spacing)
+        if on_case:
+            on_case(case_id)
+    if raw_rows and len(raw_rows) != len(rows):
+        log.warning("only some predictions have a _raw map; box plots show the final maps only")
+        raw_rows = []
+    if report_dir is not None:
+        report.write_report(report_dir, rows, raw_rows=raw_rows or None,
+                            extra_summary={"predictions": str(pred), "references": str(ref)})
+    return rows

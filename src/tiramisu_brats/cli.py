@@ -1,0 +1,326 @@
+"""The ``tiramisu-brats`` command: a thin layer over ``api``, ``train`` and ``report``."""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+import logging
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from tiramisu_brats import __version__, io
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Brain tumor segmentation in multi-modal MRI with a 2D FC-DenseNet.")
+console = Console(stderr=True)
+out = Console()
+
+STAGES = ("load", "preprocess", "infer", "postprocess", "save")
+INPUT_HELP = (
+    "A case folder or a folder of case folders. Layouts: BraTS 2017-2021 (<case>_t1, _t1ce, "
+    "_t2, _flair), BraTS 2023 (<case>-t1n, -t1c, -t2w, -t2f), nnU-Net (<case>_0000.._0003 in "
+    "the order T1, T1ce, T2, FLAIR); .nii or .nii.gz."
+)
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+@contextmanager
+def user_errors():
+    """Turn the errors a user can cause into one line and exit status 2."""
+    try:
+        yield
+    except (ValueError, OSError) as err:
+        raise fail(str(err).splitlines()[0] if str(err) else repr(err)) from None
+
+
+def progress_bar(enabled: bool) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=console, disable=not enabled, transient=True)
+
+
+@app.callback()
+def main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log details.")] = False,
+    version: Annotated[bool, typer.Option("--version", help="Print the version.")] = False,
+) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if version:
+        out.print(__version__)
+        raise typer.Exit()
+
+
+def _timing_table(rows: list[dict]) -> Table:
+    table = Table(title="seconds per stage")
+    for col in ("case", *STAGES, "total"):
+        table.add_column(col, justify="left" if col == "case" else "right")
+    for r in rows:
+        t = r["timings_s"]
+        table.add_row(r["case"], *(f"{t[s]:.2f}" for s in (*STAGES, "total")))
+    return table
+
+
+@app.command()
+def segment(
+    input: Annotated[Optional[Path], typer.Argument(help=INPUT_HELP)] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help=(
+        "Output .nii.gz for one case; a folder for a folder of cases."))] = ...,
+    t1: Annotated[Optional[Path], typer.Option(help="T1 file (instead of INPUT).")] = None,
+    t1ce: Annotated[Optional[Path], typer.Option(help="T1ce file.")] = None,
+    t2: Annotated[Optional[Path], typer.Option(help="T2 file.")] = None,
+    flair: Annotated[Optional[Path], typer.Option(help="FLAIR file.")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="Weights (.safetensors); default: the "
+                                                       "shipped model.")] = None,
+    backend: Annotated[str, typer.Option(help="Inference backend.")] = "torch",
+    label_convention: Annotated[str, typer.Option(help=(
+        "brats: 0/1/2/4 (2017-2021); brats2023: 0/1/2/3."))] = "brats",
+    postprocess: Annotated[bool, typer.Option(help="Closing + keep the main tumor.")] = True,
+    save_raw: Annotated[bool, typer.Option(help=(
+        "Also write <name>_raw.nii.gz, before postprocessing."))] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
+    skip_existing: Annotated[bool, typer.Option(help=(
+        "In a folder of cases, skip cases whose output exists."))] = False,
+    batch_size: Annotated[int, typer.Option(min=1, help="Slices per batch.")] = 8,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Segment a case (or a folder of cases) into a tumor label map NIfTI."""
+    from tiramisu_brats.api import Segmenter
+
+    with user_errors():
+        if label_convention not in io.LABEL_CONVENTIONS:
+            raise ValueError(f"--label-convention must be one of {io.LABEL_CONVENTIONS}")
+        explicit = (t1, t1ce, t2, flair)
+        if input is None:
+            if not all(explicit):
+                raise ValueError("give INPUT (a case folder) or all of --t1 --t1ce --t2 --flair")
+            jobs = [(io.case_files_from_paths(t1, t1ce, t2, flair), output)]
+            cohort = False
+        elif any(explicit):
+            raise ValueError("give INPUT or the four modality files, not both")
+        else:
+            if not input.exists():
+                raise io.InputError(f"{input}: no such file or folder")
+            cohort = not io.is_case_folder(input)
+            if cohort:
+                output.mkdir(parents=True, exist_ok=True)
+                folders = io.find_cases(input)
+                jobs = [(f, None) for f in folders]
+            else:
+                jobs = [(io.find_case_files(input), output)]
+        if not cohort and not output.name.lower().endswith((".nii.gz", ".nii")):
+            raise ValueError(f"{output}: the output of one case must end in .nii.gz or .nii")
+        if not cohort and output.parent != Path() and not output.parent.is_dir():
+            raise io.InputError(f"{output.parent}: output folder does not exist")
+        segmenter = Segmenter(model, backend, batch_size=batch_size, threads=threads,
+                              postprocess=postprocess)
+    results, failures = [], []
+    with progress_bar(progress) as bar:
+        cases_task = bar.add_task("cases", total=len(jobs)) if cohort else None
+        for job, target in jobs:
+            name = job.name if isinstance(job, Path) else job.case_id
+            try:
+                files = io.find_case_files(job) if isinstance(job, Path) else job
+                if target is None:
+                    target = output / f"{io.safe_case_id(files.case_id)}.nii.gz"
+                if skip_existing and target.exists():
+                    if cases_task is not None:
+                        bar.advance(cases_task)
+                    continue
+                slices = bar.add_task(f"{files.case_id}", total=None)
+                summary = segmenter.segment_case(
+                    files, target, convention=label_convention, overwrite=overwrite,
+                    save_raw=save_raw, on_batch=lambda n, t=slices: bar.advance(t, n))
+                bar.remove_task(slices)
+                results.append(summary)
+                console.print(f"wrote {target}", highlight=False)
+            except (ValueError, OSError) as err:
+                if not cohort:
+                    raise fail(str(err).splitlines()[0]) from None
+                failures.append((name, str(err).splitlines()[0]))
+                console.print(f"[red]failed[/red] {name}: {failures[-1][1]}", highlight=False)
+            if cases_task is not None:
+                bar.advance(cases_task)
+    if results:
+        console.print(_timing_table(results))
+    if cohort:
+        console.print(f"{len(results)} segmented, {len(failures)} failed", highlight=False)
+        if failures:
+            buf = _io.StringIO()
+            csv.writer(buf).writerows([("case", "reason"), *failures])
+            io.atomic_write_text(output / "failures.csv", buf.getvalue())
+            raise typer.Exit(1)
+
+
+@app.command()
+def evaluate(
+    pred: Annotated[Path, typer.Argument(help="Predicted label map, or a folder of them.")],
+    ref: Annotated[Path, typer.Argument(help=(
+        "Expert label map, or a folder (of label maps or of case folders with _seg)."))],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Report folder.")] = ...,
+    overlays: Annotated[bool, typer.Option(help="Overlay PNGs (when images are found).")] = True,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing report.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Score predictions against expert segmentations: Dice, sensitivity, specificity, HD95."""
+    from tiramisu_brats.api import evaluate as run_evaluate
+    from tiramisu_brats.report import summarize
+
+    with user_errors(), progress_bar(progress) as bar:
+        task = bar.add_task("evaluating", total=None)
+        rows = run_evaluate(pred, ref, output, overlays=overlays, overwrite=overwrite,
+                            on_case=lambda _: bar.advance(task))
+    stats = summarize(rows)
+    table = Table(title=f"{len(rows)} case(s), mean (median)")
+    table.add_column("region")
+    for m in ("dice", "sensitivity", "specificity", "hd95"):
+        table.add_column(m, justify="right")
+    for region in ("WT", "TC", "ET"):
+        table.add_row(region, *(f"{stats[f'{m}_{region}']['mean']:.3f} "
+                                f"({stats[f'{m}_{region}']['median']:.3f})"
+                                for m in ("dice", "sensitivity", "specificity", "hd95")))
+    out.print(table)
+    console.print(f"report in {output}", highlight=False)
+
+
+@app.command()
+def demo(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for everything.")] = Path(
+        "tiramisu-demo"),
+    case: Annotated[Optional[Path], typer.Option(help=(
+        "Run on this real case folder instead of the synthetic one."))] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic case.")] = 0,
+    model: Annotated[Optional[Path], typer.Option(help="Weights; default: shipped.")] = None,
+    backend: Annotated[str, typer.Option(help="Inference backend.")] = "torch",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing demo folder.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """The whole job on an embedded default: a synthetic case in, labels and report out."""
+    from tiramisu_brats.api import Segmenter
+    from tiramisu_brats.api import evaluate as run_evaluate
+    from tiramisu_brats.synthetic import make_case, write_case
+
+    start = time.perf_counter()
+    with user_errors():
+        if output.exists() and any(output.iterdir()) and not overwrite:
+            raise FileExistsError(f"{output}: not empty; pass --overwrite or another -o")
+        output.mkdir(parents=True, exist_ok=True)
+        if case is None:
+            synthetic = make_case(seed=seed, case_id=f"synthetic-{seed:03d}")
+            case = write_case(synthetic, output / "input")
+            console.print(f"synthetic case written to {case}", highlight=False)
+        files = io.find_case_files(case)
+        segmenter = Segmenter(model, backend)
+        label_path = output / f"{io.safe_case_id(files.case_id)}.nii.gz"
+        with progress_bar(progress) as bar:
+            task = bar.add_task(f"segmenting {files.case_id}", total=None)
+            summary = segmenter.segment_case(files, label_path, overwrite=True, save_raw=True,
+                                             on_batch=lambda n: bar.advance(task, n))
+        console.print(_timing_table([summary]))
+        vols = summary["volumes_ml"]
+        out.print(f"tumor volumes (ml): whole {vols['WT_ml']:.1f}, core {vols['TC_ml']:.1f}, "
+                  f"enhancing {vols['ET_ml']:.1f}, necrosis {vols['necrosis_ml']:.1f}, "
+                  f"edema {vols['edema_ml']:.1f}", highlight=False)
+        if files.seg is not None:
+            rows = run_evaluate(label_path.parent, case, output / "report", overwrite=True)
+            row = rows[0]
+            out.print(f"Dice against the known tumor: WT {row['dice_WT']:.3f}, "
+                      f"TC {row['dice_TC']:.3f}, ET {row['dice_ET']:.3f}", highlight=False)
+    out.print(f"label map: {label_path}\nsummary:   {label_path.with_suffix('').with_suffix('')}"
+              f".json", highlight=False)
+    if files.seg is not None:
+        out.print(f"report:    {output / 'report'} (metrics.csv, summary.json, boxplots.png, "
+                  f"overlay_*.png)", highlight=False)
+    console.print(f"done in {time.perf_counter() - start:.1f} s", highlight=False)
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Argument(help=(
+        "Folder of labelled cases (any layout segment reads), or a cache folder."))],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Run folder.")] = ...,
+    cache: Annotated[Optional[Path], typer.Option(help=(
+        "Cache of preprocessed slices (default: RUN/cache); reused across runs."))] = None,
+    epochs: Annotated[int, typer.Option(min=1)] = 50,
+    steps_per_epoch: Annotated[int, typer.Option(min=1)] = 100,
+    batch_size: Annotated[int, typer.Option(min=1)] = 8,
+    patch: Annotated[tuple[int, int], typer.Option(help="Patch H W (multiples of 32).")] = (
+        128, 128),
+    tumor_share: Annotated[float, typer.Option(min=0, max=1)] = 0.8,
+    lr: Annotated[float, typer.Option(min=0)] = 1e-3,
+    weight_decay: Annotated[float, typer.Option(min=0)] = 1e-4,
+    loss: Annotated[str, typer.Option(help="ce (reference) or dice_ce.")] = "ce",
+    schedule: Annotated[str, typer.Option(help="constant (reference) or cosine.")] = "constant",
+    minutes: Annotated[Optional[float], typer.Option(help="Time budget.")] = None,
+    growth_rate: Annotated[int, typer.Option(help="8: reference; 16: FC-DenseNet103.")] = 8,
+    val_cases: Annotated[Optional[str], typer.Option(help="Comma-separated case ids.")] = None,
+    val_fraction: Annotated[float, typer.Option(min=0, max=0.9)] = 0.0,
+    fold: Annotated[Optional[str], typer.Option(help="I/K: validate on fold I of K.")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    compile: Annotated[bool, typer.Option(help="torch.compile the model.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue the run in OUTPUT.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Train the Tiramisu on labelled BraTS cases (CUDA when present, else all CPU cores)."""
+    from tiramisu_brats import data as tdata
+    from tiramisu_brats import train as ttrain
+    from tiramisu_brats.model import TiramisuConfig
+
+    with user_errors():
+        if resume:
+            config = ttrain.TrainConfig.from_json((output / "train_config.json").read_text())
+        if tdata.is_cache(data):
+            cases = tdata.open_cache(data)
+        else:
+            cache_dir = cache or output / "cache"
+            with progress_bar(progress) as bar:
+                task = bar.add_task("caching cases", total=len(io.find_cases(data)))
+                cases = tdata.build_cache(data, cache_dir, progress=lambda xs: (
+                    bar.advance(task) or x for x in xs))
+        ids = [c.case_id for c in cases]
+        if not resume:
+            if fold:
+                i, k = (int(v) for v in fold.split("/"))
+                val = tdata.kfold(ids, i, k, seed)
+            else:
+                chosen = [v.strip() for v in val_cases.split(",")] if val_cases else ()
+                _, val = tdata.split_cases(ids, chosen, val_fraction, seed)
+            config = ttrain.TrainConfig(
+                model=TiramisuConfig(growth_rate=growth_rate), epochs=epochs,
+                steps_per_epoch=steps_per_epoch, batch_size=batch_size, patch=tuple(patch),
+                tumor_share=tumor_share, lr=lr, weight_decay=weight_decay, loss=loss,
+                schedule=schedule, minutes=minutes, seed=seed, val_cases=tuple(val),
+                train_cases=tuple(i for i in ids if i not in val), compile=compile)
+        by_id = {c.case_id: c for c in cases}
+        train_set = [by_id[i] for i in config.train_cases]
+        val_set = [by_id[i] for i in config.val_cases]
+        console.print(f"training on {len(train_set)} cases, validating on {len(val_set)}: "
+                      f"{', '.join(config.val_cases) or '-'}", highlight=False)
+        with progress_bar(progress) as bar:
+            task = bar.add_task("epoch 1", total=config.steps_per_epoch)
+
+            def on_step(epoch: int, step: int, value: float) -> None:
+                bar.update(task, completed=step + 1,
+                           description=f"epoch {epoch}/{config.epochs} loss {value:.3f}")
+
+            rows = ttrain.train(train_set, val_set, output, config, resume=resume,
+                                on_step=on_step)
+    if rows:
+        last = rows[-1]
+        out.print(f"epoch {last['epoch']}: loss {last['train_loss']:.4f}, validation Dice WT "
+                  f"{last['val_dice_WT']:.3f} TC {last['val_dice_TC']:.3f} ET "
+                  f"{last['val_dice_ET']:.3f}", highlight=False)
+    out.print(f"run folder: {output} (log.csv, curves.png, model_best.safetensors)",
+              highlight=False)
+

@@ -1,0 +1,236 @@
+"""Training data: a preprocessed slice cache, a tumor-aware patch sampler, augmentation.
+
+The cache holds, per case, the network slices ``(Z', 4, H, W)`` as uint8 (z-scores quantized
+in steps of 1/16 standard deviation over [-4, 12), background exactly 0 after decoding) and the
+class indices ``(Z', H, W)`` uint8 (0 background, 1 necrosis, 2 edema, 3 enhancing), stored
+as plain ``.npy`` files that are memory-mapped: no NIfTI is decompressed after the first run,
+and a cohort larger than memory still trains. The quantization error (std 0.018) is far below
+MRI noise and below the intensity augmentation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tiramisu_brats import io
+from tiramisu_brats.preprocess import CROP, extract, preprocess
+
+log = logging.getLogger(__name__)
+
+QUANT_STEP = 1 / 16
+QUANT_OFFSET = 64  # code of z = 0, the background
+CACHE_VERSION = 1
+LABEL_TO_CLASS = np.array([0, 1, 2, 0, 3], np.uint8)  # BraTS label → class index
+CLASS_TO_LABEL = np.array([0, 1, 2, 4], np.uint8)
+
+
+def quantize(z: np.ndarray) -> np.ndarray:
+    """Z-scores (float) → uint8 codes."""
+    return np.clip(np.rint(z / QUANT_STEP) + QUANT_OFFSET, 0, 255).astype(np.uint8)
+
+
+def dequantize(codes: np.ndarray) -> np.ndarray:
+    """uint8 codes → float32 z-scores (inverse of ``quantize`` up to the rounding)."""
+    return (codes.astype(np.float32) - QUANT_OFFSET) * QUANT_STEP
+
+
+@dataclass(frozen=True)
+class CachedCase:
+    """One cached case: memory-mapped ``images`` (Z', 4, H, W) uint8 codes and ``classes``
+    (Z', H, W) uint8, with ``tumor_slices`` the indices of slices holding tumor."""
+
+    case_id: str
+    images: np.ndarray
+    classes: np.ndarray
+    tumor_slices: np.ndarray
+
+
+def _fingerprint(files: io.CaseFiles) -> str:
+    h = hashlib.sha256()
+    for p in (*files.images, files.seg):
+        st = Path(p).stat()
+        h.update(f"{Path(p).resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def cache_case(files: io.CaseFiles, cache_dir: Path, crop: tuple[int, int] = CROP) -> CachedCase:
+    """Preprocess one labelled case into ``cache_dir`` unless an up-to-date copy is there."""
+    if files.seg is None:
+        raise io.InputError(f"{files.images[0].parent}: no segmentation (_seg) for training")
+    case_id = io.safe_case_id(files.case_id)
+    meta_path = cache_dir / f"{case_id}.json"
+    meta = {"version": CACHE_VERSION, "crop": list(crop), "source": _fingerprint(files)}
+    img_path, cls_path = cache_dir / f"{case_id}_images.npy", cache_dir / f"{case_id}_classes.npy"
+    fresh = meta_path.exists() and img_path.exists() and cls_path.exists()
+    if fresh and json.loads(meta_path.read_text()) == meta:
+        return load_cached(cache_dir, case_id)
+    case = io.read_case(files)
+    labels, _, _ = io.read_label_map(files.seg)
+    if labels.shape != case.shape:
+        raise io.InputError(f"{files.seg}: shape {labels.shape} differs from the images' {case.shape}")
+    slices, geometry = preprocess(case.image, crop)
+    _save_npy(img_path, quantize(slices))
+    _save_npy(cls_path, LABEL_TO_CLASS[extract(labels, geometry)])
+    io.atomic_write_text(meta_path, json.dumps(meta))  # written last: marks the entry complete
+    return load_cached(cache_dir, case_id)
+
+
+def load_cached(cache_dir: Path, case_id: str) -> CachedCase:
+    """Open a cached case, memory-mapped."""
+    images = np.load(cache_dir / f"{case_id}_images.npy", mmap_mode="r")
+    classes = np.load(cache_dir / f"{case_id}_classes.npy", mmap_mode="r")
+    tumor = np.flatnonzero(np.asarray(classes).reshape(len(classes), -1).any(axis=1))
+    return CachedCase(case_id, images, classes, tumor)
+
+
+def build_cache(
+    data_dir: Path, cache_dir: Path, crop: tuple[int, int] = CROP,
+    progress: Callable[[Iterable], Iterable] = iter,
+) -> list[CachedCase]:
+    """Cache every labelled case below ``data_dir`` (any layout ``io`` reads)."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    folders = io.find_cases(Path(data_dir))
+    return [cache_case(io.find_case_files(f), cache_dir, crop) for f in progress(folders)]
+
+
+def split_cases(
+    case_ids: Sequence[str], val_cases: Sequence[str] = (), val_fraction: float = 0.0,
+    seed: int = 0,
+) -> tuple[list[str], list[str]]:
+    """Split case ids into (train, validation), by case, never by slice."""
+    ids = sorted(case_ids)
+    if val_cases:
+        unknown = sorted(set(val_cases) - set(ids))
+        if unknown:
+            raise ValueError(f"validation cases not found in the data: {unknown}")
+        val = sorted(val_cases)
+    else:
+        n_val = round(len(ids) * val_fraction)
+        if val_fraction > 0:
+            n_val = min(max(n_val, 1), len(ids) - 1)
+        val = sorted(np.random.default_rng(seed).permutation(ids)[:n_val].tolist())
+    train = [i for i in ids if i not in val]
+    if not train:
+        raise ValueError("no training cases left after the validation split")
+    return train, val
+
+
+def kfold(case_ids: Sequence[str], fold: int, folds: int, seed: int = 0) -> list[str]:
+    """The validation cases of ``fold`` (0-based) in a ``folds``-fold split by case."""
+    if not 0 <= fold < folds <= len(case_ids):
+        raise ValueError(f"fold {fold} of {folds} is impossible with {len(case_ids)} cases")
+    order = np.random.default_rng(seed).permutation(sorted(case_ids))
+    return sorted(order[fold::folds].tolist())
+
+
+def is_cache(path: Path) -> bool:
+    """Whether ``path`` is a cache folder written by ``build_cache``."""
+    return any(Path(path).glob("*_images.npy"))
+
+
+def open_cache(cache_dir: Path) -> list[CachedCase]:
+    """Every complete entry of a cache folder (those whose JSON marker was written)."""
+    ids = sorted(p.stem for p in Path(cache_dir).glob("*.json"))
+    if not ids:
+        raise io.InputError(f"{cache_dir}: no cached cases")
+    return [load_cached(Path(cache_dir), i) for i in ids]
+
+
+class PatchSampler:
+    """Random ``patch`` (H, W) crops of cached slices; a share of them centred on tumor."""
+
+    def __init__(
+        self, cases: Sequence[CachedCase], patch: tuple[int, int], tumor_share: float = 0.8,
+    ) -> None:
+        if not cases:
+            raise ValueError("no cases to sample from")
+        self.cases = list(cases)
+        self.patch = patch
+        self.tumor_share = tumor_share
+
+    def sample(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """``n`` patches: images (n, 4, H, W) uint8 codes, classes (n, H, W) uint8."""
+        ph, pw = self.patch
+        images = np.full((n, 4, ph, pw), QUANT_OFFSET, np.uint8)
+        classes = np.zeros((n, ph, pw), np.uint8)
+        for i in range(n):
+            case = self.cases[rng.integers(len(self.cases))]
+            tumor = rng.random() < self.tumor_share and len(case.tumor_slices) > 0
+            z = case.tumor_slices[rng.integers(len(case.tumor_slices))] if tumor else (
+                rng.integers(len(case.classes)))
+            cls = case.classes[z]
+            h, w = cls.shape
+            if tumor:  # centre on a random tumor voxel, with jitter
+                ys, xs = np.nonzero(cls)
+                j = rng.integers(len(ys))
+                cy = ys[j] + rng.integers(-ph // 4, ph // 4 + 1)
+                cx = xs[j] + rng.integers(-pw // 4, pw // 4 + 1)
+            else:
+                cy, cx = rng.integers(h), rng.integers(w)
+            y0 = int(np.clip(cy - ph // 2, min(0, h - ph), max(0, h - ph)))
+            x0 = int(np.clip(cx - pw // 2, min(0, w - pw), max(0, w - pw)))
+            sy = slice(max(y0, 0), min(y0 + ph, h))
+            sx = slice(max(x0, 0), min(x0 + pw, w))
+            dy, dx = sy.start - y0, sx.start - x0
+            images[i, :, dy : dy + sy.stop - sy.start, dx : dx + sx.stop - sx.start] = (
+                case.images[z][:, sy, sx])
+            classes[i, dy : dy + sy.stop - sy.start, dx : dx + sx.stop - sx.start] = cls[sy, sx]
+        return images, classes
+
+
+def augment(images, classes, generator, *, rotate_deg: float = 10.0, scale: float = 0.1,
+            intensity: float = 0.1):
+    """Augment a batch on its own device, with PyTorch.
+
+    ``images`` (N, C, H, W) float z-scores, ``classes`` (N, H, W) int64. Random left-right and
+    front-back flips, rotation within ±``rotate_deg`` and scaling within ±``scale`` (bilinear
+    for images, nearest for classes), and per-sample, per-modality intensity scale and shift
+    within ±``intensity`` (inside the brain only). Returns new tensors.
+    """
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    n, c = images.shape[:2]
+    dev = images.device
+
+    def uniform(*shape):
+        return torch.rand(*shape, generator=generator, device=dev) * 2 - 1
+
+    angle = uniform(n) * math.radians(rotate_deg)
+    zoom = 1 + uniform(n) * scale
+    flip_x = torch.where(uniform(n) > 0, 1.0, -1.0)
+    flip_y = torch.where(uniform(n) > 0, 1.0, -1.0)
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack([
+        torch.stack([cos * flip_x, -sin, torch.zeros_like(cos)], 1),
+        torch.stack([sin, cos * flip_y, torch.zeros_like(cos)], 1),
+    ], 1)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    brain = (images != 0).any(dim=1, keepdim=True).to(images.dtype)
+    gain = 1 + uniform(n, c, 1, 1) * intensity
+    shift = uniform(n, c, 1, 1) * intensity
+    images = (images * gain + shift) * brain
+    images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros",
+                           align_corners=False)
+    classes = F.grid_sample(classes[:, None].to(images.dtype), grid, mode="nearest",
+                            padding_mode="zeros", align_corners=False)[:, 0].round().long()
+    return images, classes
