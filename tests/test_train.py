@@ -1,0 +1,75 @@
+import csv
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from tiramisu_brats import data
+from tiramisu_brats.model import TiramisuConfig, load_model
+from tiramisu_brats.train import TrainConfig, train
+
+TINY = TiramisuConfig(first_conv=8, down_blocks=(2, 2), bottleneck=2, up_blocks=(2, 2),
+                      growth_rate=4)
+
+
+@pytest.fixture(scope="module")
+def cache(small_cases, tmp_path_factory):
+    return data.build_cache(small_cases, tmp_path_factory.mktemp("cache"), crop=(64, 64))
+
+
+def _config(**kw):
+    base = dict(model=TINY, epochs=3, steps_per_epoch=6, batch_size=4, patch=(32, 32),
+                val_cases=("syn-2",), train_cases=("syn-0", "syn-1"), seed=3)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_training_lowers_the_loss_and_writes_every_artefact(cache, tmp_path):
+    rows = train(cache[:2], cache[2:], tmp_path, _config(), device=torch.device("cpu"))
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    for name in ("log.csv", "curves.png", "checkpoint.safetensors", "model_last.safetensors",
+                 "model_best.safetensors", "train_config.json"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    logged = list(csv.DictReader(open(tmp_path / "log.csv")))
+    assert len(logged) == 3 and 0 <= float(logged[-1]["val_dice_WT"]) <= 1
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    model = load_model(tmp_path / "model_last.safetensors")
+    assert model.config == TINY
+
+
+def test_resume_continues_at_the_right_epoch_with_the_same_optimizer_state(cache, tmp_path):
+    full = train(cache[:2], cache[2:], tmp_path / "a", _config(), device=torch.device("cpu"))
+
+    class Killed(Exception):
+        pass
+
+    def kill(epoch, step, loss):
+        if epoch == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(cache[:2], cache[2:], tmp_path / "b", _config(), device=torch.device("cpu"),
+              on_step=kill)
+    with safe_open(str(tmp_path / "b" / "checkpoint.safetensors"), "pt") as f:
+        assert '"epoch": 2' in f.metadata()["rows"].split("},")[-1]
+    seen = []
+    resumed = train(cache[:2], cache[2:], tmp_path / "b", _config(), resume=True,
+                    device=torch.device("cpu"), on_step=lambda e, s, v: seen.append(e))
+    assert set(seen) == {3}
+    assert [r["train_loss"] for r in resumed] == [r["train_loss"] for r in full]
+    a = load_model(tmp_path / "a" / "model_last.safetensors").state_dict()
+    b = load_model(tmp_path / "b" / "model_last.safetensors").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_folder_is_not_overwritten_without_resume(cache, tmp_path):
+    train(cache[:2], [], tmp_path, _config(epochs=1, steps_per_epoch=1), device=torch.device("cpu"))
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(cache[:2], [], tmp_path, _config(epochs=1), device=torch.device("cpu"))
+
+
+def test_time_budget_stops_training(cache, tmp_path):
+    rows = train(cache[:2], [], tmp_path, _config(epochs=50, minutes=1e-4),
+                 device=torch.device("cpu"))
+    assert len(rows) == 1 and np.isnan(rows[0]["val_dice_WT"])
