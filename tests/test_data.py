@@ -30,7 +30,7 @@ def test_cache_is_built_once_and_reused(small_cases, tmp_path):
 def test_kfold_partitions_the_cases():
     ids = [f"c{i}" for i in range(17)]
     folds = [data.kfold(ids, i, 5) for i in range(5)]
-    assert sorted(sum(folds, [])) == sorted(ids)
+    assert sorted(i for f in folds for i in f) == sorted(ids)
     assert [len(f) for f in folds] == [4, 4, 3, 3, 3]
     with pytest.raises(ValueError, match="impossible"):
         data.kfold(ids, 5, 5)
@@ -65,6 +65,6 @@ def test_augment_keeps_shapes_labels_and_background():
     assert set(ya.unique().tolist()) <= {0, 3}
     assert (xa[:, :, :2, :2] == 0).all()  # corners stay background
     # Without geometric or intensity change the batch is only flipped.
-    xi, yi = data.augment(x, y, torch.Generator().manual_seed(0), rotate_deg=0, scale=0,
+    xi, _ = data.augment(x, y, torch.Generator().manual_seed(0), rotate_deg=0, scale=0,
                           intensity=0)
     assert torch.allclose(xi.abs().sum(), x.abs().sum(), rtol=1e-4)

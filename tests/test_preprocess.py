@@ -23,7 +23,7 @@ def test_crop_puts_the_long_side_along_the_longer_brain_extent():
 
 def test_brats_sized_volume_gives_192x160_slices():
     image = _volume((240, 240, 155), ((50, 190), (30, 200), (10, 150)))
-    slices, g = preprocess(image)
+    slices, _ = preprocess(image)
     assert slices.shape == (140, 4, 192, 160)
 
 
@@ -72,7 +72,8 @@ def test_extract_then_uncrop_gives_back_the_grid(shape, data):
     crop = (data.draw(st.sampled_from([32, 64])), data.draw(st.sampled_from([32, 64])))
     rng = np.random.default_rng(0)
     labels = np.zeros(shape, np.uint8)
-    labels[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = rng.integers(1, 5, [h - l for l, h in zip(lo, hi)])
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    labels[box] = rng.integers(1, 5, [b - a for a, b in zip(lo, hi)])
     image = np.stack([labels.astype(np.float32)] * 4)
     image[:, lo[0], lo[1], lo[2]] = 1  # make sure the brain box is exactly lo:hi
     image[:, hi[0] - 1, hi[1] - 1, hi[2] - 1] = 1

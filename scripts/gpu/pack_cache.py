@@ -30,7 +30,8 @@ for case in open_cache(args.cache):
     np.save(args.out / f"{case.case_id}_images.npy", np.asarray(case.images)[keep])
     np.save(args.out / f"{case.case_id}_classes.npy", np.asarray(case.classes)[keep])
     meta = json.loads((args.cache / f"{case.case_id}.json").read_text())
-    (args.out / f"{case.case_id}.json").write_text(json.dumps({**meta, "packed_stride": args.stride}))
+    meta["packed_stride"] = args.stride
+    (args.out / f"{case.case_id}.json").write_text(json.dumps(meta))
     print(case.case_id, int(keep.sum()), "of", len(keep), "slices")
 subprocess.run(f"tar cf - -C {args.out.parent} {args.out.name} | xz -T2 -6 > {args.out}.tar.xz",
                shell=True, check=True)

@@ -84,7 +84,8 @@ def cache_case(files: io.CaseFiles, cache_dir: Path, crop: tuple[int, int] = CRO
     case = io.read_case(files)
     labels, _, _ = io.read_label_map(files.seg)
     if labels.shape != case.shape:
-        raise io.InputError(f"{files.seg}: shape {labels.shape} differs from the images' {case.shape}")
+        raise io.InputError(
+            f"{files.seg}: shape {labels.shape} differs from the images' {case.shape}")
     slices, geometry = preprocess(case.image, crop)
     _save_npy(img_path, quantize(slices))
     _save_npy(cls_path, LABEL_TO_CLASS[extract(labels, geometry)])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -226,9 +227,8 @@ def save_weights(
     try:
         save_file(tensors, str(tmp), metadata=meta)
         with open(tmp, "rb+") as f:
-            import os
-
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # a weights file is meant to be shared
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -245,7 +245,8 @@ def read_config(path: str | Path) -> tuple[TiramisuConfig, dict[str, str]]:
     except Exception as err:  # safetensors raises several types for a corrupt header
         raise ValueError(f"{path}: not a tiramisu-brats weights file ({err})") from None
     if meta.get("format") != FORMAT or "config" not in meta:
-        raise ValueError(f"{path}: not a tiramisu-brats weights file (format {meta.get('format')!r})")
+        raise ValueError(
+            f"{path}: not a tiramisu-brats weights file (format {meta.get('format')!r})")
     try:
         config = TiramisuConfig.from_dict(json.loads(meta["config"]))
     except (json.JSONDecodeError, TypeError, ValueError) as err:

@@ -111,7 +111,7 @@ def extract(volume: np.ndarray, geometry: Geometry) -> np.ndarray:
 
 
 def uncrop(slices: np.ndarray, geometry: Geometry) -> np.ndarray:
-    """The exact inverse of ``extract``: ``(Z', ..., H, W)`` → ``(..., X, Y, Z)``, zeros elsewhere."""
+    """The exact inverse of ``extract``: ``(Z', ..., H, W)`` → ``(..., X, Y, Z)``, 0 elsewhere."""
     g = geometry
     if slices.shape[0] != g.n_slices or slices.shape[-2:] != g.slice_shape:
         raise ValueError(
@@ -121,7 +121,8 @@ def uncrop(slices: np.ndarray, geometry: Geometry) -> np.ndarray:
     lead = slices.shape[1:-2]
     n = len(lead)
     # (Z, ..., H, W) → (..., X, Y, Z)
-    order = (*range(1, n + 1), n + 1, n + 2, 0) if g.h_is_x else (*range(1, n + 1), n + 2, n + 1, 0)
+    lead_axes = tuple(range(1, n + 1))
+    order = (*lead_axes, n + 1, n + 2, 0) if g.h_is_x else (*lead_axes, n + 2, n + 1, 0)
     window = slices.transpose(order)
     out = np.zeros((*lead, *g.shape), dtype=slices.dtype)
     sx = slice(max(g.x0, 0), min(g.x0 + g.size_x, g.shape[0]))

@@ -303,9 +303,10 @@ def train(
         meta = {"epoch": str(epoch), "val_dice_mean": repr(mean),
                 "train_config": config.to_json()}
         save_weights(model, run_dir / "model_last.safetensors", metadata=meta)
-        if (not math.isnan(mean) and mean > best) or not (run_dir / "model_best.safetensors").exists():
+        best_path = run_dir / "model_best.safetensors"
+        if (not math.isnan(mean) and mean > best) or not best_path.exists():
             best = mean if not math.isnan(mean) else best
-            save_weights(model, run_dir / "model_best.safetensors", metadata=meta)
+            save_weights(model, best_path, metadata=meta)
         # The checkpoint, written after the weights, marks the epoch complete.
         save_checkpoint(ckpt, model, optimizer, rng, gen, config, rows, best)
         _write_log(run_dir, rows)
