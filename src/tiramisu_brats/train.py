@@ -5,12 +5,19 @@ A run folder holds ``train_config.json``, ``log.csv`` (one row per epoch), ``cur
 files ``model_last.safetensors`` and ``model_best.safetensors`` (best validation mean Dice).
 Every file is written under a temporary name and renamed, so a kill leaves the last complete
 epoch. Nothing is pickled.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) the same ``train`` runs data-parallel
+with DistributedDataParallel: every process draws the same global batch from the same seeded
+generators and trains on its own slice of it, so a run is the same computation on any number of
+processes that divides ``micro_batches`` (BatchNorm statistics are taken per micro-batch).
+Only rank 0 writes files. See docs/distributed.md.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import inspect
 import io as _io
 import json
 import logging
@@ -18,16 +25,25 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as tdist
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from tiramisu_brats import io
-from tiramisu_brats.data import CachedCase, PatchSampler, augment, dequantize
+from tiramisu_brats.data import (
+    QUANT_OFFSET,
+    QUANT_STEP,
+    CachedCase,
+    PatchSampler,
+    augment,
+    dequantize,
+)
 from tiramisu_brats.metrics import Confusion
 from tiramisu_brats.model import REFERENCE, Tiramisu, TiramisuConfig, save_weights
 
@@ -58,7 +74,11 @@ class TrainConfig:
     val_cases: tuple[str, ...] = ()
     train_cases: tuple[str, ...] = ()
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
-    compile: bool = False
+    compile: bool = False  # torch.compile on CUDA; ignored on CPU
+    # The global batch runs as this many micro-batches of batch_size / micro_batches patches,
+    # each with its own BatchNorm statistics, gradients summed (accumulation); under DDP each
+    # of W processes runs micro_batches / W of them. The result does not depend on W.
+    micro_batches: int = 1
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -71,6 +91,9 @@ class TrainConfig:
             raise ValueError(f"patch {self.patch} must be multiples of {d}")
         if self.epochs < 1 or self.steps_per_epoch < 1 or self.batch_size < 1:
             raise ValueError("epochs, steps_per_epoch and batch_size must be >= 1")
+        if self.micro_batches < 1 or self.batch_size % self.micro_batches:
+            raise ValueError(f"batch_size {self.batch_size} must be a multiple of "
+                             f"micro_batches {self.micro_batches}")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -93,6 +116,109 @@ def pick_device() -> torch.device:
     return torch.device("cpu")
 
 
+@dataclass(frozen=True)
+class World:
+    """This process's place in a data-parallel job: ``rank`` of ``size`` processes in all,
+    ``local_rank`` of ``local_size`` on this machine. One process: ``World()``."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    local_size: int = 1
+
+    @property
+    def main(self) -> bool:
+        """Whether this process writes files and logs (rank 0)."""
+        return self.rank == 0
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    try:
+        return int(value) if value else default
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def init_distributed(device: torch.device | None = None) -> tuple[World, torch.device]:
+    """Join the process group that ``torchrun`` describes in the environment.
+
+    ``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR`` and
+    ``MASTER_PORT`` (all set by torchrun). Backend NCCL on CUDA, gloo on the CPU; each process
+    uses ``cuda:LOCAL_RANK`` when CUDA is present, else its share of the CPU cores. Without
+    those variables (or with ``WORLD_SIZE=1``) a single process: ``(World(), pick_device())``.
+    Idempotent: a group already joined is reused. ``shutdown_distributed`` leaves it.
+    """
+    joined = tdist.is_available() and tdist.is_initialized()
+    size = tdist.get_world_size() if joined else _env_int("WORLD_SIZE", 1)
+    if size <= 1:
+        return World(), device or pick_device()
+    local_rank = _env_int("LOCAL_RANK", 0)
+    local_size = _env_int("LOCAL_WORLD_SIZE", 1)
+    if device is None:
+        if torch.cuda.is_available():
+            device = torch.device("cuda", local_rank)
+        else:
+            device = torch.device("cpu")
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_size))
+    elif device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not joined:
+        if not tdist.is_available():
+            raise RuntimeError("this PyTorch build has no torch.distributed")
+        tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    world = World(tdist.get_rank(), tdist.get_world_size(), local_rank, local_size)
+    log.info("process %d of %d (local %d of %d) on %s", world.rank, world.size,
+             world.local_rank, world.local_size, device)
+    return world, device
+
+
+@contextmanager
+def distributed(device: torch.device | None = None):
+    """``init_distributed`` for a block: yields ``(world, device)``; leaves at the end a
+    process group that it joined."""
+    joined = tdist.is_available() and tdist.is_initialized()
+    world, device = init_distributed(device)
+    try:
+        yield world, device
+    finally:
+        if not joined:
+            shutdown_distributed()
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group, if this process joined one."""
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+def barrier(device: torch.device | None = None) -> None:
+    """Wait for every process of the group (nothing to wait for in a single process)."""
+    if tdist.is_available() and tdist.is_initialized():
+        if device is not None and device.type == "cuda" and tdist.get_backend() == "nccl":
+            tdist.barrier(device_ids=[device.index])
+        else:
+            tdist.barrier()
+
+
+def in_turn(function: Callable[[], object], device: torch.device | None = None):
+    """Run ``function`` on rank 0 first, then on the first process of every other machine,
+    then on the rest, with barriers in between: for work such as building the slice cache,
+    which the first run writes and the later ones find done (on a shared or a node-local
+    folder alike). Returns what ``function`` returned in this process."""
+    if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1:
+        return function()
+    rank, local_rank = tdist.get_rank(), _env_int("LOCAL_RANK", 0)
+    turns = (rank == 0, rank != 0 and local_rank == 0, local_rank != 0)
+    result = None
+    for mine in turns:
+        if mine:
+            result = function()
+        barrier(device)
+    return result
+
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """1 - mean soft Dice over the tumor classes; logits (N, K, H, W), target (N, H, W)."""
     probs = logits.float().softmax(1)[:, 1:]
@@ -102,6 +228,14 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return 1 - ((2 * inter + 1) / (denom + 1)).mean()
 
 
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on ``device``; on CUDA through pinned memory, asynchronously."""
+    tensor = torch.from_numpy(array)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 @torch.no_grad()
 def predict_classes(model: Tiramisu, images: np.ndarray, device: torch.device,
                     batch: int = 16, amp: bool = True) -> np.ndarray:
@@ -109,7 +243,7 @@ def predict_classes(model: Tiramisu, images: np.ndarray, device: torch.device,
     model.eval()
     out = np.empty((images.shape[0], *images.shape[2:]), np.uint8)
     for i in range(0, len(images), batch):
-        x = torch.from_numpy(dequantize(np.asarray(images[i : i + batch]))).to(device)
+        x = _to_device(dequantize(np.asarray(images[i : i + batch])), device)
         with torch.autocast(device.type, dtype=torch.bfloat16,
                             enabled=amp and device.type == "cuda"):
             out[i : i + batch] = model(x).argmax(1).to(torch.uint8).cpu().numpy()
@@ -119,13 +253,67 @@ def predict_classes(model: Tiramisu, images: np.ndarray, device: torch.device,
 def validate(model: Tiramisu, cases: Sequence[CachedCase], device: torch.device,
              amp: bool = True) -> dict[str, float]:
     """Mean Dice per region over whole validation volumes (every brain slice of each case)."""
+    scores = _case_dice(model, cases, device, amp)
+    return {r: float(np.mean(v)) if v else float("nan") for r, v in scores.items()}
+
+
+def _case_dice(model: Tiramisu, cases: Sequence[CachedCase], device: torch.device,
+               amp: bool) -> dict[str, list[float]]:
     scores = {r: [] for r in REGION_CLASSES}
     for case in cases:
         pred = predict_classes(model, case.images, device, amp=amp)
         ref = np.asarray(case.classes)
         for region, cls in REGION_CLASSES.items():
             scores[region].append(Confusion.from_masks(np.isin(pred, cls), np.isin(ref, cls)).dice)
-    return {r: float(np.mean(v)) if v else float("nan") for r, v in scores.items()}
+    return scores
+
+
+def _validate_shared(model: Tiramisu, cases: Sequence[CachedCase], device: torch.device,
+                     amp: bool, world: World) -> dict[str, float]:
+    """``validate`` with the cases split over the processes; every process gets the means."""
+    if world.size == 1:
+        return validate(model, cases, device, amp)
+    mine = cases[world.rank :: world.size]
+    scores = _case_dice(model, mine, device, amp)
+    sums = torch.tensor([*(sum(scores[r]) for r in REGION_CLASSES), len(mine)],
+                        dtype=torch.float64, device=device)
+    tdist.all_reduce(sums)
+    sums = sums.cpu()
+    count = sums[-1].item()
+    return {r: sums[i].item() / count if count else float("nan")
+            for i, r in enumerate(REGION_CLASSES)}
+
+
+def _broadcast_float(value: float, device: torch.device) -> float:
+    """Rank 0's ``value`` in every process (decisions that must agree, such as timing)."""
+    if not (tdist.is_available() and tdist.is_initialized()):
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    tdist.broadcast(tensor, 0)
+    return tensor.item()
+
+
+def _same_everywhere(text: str) -> None:
+    """Refuse to start when the processes were given different recipes (they would hang or
+    silently train different things)."""
+    texts: list = [None] * tdist.get_world_size()
+    tdist.all_gather_object(texts, text)
+    if len(set(texts)) > 1:
+        ranks = [i for i, t in enumerate(texts) if t != texts[0]]
+        raise ValueError(f"the processes of this run differ in their training config or cases "
+                         f"(ranks {ranks} differ from rank 0)")
+
+
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _rank_seed(seed: int, rank: int, epoch: int) -> int:
+    """The dropout seed of ``rank`` > 0 when no saved state of its own exists."""
+    return (seed + rank + 1_000_003 * epoch) % 2**63
 
 
 def _state_tensors(optimizer, rng: np.random.Generator, gen: torch.Generator):
@@ -147,19 +335,35 @@ def _state_tensors(optimizer, rng: np.random.Generator, gen: torch.Generator):
 
 
 def save_checkpoint(path: Path, model: Tiramisu, optimizer, rng, gen, config: TrainConfig,
-                    rows: list[dict], best: float) -> None:
-    """Everything needed to resume, in one safetensors file, written atomically."""
+                    rows: list[dict], best: float,
+                    rank_rng: Sequence[dict[str, torch.Tensor]] = ()) -> None:
+    """Everything needed to resume, in one safetensors file, written atomically.
+
+    ``rank_rng``: under DDP, the random states (``_rng_state``) of every process, in rank
+    order; those of ranks 1.. are stored beside this process's (rank 0's) own.
+    """
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     state, meta = _state_tensors(optimizer, rng, gen)
     tensors.update(state)
+    for rank, states in enumerate(rank_rng):
+        if rank:
+            tensors.update({f"rng.{k}.rank{rank}": v.cpu().contiguous()
+                            for k, v in states.items()})
+    meta["world_size"] = str(max(len(rank_rng), 1))
     meta.update({"format": "tiramisu-brats-checkpoint/1", "train_config": config.to_json(),
                  "rows": json.dumps(rows), "best": repr(best)})
     io.atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta),
                     overwrite=True)
 
 
-def load_checkpoint(path: Path, model: Tiramisu, optimizer, rng, gen):
-    """Restore a checkpoint in place; returns (log rows, best score)."""
+def load_checkpoint(path: Path, model: Tiramisu, optimizer, rng, gen, rank: int = 0):
+    """Restore a checkpoint in place; returns (log rows, best score).
+
+    Every process of a DDP run loads the same checkpoint: model, optimizer and the shared
+    sampling and augmentation generators are the same everywhere; the global torch generator
+    (dropout) is ``rank``'s own, saved by a run with at least ``rank + 1`` processes, else one
+    seeded from the seed, the rank and the epoch.
+    """
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
@@ -177,12 +381,17 @@ def load_checkpoint(path: Path, model: Tiramisu, optimizer, rng, gen):
         idx, key = k.split(".", 1)
         state.setdefault(int(idx), {})[key] = v
     optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["optim_groups"])})
-    torch.set_rng_state(tensors["rng.torch"])
+    suffix = f".rank{rank}" if rank else ""
+    rows = json.loads(meta["rows"])
+    if f"rng.torch{suffix}" in tensors:
+        torch.set_rng_state(tensors[f"rng.torch{suffix}"])
+        if f"rng.cuda{suffix}" in tensors and torch.cuda.is_available():
+            torch.cuda.set_rng_state(tensors[f"rng.cuda{suffix}"])
+    else:
+        torch.manual_seed(_rank_seed(json.loads(meta["train_config"])["seed"], rank, len(rows)))
     gen.set_state(tensors["rng.augment"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
     rng.bit_generator.state = json.loads(meta["rng_numpy"])
-    return json.loads(meta["rows"]), float(meta["best"])
+    return rows, float(meta["best"])
 
 
 def _write_log(run_dir: Path, rows: list[dict]) -> None:
@@ -226,73 +435,162 @@ def train(
     """Train ``config`` on cached cases; returns the log rows (one dict per epoch).
 
     ``on_step(epoch, step, loss)`` is called after every optimizer step (progress bars).
+
+    Under torchrun every process calls ``train`` with the same arguments; it joins the process
+    group (``init_distributed``) unless one is joined already, and leaves a group it joined.
+    Every process returns the same rows; only rank 0 writes the run folder.
     """
-    run_dir = Path(run_dir)
+    with distributed(device) as (world, device):
+        return _train(train_cases, val_cases, Path(run_dir), config, resume, device, on_step,
+                      world)
+
+
+def _open_run(run_dir: Path, resume: bool, model, optimizer, rng, gen, rank: int):
+    ckpt = run_dir / "checkpoint.safetensors"
+    if resume:
+        if not ckpt.exists():
+            raise FileNotFoundError(f"{ckpt}: nothing to resume")
+        rows, best = load_checkpoint(ckpt, model, optimizer, rng, gen, rank)
+        if rank == 0:
+            log.info("resumed %s at epoch %d", run_dir, len(rows))
+        return rows, best
+    if ckpt.exists():
+        raise FileExistsError(f"{run_dir} holds a run already: pass --resume or another folder")
+    return [], -1.0
+
+
+def _train(train_cases, val_cases, run_dir: Path, config: TrainConfig, resume: bool,
+           device: torch.device, on_step, world: World) -> list[dict]:
+    if config.micro_batches % world.size:
+        raise ValueError(f"micro_batches {config.micro_batches} must be a multiple of the "
+                         f"number of processes, {world.size}: each runs micro_batches / "
+                         f"{world.size} micro-batches of every batch")
+    if world.size > 1:
+        _same_everywhere("|".join([config.to_json(), *(c.case_id for c in train_cases), "",
+                                   *(c.case_id for c in val_cases)]))
     run_dir.mkdir(parents=True, exist_ok=True)
-    device = device or pick_device()
     cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # one patch size: find the fastest kernels once
     torch.manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
-    gen = torch.Generator(device=device).manual_seed(config.seed)
-    model = Tiramisu(config.model).to(device)
+    rng = np.random.default_rng(config.seed)  # sampling: the same in every process
+    gen = torch.Generator(device=device).manual_seed(config.seed)  # augmentation: the same
+    model = Tiramisu(config.model).to(device)  # the same initial weights in every process
+    if world.rank:  # dropout differs between processes (rank 0 keeps the single-process one)
+        torch.manual_seed(config.seed + world.rank)
     if cuda:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.RMSprop(model.parameters(), lr=config.lr, alpha=0.9, eps=1e-7,
                                     weight_decay=config.weight_decay)
-    ckpt = run_dir / "checkpoint.safetensors"
-    rows, best = [], -1.0
-    if resume:
-        if not ckpt.exists():
-            raise FileNotFoundError(f"{ckpt}: nothing to resume")
-        rows, best = load_checkpoint(ckpt, model, optimizer, rng, gen)
-        log.info("resumed %s at epoch %d", run_dir, len(rows))
-    elif ckpt.exists():
-        raise FileExistsError(f"{run_dir} holds a run already: pass --resume or another folder")
-    io.atomic_write_text(run_dir / "train_config.json", config.to_json())
-    step_model = torch.compile(model) if config.compile else model
+    error = None
+    try:
+        rows, best = _open_run(run_dir, resume, model, optimizer, rng, gen, world.rank)
+    except (OSError, ValueError) as err:
+        error = err
+    if world.size > 1:  # fail together: a process left alone would wait forever
+        failed = torch.zeros(world.size, device=device)
+        failed[world.rank] = error is not None
+        tdist.all_reduce(failed)
+        if error is None and failed.any():
+            first = int(failed.nonzero()[0].item())
+            raise io.InputError(f"{run_dir}: process {first} of this run could not open the "
+                                "run (see its error)")
+    if error is not None:
+        raise error
+    if world.main:
+        io.atomic_write_text(run_dir / "train_config.json", config.to_json())
+    ddp = None
+    if world.size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Buffers (BatchNorm statistics) are averaged below: no broadcast before each forward.
+        params = inspect.signature(DistributedDataParallel).parameters
+        name = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
+        buffer_sync = {name: False}  # the newer name where this PyTorch has it
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if cuda else None,
+                                      **buffer_sync)
+    net = ddp or model
+    if config.compile and not cuda and world.main:
+        log.warning("torch.compile is used on CUDA only; ignored on the CPU")
+    step_model = torch.compile(net) if config.compile and cuda else net
     sampler = PatchSampler(train_cases, config.patch, config.tumor_share)
     total_steps = config.epochs * config.steps_per_epoch
     elapsed = sum(r["seconds"] for r in rows)
     seen = rows[-1]["slices_seen"] if rows else 0
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=config.amp and cuda)
     budget = None if config.minutes is None else config.minutes * 60
+    # The global batch: micro_batches micro-batches of `micro` patches; this process runs
+    # `local` of them, the slice `share` of the batch.
+    local = config.micro_batches // world.size
+    micro = config.batch_size // config.micro_batches
+    share = slice(world.rank * local * micro, (world.rank + 1) * local * micro)
+    buffers = list(model.buffers())
+    floats = [b for b in buffers if b.is_floating_point()]
     for epoch in range(len(rows) + 1, config.epochs + 1):
         if budget is not None and elapsed >= budget:
-            log.info("time budget of %.1f min spent after %d epochs", config.minutes, len(rows))
+            if world.main:
+                log.info("time budget of %.1f min spent after %d epochs", config.minutes,
+                         len(rows))
             break
         start = time.perf_counter()
-        model.train()
+        net.train()
         losses = []
         for step in range(config.steps_per_epoch):
             if budget is None:
                 progress = ((epoch - 1) * config.steps_per_epoch + step) / total_steps
-            else:  # with a time budget the schedule runs over the budget
-                progress = (elapsed + time.perf_counter() - start) / budget
+            else:  # with a time budget the schedule runs over the budget (rank 0's clock)
+                progress = _broadcast_float(
+                    (elapsed + time.perf_counter() - start) / budget, device)
                 if progress >= 1:
                     break
             if config.schedule == "cosine":
                 for g in optimizer.param_groups:
                     g["lr"] = config.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
             codes, classes = sampler.sample(rng, config.batch_size)
-            x = torch.from_numpy(dequantize(codes)).to(device, non_blocking=True)
-            y = torch.from_numpy(classes.astype(np.int64)).to(device, non_blocking=True)
-            x, y = augment(x, y, gen)
+            x = (_to_device(codes, device).float() - QUANT_OFFSET) * QUANT_STEP  # = dequantize
+            y = _to_device(classes, device).long()
+            x, y = augment(x, y, gen)  # all of the batch: the generator stays shared
+            x, y = x[share], y[share]
             if cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(**autocast):
-                logits = step_model(x)
-            loss = F.cross_entropy(logits.float(), y)
-            if config.loss == "dice_ce":
-                loss = loss + soft_dice_loss(logits, y)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            before = [b.clone() for b in buffers] if local > 1 else None
+            sums = [torch.zeros_like(b) for b in floats] if local > 1 else None
+            step_loss = torch.zeros((), device=device)
+            for j in range(local):
+                if j:  # every micro-batch updates the statistics from the same start
+                    for b, b0 in zip(buffers, before):
+                        b.copy_(b0)
+                xj, yj = x[j * micro : (j + 1) * micro], y[j * micro : (j + 1) * micro]
+                sync = ddp is None or j == local - 1  # DDP: all-reduce on the last one only
+                with nullcontext() if sync else ddp.no_sync():
+                    with torch.autocast(**autocast):
+                        logits = step_model(xj)
+                    loss = F.cross_entropy(logits.float(), yj)
+                    if config.loss == "dice_ce":
+                        loss = loss + soft_dice_loss(logits, yj)
+                    (loss / local if local > 1 else loss).backward()
+                step_loss += loss.detach()
+                if sums is not None:
+                    for acc, b in zip(sums, floats):
+                        acc += b
+            if sums is not None:  # statistics: the mean of the micro-batches' updates
+                for acc, b in zip(sums, floats):
+                    b.copy_(acc / local)
+            if world.size > 1:  # one all-reduce: statistics and loss, averaged
+                flat = torch.cat([*(b.reshape(-1) for b in floats), step_loss.reshape(1)])
+                tdist.all_reduce(flat)
+                flat /= world.size
+                step_loss = flat[-1]
+                for b, part in zip(floats, flat[:-1].split([b.numel() for b in floats])):
+                    b.copy_(part.view_as(b))
             optimizer.step()
-            losses.append(loss.item())
+            losses.append(step_loss.item() / local)
             if on_step:
                 on_step(epoch, step, losses[-1])
-        dice = validate(model, val_cases, device, config.amp) if val_cases else {
+        dice = _validate_shared(model, val_cases, device, config.amp, world) if val_cases else {
             r: float("nan") for r in REGION_CLASSES}
-        seconds = time.perf_counter() - start
+        seconds = _broadcast_float(time.perf_counter() - start, device)
         elapsed += seconds
         mean = float(np.mean(list(dice.values())))
         rows.append({"epoch": epoch, "train_loss": float(np.mean(losses)),
@@ -300,17 +598,34 @@ def train(
                      "lr": optimizer.param_groups[0]["lr"], "seconds": seconds,
                      "slices_seen": seen + len(losses) * config.batch_size})
         seen = rows[-1]["slices_seen"]
-        meta = {"epoch": str(epoch), "val_dice_mean": repr(mean),
-                "train_config": config.to_json()}
-        save_weights(model, run_dir / "model_last.safetensors", metadata=meta)
-        best_path = run_dir / "model_best.safetensors"
-        if (not math.isnan(mean) and mean > best) or not best_path.exists():
-            best = mean if not math.isnan(mean) else best
-            save_weights(model, best_path, metadata=meta)
-        # The checkpoint, written after the weights, marks the epoch complete.
-        save_checkpoint(ckpt, model, optimizer, rng, gen, config, rows, best)
-        _write_log(run_dir, rows)
-        plot_curves(rows, run_dir / "curves.png")
-        log.info("epoch %d: loss %.4f, val Dice WT %.3f TC %.3f ET %.3f (%.0f s)", epoch,
-                 rows[-1]["train_loss"], dice["WT"], dice["TC"], dice["ET"], seconds)
+        rank_rng: list = []
+        if world.size > 1:  # every process's dropout generator goes into the checkpoint
+            rank_rng = [None] * world.size
+            tdist.all_gather_object(rank_rng, _rng_state(device))
+        if world.main:
+            best = _save_epoch(run_dir, model, optimizer, rng, gen, config, rows, best, rank_rng)
+        barrier(device)  # the others wait for rank 0's files
     return rows
+
+
+def _save_epoch(run_dir: Path, model, optimizer, rng, gen, config: TrainConfig,
+                rows: list[dict], best: float, rank_rng) -> float:
+    """Write the files of a finished epoch; returns the best validation mean Dice so far."""
+    row = rows[-1]
+    mean = row["val_dice_mean"]
+    meta = {"epoch": str(row["epoch"]), "val_dice_mean": repr(mean),
+            "train_config": config.to_json()}
+    save_weights(model, run_dir / "model_last.safetensors", metadata=meta)
+    best_path = run_dir / "model_best.safetensors"
+    if (not math.isnan(mean) and mean > best) or not best_path.exists():
+        best = mean if not math.isnan(mean) else best
+        save_weights(model, best_path, metadata=meta)
+    # The checkpoint, written after the weights, marks the epoch complete.
+    save_checkpoint(run_dir / "checkpoint.safetensors", model, optimizer, rng, gen, config,
+                    rows, best, rank_rng)
+    _write_log(run_dir, rows)
+    plot_curves(rows, run_dir / "curves.png")
+    log.info("epoch %d: loss %.4f, val Dice WT %.3f TC %.3f ET %.3f (%.0f s)", row["epoch"],
+             row["train_loss"], row["val_dice_WT"], row["val_dice_TC"], row["val_dice_ET"],
+             row["seconds"])
+    return best
