@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,12 +61,7 @@ def _fingerprint(files: io.CaseFiles) -> str:
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    io.atomic_write(path, lambda tmp: np.save(tmp, array), overwrite=True)
 
 
 def cache_case(files: io.CaseFiles, cache_dir: Path, crop: tuple[int, int] = CROP) -> CachedCase:

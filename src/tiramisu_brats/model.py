@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -223,7 +224,9 @@ def save_weights(
             t = t.half()
         tensors[name] = t.contiguous()
     meta = {"format": FORMAT, "config": model.config.to_json(), **(metadata or {})}
-    tmp = path.with_name(f".{path.name}.tmp")
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
         save_file(tensors, str(tmp), metadata=meta)
         with open(tmp, "rb+") as f:

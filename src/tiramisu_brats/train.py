@@ -89,8 +89,17 @@ class TrainConfig:
         d = self.model.divisor
         if any(p % d for p in self.patch):
             raise ValueError(f"patch {self.patch} must be multiples of {d}")
-        if self.epochs < 1 or self.steps_per_epoch < 1 or self.batch_size < 1:
-            raise ValueError("epochs, steps_per_epoch and batch_size must be >= 1")
+        for name in ("epochs", "steps_per_epoch", "batch_size", "micro_batches", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (name != "seed"):
+                raise ValueError(f"{name}={value!r} must be an integer >= {int(name != 'seed')}")
+        for name, lo, hi in (("tumor_share", 0, 1), ("lr", 0, 10), ("weight_decay", 0, 1)):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not lo <= value <= hi:
+                raise ValueError(f"{name}={value!r} must be a number in [{lo}, {hi}]")
+        if self.minutes is not None and not (isinstance(self.minutes, (int, float))
+                                             and self.minutes > 0):
+            raise ValueError(f"minutes={self.minutes!r} must be a positive number")
         if self.micro_batches < 1 or self.batch_size % self.micro_batches:
             raise ValueError(f"batch_size {self.batch_size} must be a multiple of "
                              f"micro_batches {self.micro_batches}")
@@ -100,7 +109,13 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, text: str) -> TrainConfig:
+        """A config from untrusted JSON: unknown keys and bad values are refused."""
         data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("invalid training config: expected a JSON object")
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"invalid training config: unknown keys {unknown}")
         data["model"] = TiramisuConfig.from_dict(data["model"])
         data["patch"] = tuple(data["patch"])
         data["val_cases"] = tuple(data["val_cases"])
