@@ -23,9 +23,9 @@ def real_data() -> Path:
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory):
     """A tiny random-init model on disk: fast enough for CLI and API tests."""
-    from tiramisu_brats.model import Tiramisu, TiramisuConfig, save_weights
-
     import torch
+
+    from tiramisu_brats.model import Tiramisu, TiramisuConfig, save_weights
 
     torch.manual_seed(0)
     config = TiramisuConfig(first_conv=8, down_blocks=(2, 2), bottleneck=2, up_blocks=(2, 2),

@@ -72,12 +72,13 @@ class Segmenter:
     """A loaded model and backend, reused across cases."""
 
     def __init__(
-        self, model: PathLike | None = None, backend: str = "torch", *, batch_size: int = 8,
-        threads: int | None = None, device: str | None = None, crop: tuple[int, int] = CROP,
-        postprocess: bool = True,
+        self, model: PathLike | None = None, backend: str = "openvino", *,
+        batch_size: int | None = None, threads: int | None = None, precision: str = "fp32",
+        device: str | None = None, crop: tuple[int, int] = CROP, postprocess: bool = True,
     ) -> None:
         self.weights = Path(model) if model is not None else default_weights()
-        self.backend = load_backend(backend, self.weights, threads=threads, device=device)
+        self.backend = load_backend(backend, self.weights, threads=threads, precision=precision,
+                                    device=device)
         self.batch_size = batch_size
         self.crop = crop
         self.postprocess = postprocess
@@ -85,7 +86,8 @@ class Segmenter:
     def model_info(self) -> dict:
         """What the per-case JSON records about the model."""
         return {"weights": str(self.weights), "sha256": _sha256(self.weights),
-                "backend": self.backend.name, "device": self.backend.device}
+                "backend": self.backend.name, "device": self.backend.device,
+                "precision": self.backend.precision}
 
     def segment(
         self, image: np.ndarray, on_batch: Callable[[int], None] | None = None,
@@ -121,6 +123,11 @@ class Segmenter:
         for target in (output, sidecar, raw_path):
             if target.resolve() in inputs:
                 raise io.InputError(f"{target}: the output would overwrite an input file")
+        # Checked before the (long) inference; atomic_write checks again when writing.
+        if not output.parent.is_dir():
+            raise io.InputError(f"{output}: output folder {output.parent} does not exist")
+        if not os.access(output.parent, os.W_OK | os.X_OK):
+            raise io.InputError(f"{output}: output folder {output.parent} is not writable")
         if not overwrite:
             for target in (output, sidecar, *((raw_path,) if save_raw else ())):
                 if target.exists():
@@ -155,7 +162,7 @@ class Segmenter:
         return summary
 
 
-def segment(image: np.ndarray, model: PathLike | None = None, backend: str = "torch",
+def segment(image: np.ndarray, model: PathLike | None = None, backend: str = "openvino",
             **options) -> Segmentation:
     """Segment one image (4, X, Y, Z) with a fresh ``Segmenter`` (see its options)."""
     return Segmenter(model, backend, **options).segment(image)
@@ -241,9 +248,7 @@ def evaluate(
         log.warning("%d reference case(s) have no prediction: %s", len(missing), missing[:10])
     if report_dir is not None:
         report_dir = Path(report_dir)
-        if report_dir.exists() and any(report_dir.iterdir()) and not overwrite:
-            raise FileExistsError(f"{report_dir}: not empty; pass --overwrite to replace it")
-        report_dir.mkdir(parents=True, exist_ok=True)
+        _check_report_dir(report_dir, overwrite, [Path(pred), Path(ref)])
     rows, raw_rows = [], []
     for case_id in common:
         p, r = preds[case_id], refs[case_id]
@@ -258,18 +263,45 @@ def evaluate(
             if not np.allclose(affine, ref_affine, atol=1e-3):
                 log.warning("%s: affine differs from the reference %s", path, r.path)
             out.append({"case": case_id, **metrics.evaluate_case(labels, ref_labels, spacing)})
-        if report_dir is not None and overlays and r.images is not None:
-            image = io.read_case(r.images).image
-            pred_labels = io.read_label_map(p.path)[0]
-            report.overlay_png(image[3], image[1], pred_labels, ref_labels,
-                               report_dir / f"overlay_{io.safe_case_id(case_id)}.png", case_id,
-                               spacing)
         if on_case:
             on_case(case_id)
     if raw_rows and len(raw_rows) != len(rows):
         log.warning("only some predictions have a _raw map; box plots show the final maps only")
         raw_rows = []
-    if report_dir is not None:
-        report.write_report(report_dir, rows, raw_rows=raw_rows or None,
-                            extra_summary={"predictions": str(pred), "references": str(ref)})
+    if report_dir is None:
+        return rows
+    # Every input was read and checked above: only now is anything written.
+    report_dir.mkdir(parents=True, exist_ok=True)
+    for case_id in common if overlays else ():
+        p, r = preds[case_id], refs[case_id]
+        if r.images is None:
+            continue
+        try:
+            image = io.read_case(r.images).image
+            ref_labels, _, ref_header = io.read_label_map(r.path)
+            report.overlay_png(image[3], image[1], io.read_label_map(p.path)[0], ref_labels,
+                               report_dir / f"overlay_{io.safe_case_id(case_id)}.png", case_id,
+                               tuple(float(z) for z in ref_header.get_zooms()[:3]))
+        except ValueError as err:  # the metrics stand without the picture
+            log.warning("%s: no overlay: %s", case_id, err)
+    report.write_report(report_dir, rows, raw_rows=raw_rows or None,
+                        extra_summary={"predictions": str(pred), "references": str(ref)})
     return rows
+
+
+def _check_report_dir(report_dir: Path, overwrite: bool, inputs: list[Path]) -> None:
+    """Refuse a report folder that is an input, is a file, lies below a file, or is not empty
+    (without ``overwrite``), before any work is done."""
+    resolved = report_dir.resolve()
+    for path in inputs:
+        if resolved == path.resolve():
+            raise io.InputError(f"{report_dir}: the report folder is an input ({path})")
+    if report_dir.exists():
+        if not report_dir.is_dir():
+            raise io.InputError(f"{report_dir}: not a folder")
+        if any(report_dir.iterdir()) and not overwrite:
+            raise FileExistsError(f"{report_dir}: not empty; pass --overwrite to replace it")
+        return
+    existing = next(p for p in report_dir.parents if p.exists())
+    if not existing.is_dir():
+        raise io.InputError(f"{report_dir}: {existing} is not a folder")

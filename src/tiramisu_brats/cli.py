@@ -8,10 +8,11 @@ import logging
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -30,8 +31,19 @@ INPUT_HELP = (
 )
 
 
+def one_line(err: BaseException) -> str:
+    """The error as one line naming the file: ``OSError``s as ``<file>: <problem>``."""
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        text = f"{err.filename}: {err.strerror}"
+    else:
+        text = str(err)
+        if not isinstance(err, (ValueError, OSError)):  # unexpected: say what it was
+            text = f"{type(err).__name__}: {text}"
+    return " ".join(text.split()) or type(err).__name__
+
+
 def fail(message: str, code: int = 2) -> typer.Exit:
-    console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -41,7 +53,7 @@ def user_errors():
     try:
         yield
     except (ValueError, OSError) as err:
-        raise fail(str(err).splitlines()[0] if str(err) else repr(err)) from None
+        raise fail(one_line(err)) from None
 
 
 def progress_bar(enabled: bool) -> Progress:
@@ -73,16 +85,21 @@ def _timing_table(rows: list[dict]) -> Table:
 
 @app.command()
 def segment(
-    input: Annotated[Optional[Path], typer.Argument(help=INPUT_HELP)] = None,
+    input: Annotated[Path | None, typer.Argument(help=INPUT_HELP)] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help=(
         "Output .nii.gz for one case; a folder for a folder of cases."))] = ...,
-    t1: Annotated[Optional[Path], typer.Option(help="T1 file (instead of INPUT).")] = None,
-    t1ce: Annotated[Optional[Path], typer.Option(help="T1ce file.")] = None,
-    t2: Annotated[Optional[Path], typer.Option(help="T2 file.")] = None,
-    flair: Annotated[Optional[Path], typer.Option(help="FLAIR file.")] = None,
-    model: Annotated[Optional[Path], typer.Option(help="Weights (.safetensors); default: the "
+    t1: Annotated[Path | None, typer.Option(help="T1 file (instead of INPUT).")] = None,
+    t1ce: Annotated[Path | None, typer.Option(help="T1ce file.")] = None,
+    t2: Annotated[Path | None, typer.Option(help="T2 file.")] = None,
+    flair: Annotated[Path | None, typer.Option(help="FLAIR file.")] = None,
+    model: Annotated[Path | None, typer.Option(help="Weights (.safetensors); default: the "
                                                        "shipped model.")] = None,
-    backend: Annotated[str, typer.Option(help="Inference backend.")] = "torch",
+    backend: Annotated[str, typer.Option(help=(
+        "Inference backend: openvino (fastest on CPU), onnxruntime, or torch (use it on a "
+        "CUDA GPU)."))] = "openvino",
+    precision: Annotated[str, typer.Option(help=(
+        "fp32; bf16 (openvino, torch); int8 (openvino, onnxruntime; quantized once with "
+        "NNCF, needs tiramisu-brats[int8])."))] = "fp32",
     label_convention: Annotated[str, typer.Option(help=(
         "brats: 0/1/2/4 (2017-2021); brats2023: 0/1/2/3."))] = "brats",
     postprocess: Annotated[bool, typer.Option(help="Closing + keep the main tumor.")] = True,
@@ -91,8 +108,12 @@ def segment(
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
     skip_existing: Annotated[bool, typer.Option(help=(
         "In a folder of cases, skip cases whose output exists."))] = False,
-    batch_size: Annotated[int, typer.Option(min=1, help="Slices per batch.")] = 8,
-    threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads.")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, help=(
+        "Slices per batch; default: the backend's (2 for openvino, else 8)."))] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads.")] = None,
+    shard: Annotated[str | None, typer.Option(help=(
+        "I/N: of a folder of cases, only every N-th (in sorted order) from the I-th, 0-based: "
+        "N jobs I = 0..N-1 cover the folder once, with no overlap."))] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Segment a case (or a folder of cases) into a tumor label map NIfTI."""
@@ -101,6 +122,14 @@ def segment(
     with user_errors():
         if label_convention not in io.LABEL_CONVENTIONS:
             raise ValueError(f"--label-convention must be one of {io.LABEL_CONVENTIONS}")
+        failures_name = "failures.csv"
+        if shard is not None:
+            parts = [p.strip() for p in shard.split("/")]
+            if len(parts) != 2 or not all(p.isdigit() for p in parts) or (
+                    int(parts[0]) >= int(parts[1])):
+                raise ValueError(f"--shard {shard}: expected I/N with 0 <= I < N, such as 0/4")
+            shard_i, shard_n = int(parts[0]), int(parts[1])
+            failures_name = f"failures-shard-{shard_i}-of-{shard_n}.csv"  # one per job
         explicit = (t1, t1ce, t2, flair)
         if input is None:
             if not all(explicit):
@@ -114,53 +143,94 @@ def segment(
                 raise io.InputError(f"{input}: no such file or folder")
             cohort = not io.is_case_folder(input)
             if cohort:
-                output.mkdir(parents=True, exist_ok=True)
-                folders = io.find_cases(input)
+                # Subfolders with images that are not complete cases are reported as failures.
+                folders = io.find_cases(input, incomplete=True)
+                if shard is not None:  # sorted folders: the same split in every job
+                    folders = folders[shard_i::shard_n]
                 jobs = [(f, None) for f in folders]
+                if output.exists() and not output.is_dir():
+                    raise io.InputError(f"{output}: not a folder (the output for a folder of "
+                                        "cases is a folder)")
             else:
                 jobs = [(io.find_case_files(input), output)]
+        if not cohort and shard is not None:
+            raise ValueError("--shard splits a folder of cases; INPUT is one case")
         if not cohort and not output.name.lower().endswith((".nii.gz", ".nii")):
             raise ValueError(f"{output}: the output of one case must end in .nii.gz or .nii")
         if not cohort and output.parent != Path() and not output.parent.is_dir():
-            raise io.InputError(f"{output.parent}: output folder does not exist")
+            problem = "not a folder" if output.parent.exists() else "output folder does not exist"
+            raise io.InputError(f"{output.parent}: {problem}")
         segmenter = Segmenter(model, backend, batch_size=batch_size, threads=threads,
-                              postprocess=postprocess)
-    results, failures = [], []
+                              precision=precision, postprocess=postprocess)
+    if cohort:  # only now: a bad model or option leaves no output folder behind
+        with user_errors():
+            output.mkdir(parents=True, exist_ok=True)
+    results, failures, sources = [], [], {}
     with progress_bar(progress) as bar:
         cases_task = bar.add_task("cases", total=len(jobs)) if cohort else None
         for job, target in jobs:
             name = job.name if isinstance(job, Path) else job.case_id
+            slices = None
             try:
                 files = io.find_case_files(job) if isinstance(job, Path) else job
                 if target is None:
                     target = output / f"{io.safe_case_id(files.case_id)}.nii.gz"
+                    if files.case_id in sources:
+                        raise io.InputError(f"{job}: case id {files.case_id!r} is also the one "
+                                            f"of {sources[files.case_id]}")
+                    sources[files.case_id] = job
+                replace = overwrite
                 if skip_existing and target.exists():
-                    if cases_task is not None:
-                        bar.advance(cases_task)
-                    continue
+                    if _finished(target, save_raw):
+                        continue
+                    replace = True  # a run stopped while writing this case: redo it
                 slices = bar.add_task(f"{files.case_id}", total=None)
                 summary = segmenter.segment_case(
-                    files, target, convention=label_convention, overwrite=overwrite,
+                    files, target, convention=label_convention, overwrite=replace,
                     save_raw=save_raw, on_batch=lambda n, t=slices: bar.advance(t, n))
-                bar.remove_task(slices)
                 results.append(summary)
                 console.print(f"wrote {target}", highlight=False)
-            except (ValueError, OSError) as err:
+            except Exception as err:  # in a cohort, any failure of one case is reported
+                if not cohort and not isinstance(err, (ValueError, OSError)):
+                    raise
                 if not cohort:
-                    raise fail(str(err).splitlines()[0]) from None
-                failures.append((name, str(err).splitlines()[0]))
-                console.print(f"[red]failed[/red] {name}: {failures[-1][1]}", highlight=False)
-            if cases_task is not None:
-                bar.advance(cases_task)
+                    raise fail(one_line(err)) from None
+                logging.getLogger(__name__).debug("%s failed", name, exc_info=True)
+                failures.append((name, one_line(err)))
+                console.print(f"[red]failed[/red] {escape(name)}: {escape(failures[-1][1])}",
+                              highlight=False)
+            finally:
+                if slices is not None:
+                    bar.remove_task(slices)
+                if cases_task is not None:
+                    bar.advance(cases_task)
     if results:
         console.print(_timing_table(results))
     if cohort:
         console.print(f"{len(results)} segmented, {len(failures)} failed", highlight=False)
+        with user_errors():
+            if failures:
+                buf = _io.StringIO()
+                csv.writer(buf).writerows([("case", "reason"), *failures])
+                io.atomic_write_text(output / failures_name, buf.getvalue())
+            else:  # a resumed run that succeeded: the last run's list no longer holds
+                (output / failures_name).unlink(missing_ok=True)
         if failures:
-            buf = _io.StringIO()
-            csv.writer(buf).writerows([("case", "reason"), *failures])
-            io.atomic_write_text(output / "failures.csv", buf.getvalue())
+            console.print(f"failed cases and reasons: {output / failures_name}",
+                          highlight=False)
             raise typer.Exit(1)
+
+
+def _finished(target: Path, save_raw: bool) -> bool:
+    """Whether an earlier run wrote every output of a case: the JSON summary is written last,
+    so a label map without it is what a killed run left and is redone."""
+    from tiramisu_brats.api import label_stem
+
+    stem = label_stem(target)
+    needed = [target, target.with_name(stem + ".json")]
+    if save_raw:
+        needed.append(target.with_name(stem + "_raw.nii.gz"))
+    return all(p.exists() for p in needed)
 
 
 @app.command()
@@ -198,11 +268,11 @@ def evaluate(
 def demo(
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for everything.")] = Path(
         "tiramisu-demo"),
-    case: Annotated[Optional[Path], typer.Option(help=(
+    case: Annotated[Path | None, typer.Option(help=(
         "Run on this real case folder instead of the synthetic one."))] = None,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic case.")] = 0,
-    model: Annotated[Optional[Path], typer.Option(help="Weights; default: shipped.")] = None,
-    backend: Annotated[str, typer.Option(help="Inference backend.")] = "torch",
+    model: Annotated[Path | None, typer.Option(help="Weights; default: shipped.")] = None,
+    backend: Annotated[str, typer.Option(help="Inference backend.")] = "openvino",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing demo folder.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
@@ -250,11 +320,15 @@ def train(
     data: Annotated[Path, typer.Argument(help=(
         "Folder of labelled cases (any layout segment reads), or a cache folder."))],
     output: Annotated[Path, typer.Option("--output", "-o", help="Run folder.")] = ...,
-    cache: Annotated[Optional[Path], typer.Option(help=(
+    cache: Annotated[Path | None, typer.Option(help=(
         "Cache of preprocessed slices (default: RUN/cache); reused across runs."))] = None,
     epochs: Annotated[int, typer.Option(min=1)] = 50,
     steps_per_epoch: Annotated[int, typer.Option(min=1)] = 100,
-    batch_size: Annotated[int, typer.Option(min=1)] = 8,
+    batch_size: Annotated[int, typer.Option(min=1, help=(
+        "Global batch: of all processes together under torchrun."))] = 8,
+    micro_batches: Annotated[int | None, typer.Option(min=1, help=(
+        "Run each batch as this many micro-batches (own BatchNorm statistics, gradients "
+        "summed); a multiple of the number of processes; default: one per process."))] = None,
     patch: Annotated[tuple[int, int], typer.Option(help="Patch H W (multiples of 32).")] = (
         128, 128),
     tumor_share: Annotated[float, typer.Option(min=0, max=1)] = 0.8,
@@ -262,32 +336,44 @@ def train(
     weight_decay: Annotated[float, typer.Option(min=0)] = 1e-4,
     loss: Annotated[str, typer.Option(help="ce (reference) or dice_ce.")] = "ce",
     schedule: Annotated[str, typer.Option(help="constant (reference) or cosine.")] = "constant",
-    minutes: Annotated[Optional[float], typer.Option(help="Time budget.")] = None,
+    minutes: Annotated[float | None, typer.Option(help="Time budget.")] = None,
     growth_rate: Annotated[int, typer.Option(help="8: reference; 16: FC-DenseNet103.")] = 8,
-    val_cases: Annotated[Optional[str], typer.Option(help="Comma-separated case ids.")] = None,
+    val_cases: Annotated[str | None, typer.Option(help="Comma-separated case ids.")] = None,
     val_fraction: Annotated[float, typer.Option(min=0, max=0.9)] = 0.0,
-    fold: Annotated[Optional[str], typer.Option(help="I/K: validate on fold I of K.")] = None,
+    fold: Annotated[str | None, typer.Option(help="I/K: validate on fold I of K.")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     compile: Annotated[bool, typer.Option(help="torch.compile the model.")] = False,
     resume: Annotated[bool, typer.Option(help="Continue the run in OUTPUT.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
-    """Train the Tiramisu on labelled BraTS cases (CUDA when present, else all CPU cores)."""
+    """Train the Tiramisu on labelled BraTS cases (CUDA when present, else all CPU cores).
+
+    Under torchrun: data-parallel over all its processes (docs/distributed.md).
+    """
     from tiramisu_brats import data as tdata
     from tiramisu_brats import train as ttrain
     from tiramisu_brats.model import TiramisuConfig
 
-    with user_errors():
+    with user_errors(), ttrain.distributed() as (world, device):
+        progress = progress and world.main  # only rank 0 shows progress and prints
         if resume:
-            config = ttrain.TrainConfig.from_json((output / "train_config.json").read_text())
+            config_path = output / "train_config.json"
+            try:
+                config = ttrain.TrainConfig.from_json(config_path.read_text())
+            except (ValueError, TypeError, KeyError) as err:
+                raise io.InputError(f"{config_path}: {err}") from None
         if tdata.is_cache(data):
             cases = tdata.open_cache(data)
         else:
             cache_dir = cache or output / "cache"
-            with progress_bar(progress) as bar:
-                task = bar.add_task("caching cases", total=len(io.find_cases(data)))
-                cases = tdata.build_cache(data, cache_dir, progress=lambda xs: (
-                    bar.advance(task) or x for x in xs))
+
+            def build_cache() -> list:
+                with progress_bar(progress) as bar:
+                    task = bar.add_task("caching cases", total=len(io.find_cases(data)))
+                    return tdata.build_cache(data, cache_dir, progress=lambda xs: (
+                        bar.advance(task) or x for x in xs))
+
+            cases = ttrain.in_turn(build_cache, device)  # rank 0 writes, the others read
         ids = [c.case_id for c in cases]
         if not resume:
             if fold:
@@ -301,12 +387,16 @@ def train(
                 steps_per_epoch=steps_per_epoch, batch_size=batch_size, patch=tuple(patch),
                 tumor_share=tumor_share, lr=lr, weight_decay=weight_decay, loss=loss,
                 schedule=schedule, minutes=minutes, seed=seed, val_cases=tuple(val),
-                train_cases=tuple(i for i in ids if i not in val), compile=compile)
+                train_cases=tuple(i for i in ids if i not in val), compile=compile,
+                micro_batches=micro_batches or world.size)
         by_id = {c.case_id: c for c in cases}
         train_set = [by_id[i] for i in config.train_cases]
         val_set = [by_id[i] for i in config.val_cases]
-        console.print(f"training on {len(train_set)} cases, validating on {len(val_set)}: "
-                      f"{', '.join(config.val_cases) or '-'}", highlight=False)
+        if world.main:
+            console.print(f"training on {len(train_set)} cases, validating on "
+                          f"{len(val_set)}: {', '.join(config.val_cases) or '-'}"
+                          + (f"; {world.size} processes" if world.size > 1 else ""),
+                          highlight=False)
         with progress_bar(progress) as bar:
             task = bar.add_task("epoch 1", total=config.steps_per_epoch)
 
@@ -315,7 +405,9 @@ def train(
                            description=f"epoch {epoch}/{config.epochs} loss {value:.3f}")
 
             rows = ttrain.train(train_set, val_set, output, config, resume=resume,
-                                on_step=on_step)
+                                device=device, on_step=on_step)
+    if not world.main:
+        return
     if rows:
         last = rows[-1]
         out.print(f"epoch {last['epoch']}: loss {last['train_loss']:.4f}, validation Dice WT "

@@ -1,24 +1,48 @@
 """Run the network on a batch of slices, with one of several backends behind one interface.
 
-A backend is a callable ``(N, C, H, W)`` float32 → logits ``(N, K, H, W)`` float32.
-``predict_labels`` feeds it the slices of a case in batches and returns BraTS labels.
+A backend is a callable ``(N, C, H, W)`` float32 → logits ``(N, K, H, W)`` float32; its
+``predict`` feeds it the slices of a case in batches and returns BraTS labels.
+
+Backends: ``openvino`` (the default: fastest on CPU), ``onnxruntime`` and ``torch`` (eager; the
+one for CUDA). The first two run an ONNX export of the weights: ``<stem>.onnx`` beside the
+``.safetensors`` (shipped with the package), else one exported once with PyTorch and cached
+(beside the weights when that folder is writable, else in ``cache_dir()``), each recording the
+sha256 of the weights it came from in its ONNX ``metadata_props``, so a stale export is never
+used. ``precision="int8"`` runs a model quantized once with NNCF and cached the same way
+(``<stem>.int8.xml`` for openvino, ``<stem>.int8.onnx`` for onnxruntime). With these files at
+hand, neither backend imports PyTorch.
+
+Every import of torch, openvino, onnxruntime and nncf happens inside functions.
 """
 
 from __future__ import annotations
 
+import hashlib
+import html
 import logging
 import os
+import re
+import warnings
+from collections import deque
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 
+from tiramisu_brats import io
+
 log = logging.getLogger(__name__)
 
-BACKENDS = ("torch",)
+BACKENDS = ("openvino", "onnxruntime", "torch")
+DEFAULT_BACKEND = "openvino"
+PRECISIONS = ("fp32", "bf16", "int8")
+SUPPORTED = {"openvino": PRECISIONS, "onnxruntime": ("fp32", "int8"), "torch": ("fp32", "bf16")}
 CLASS_TO_LABEL = np.array([0, 1, 2, 4], np.uint8)
+OPSET = 18
+SHA_KEY = "tiramisu_brats.weights_sha256"
+CALIBRATION_KEY = "tiramisu_brats.calibration"
+SYNTHETIC_CALIBRATION = "synthetic:seeds=0,1:every=4"
 
 
 def default_weights() -> Path:
@@ -26,20 +50,260 @@ def default_weights() -> Path:
     return Path(str(resources.files("tiramisu_brats") / "weights" / "tiramisu-brats.safetensors"))
 
 
-class Backend(Protocol):
-    name: str
-    device: str
+def cache_dir() -> Path:
+    """``$TIRAMISU_BRATS_CACHE``, else ``$XDG_CACHE_HOME/tiramisu-brats`` (``~/.cache``)."""
+    if os.environ.get("TIRAMISU_BRATS_CACHE"):
+        return Path(os.environ["TIRAMISU_BRATS_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tiramisu-brats"
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray: ...
+
+def cpu_count() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-class TorchBackend:
-    """PyTorch eager; on a CUDA device with bf16 autocast."""
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# ONNX files: export, quantization, the cache
+
+
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[i]
+        value |= (byte & 0x7F) << shift
+        i, shift = i + 1, shift + 7
+        if byte < 0x80:
+            return value, i
+
+
+def _fields(buf: bytes):
+    """(field number, payload) of each length-delimited field of a protobuf message."""
+    i = 0
+    while i < len(buf):
+        tag, i = _varint(buf, i)
+        wire = tag & 7
+        if wire == 0:
+            _, i = _varint(buf, i)
+        elif wire in (1, 5):
+            i += 8 if wire == 1 else 4
+        elif wire == 2:
+            n, i = _varint(buf, i)
+            yield tag >> 3, buf[i : i + n]
+            i += n
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+
+
+def onnx_metadata(path: Path) -> dict[str, str]:
+    """The ``metadata_props`` of an ONNX file, read without the onnx package."""
+    props = {}
+    for field, entry in _fields(memoryview(Path(path).read_bytes())):
+        if field == 14:  # ModelProto.metadata_props: StringStringEntryProto {key = 1, value = 2}
+            kv = {k: bytes(v).decode() for k, v in _fields(entry)}
+            props[kv.get(1, "")] = kv.get(2, "")
+    return props
+
+
+def recorded(path: Path) -> dict[str, str]:
+    """What a model file records: an ONNX file's ``metadata_props``; of an OpenVINO IR's
+    ``rt_info``, our keys (read as text: ten times faster than through OpenVINO)."""
+    if path.suffix != ".xml":
+        return onnx_metadata(path)
+    entries = re.findall(r'<(tiramisu_brats\.\w+) value="([^"]*)"', path.read_text("utf-8"))
+    return {key: html.unescape(value) for key, value in entries}
+
+
+def _matches(path: Path, expected: dict[str, str]) -> bool:
+    try:
+        meta = recorded(path)
+    except (OSError, RuntimeError, ValueError, IndexError, UnicodeDecodeError) as err:
+        log.warning("%s: unreadable model file (%s); ignoring it", path, err)
+        return False
+    return all(meta.get(k) == v for k, v in expected.items())
+
+
+def export_onnx(weights: Path, path: Path) -> Path:
+    """Export the weights to ONNX (opset 18; N, H and W dynamic), recording their sha256.
+
+    Needs PyTorch. The network is fully convolutional, so a trace at one size with the input
+    and output dims then made symbolic is exact for every size (and far faster to export than
+    ``torch.export``'s symbolic shapes).
+    """
+    import torch
+
+    from tiramisu_brats.model import load_model
+
+    weights, path = Path(weights), Path(path)
+    model = load_model(weights)
+    side = 2 * model.config.divisor
+    sample = torch.zeros(1, model.config.in_channels, side, side)
+    log.info("exporting %s to %s", weights, path)
+    for noisy in ("onnx_ir", "onnxscript", "torch.onnx._internal.exporter._registration"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(model, (sample,), input_names=["slices"],
+                                    output_names=["logits"], opset_version=OPSET, dynamo=True,
+                                    verbose=False)
+    proto = program.model_proto
+    for value in (*proto.graph.input, *proto.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        for axis, name in ((0, "n"), (2, "h"), (3, "w")):
+            dims[axis].dim_param = name
+    del proto.graph.value_info[:]  # intermediate shapes of the trace's size
+    proto.metadata_props.add(key=SHA_KEY, value=file_sha256(weights))
+    return io.atomic_write_bytes(path, proto.SerializeToString())
+
+
+def synthetic_calibration(seeds: tuple[int, ...] = (0, 1), every: int = 4) -> np.ndarray:
+    """Calibration slices ``(N, 4, 192, 160)``: every ``every``-th brain slice of synthetic cases
+    (what ``SYNTHETIC_CALIBRATION`` names)."""
+    from tiramisu_brats.preprocess import preprocess
+    from tiramisu_brats.synthetic import make_case
+
+    return np.concatenate([preprocess(make_case(seed).image)[0][::every] for seed in seeds])
+
+
+def _calibration_id(calibration: np.ndarray | None) -> str:
+    if calibration is None:
+        return SYNTHETIC_CALIBRATION
+    data = np.ascontiguousarray(calibration, np.float32)
+    return f"slices:{data.shape}:{hashlib.sha256(data.tobytes()).hexdigest()[:16]}"
+
+
+def quantize(source: Path, path: Path, calibration: np.ndarray | None = None) -> Path:
+    """Quantize an fp32 ONNX export to int8 with NNCF post-training quantization.
+
+    ``path`` ending in ``.xml`` gets an OpenVINO IR quantized on OpenVINO's graph (what the
+    openvino backend runs: on a QDQ ONNX of the same network, OpenVINO's logits were ten times
+    further from fp32), else a QDQ ONNX (for onnxruntime). ``calibration``: slices ``(N, C, H, W)``
+    float32 that look like the real input; default ``synthetic_calibration()``. The result
+    records the weights' sha256 and the calibration used.
+    """
+    try:
+        import nncf
+    except ImportError:
+        raise io.InputError(f"{source}: int8 needs NNCF: pip install 'tiramisu-brats[int8]'") \
+            from None
+    props = {SHA_KEY: onnx_metadata(source)[SHA_KEY],
+             CALIBRATION_KEY: _calibration_id(calibration)}
+    if calibration is None:
+        calibration = synthetic_calibration()
+    items = [np.ascontiguousarray(s[None], np.float32) for s in calibration]
+    log.info("quantizing %s to int8 on %d slices", source, len(items))
+    if path.suffix == ".xml":
+        import openvino as ov
+
+        model = nncf.quantize(ov.Core().read_model(source), nncf.Dataset(items),
+                              subset_size=len(items))
+        for key, value in props.items():
+            model.set_rt_info(value, [key])
+        # The IR is two files: write both under temporary names, then rename (.bin first).
+        tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.xml")
+        try:
+            ov.save_model(model, tmp, compress_to_fp16=False)
+            os.replace(tmp.with_suffix(".bin"), path.with_suffix(".bin"))
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+            tmp.with_suffix(".bin").unlink(missing_ok=True)
+        return path
+    import onnx
+
+    model = nncf.quantize(onnx.load(str(source)), nncf.Dataset([{"slices": x} for x in items]),
+                          subset_size=len(items))
+    onnx.helper.set_model_props(model, props)
+    return io.atomic_write_bytes(path, model.SerializeToString())
+
+
+def model_file(weights: Path, precision: str = "fp32", backend: str = "onnxruntime",
+               calibration: np.ndarray | None = None) -> Path:
+    """The model file a backend runs for ``weights``: ``<stem>.onnx`` (fp32), or for int8
+    ``<stem>.int8.onnx`` (onnxruntime) or ``<stem>.int8.xml`` (openvino, IR).
+
+    Looked for beside the weights, then in ``cache_dir()``, and used only if it records the
+    weights' sha256 (and, given ``calibration``, the same; without it any int8 model of these
+    weights will do, e.g. a shipped one calibrated on real cases); else made (exported with
+    PyTorch, quantized with NNCF on ``calibration``, default synthetic slices) and written to
+    ``$TIRAMISU_BRATS_CACHE`` when set, else beside the weights when that folder is writable,
+    else to ``cache_dir()``.
+    """
+    weights = Path(weights)
+    suffix = ".onnx"
+    if precision == "int8":
+        suffix = ".int8.xml" if backend == "openvino" else ".int8.onnx"
+    sha = file_sha256(weights)
+    expected = {SHA_KEY: sha}
+    if calibration is not None:
+        expected[CALIBRATION_KEY] = _calibration_id(calibration)
+    beside = weights.with_name(weights.stem + suffix)
+    cached = cache_dir() / f"{weights.stem}-{sha[:16]}{suffix}"
+    for path in (beside, cached):
+        if path.is_file() and _matches(path, expected):
+            log.info("using %s", path)
+            return path
+    target = beside if _writable(weights.parent) else cached
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if precision == "int8":
+        return quantize(model_file(weights), target, calibration)
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise io.InputError(
+            f"{weights}: no ONNX export of these weights beside them or in {cache_dir()}, and "
+            "making one needs PyTorch: pip install 'tiramisu-brats[torch]'") from None
+    return export_onnx(weights, target)
+
+
+def _writable(folder: Path) -> bool:
+    """Whether made model files may go into the weights' folder."""
+    return os.access(folder, os.W_OK) and not os.environ.get("TIRAMISU_BRATS_CACHE")
+
+
+# --------------------------------------------------------------------------------------------
+# Backends
+
+
+class Backend:
+    """A loaded network: ``backend(batch)`` → logits; ``predict(slices)`` → labels."""
+
+    name = "?"
+    device = "cpu"
+    precision = "fp32"
+    batch_size = 8
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def predict(self, slices: np.ndarray, batch_size: int | None = None,
+                on_batch: Callable[[int], None] | None = None) -> np.ndarray:
+        """Labels (Z', H, W) uint8 in 0/1/2/4 for slices (Z', C, H, W) float32, by argmax,
+        ``batch_size`` slices at a time (default: the backend's ``batch_size``)."""
+        batch_size = batch_size or self.batch_size
+        out = np.empty((slices.shape[0], *slices.shape[2:]), np.uint8)
+        for i in range(0, len(slices), batch_size):
+            batch = np.ascontiguousarray(slices[i : i + batch_size], dtype=np.float32)
+            out[i : i + len(batch)] = CLASS_TO_LABEL[self(batch).argmax(1)]
+            if on_batch:
+                on_batch(len(batch))
+        return out
+
+
+class TorchBackend(Backend):
+    """PyTorch eager; bf16 autocast on a CUDA device or with ``precision="bf16"``."""
 
     name = "torch"
 
-    def __init__(self, weights: Path, device: str | None = None,
-                 threads: int | None = None) -> None:
+    def __init__(self, weights: Path, device: str | None = None, threads: int | None = None,
+                 precision: str = "fp32") -> None:
         import torch
 
         from tiramisu_brats.model import load_model
@@ -48,8 +312,9 @@ class TorchBackend:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cpu":
-            torch.set_num_threads(threads or os.cpu_count() or 1)
+            torch.set_num_threads(threads or cpu_count())
         self.device = device
+        self.precision = "bf16" if device != "cpu" else precision
         self.model = load_model(weights, device=device)
         if device != "cpu":
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -59,30 +324,132 @@ class TorchBackend:
         with torch.inference_mode():
             x = torch.from_numpy(batch).to(self.device)
             with torch.autocast(x.device.type, dtype=torch.bfloat16,
-                                enabled=x.device.type == "cuda"):
+                                enabled=self.precision == "bf16"):
                 return self.model(x).float().cpu().numpy()
 
 
-def load_backend(name: str = "torch", weights: Path | None = None, *, threads: int | None = None,
-                 device: str | None = None) -> Backend:
-    """Build the backend ``name`` (one of ``BACKENDS``) for the weights file ``weights``."""
+class OnnxRuntimeBackend(Backend):
+    """ONNX Runtime on the CPU (or CUDA where its GPU build is installed)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, model: Path, device: str | None = None, threads: int | None = None,
+                 precision: str = "fp32") -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or cpu_count()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.device = device or "cpu"
+        providers = ["CPUExecutionProvider"]
+        if self.device != "cpu":
+            providers.insert(0, "CUDAExecutionProvider")
+        self.precision = precision
+        self.session = ort.InferenceSession(str(model), options, providers=providers)
+        self._input = self.session.get_inputs()[0].name
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self._input: batch})[0]
+
+
+class OpenVINOBackend(Backend):
+    """OpenVINO; ``predict`` keeps one batch in flight per infer request.
+
+    Compiled models are cached in ``cache_dir()/openvino``. ``fp32`` forces f32 arithmetic
+    (OpenVINO would otherwise pick bf16 on CPUs with AVX512-BF16 or AMX); ``bf16`` asks for it.
+    """
+
+    name = "openvino"
+    batch_size = 2  # as fast as 8 (per CPU second) in half the memory
+    HINT = "THROUGHPUT"  # one stream per core beats LATENCY's one stream on all cores
+
+    def __init__(self, model: Path, device: str | None = None, threads: int | None = None,
+                 precision: str = "fp32", hint: str | None = None) -> None:
+        import openvino as ov
+
+        self.device = device or "cpu"
+        self.precision = precision
+        core = ov.Core()
+        blobs = cache_dir() / "openvino"
+        try:
+            blobs.mkdir(parents=True, exist_ok=True)
+            core.set_property({"CACHE_DIR": str(blobs)})
+        except OSError as err:
+            log.info("no OpenVINO model cache (%s)", err)
+        config = {"PERFORMANCE_HINT": hint or self.HINT,
+                  "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
+        if self.device == "cpu":
+            config["INFERENCE_NUM_THREADS"] = threads or cpu_count()
+        self.compiled = core.compile_model(str(model), self.device.upper(), config)
+        n = self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")
+        # Plain requests, not AsyncInferQueue: exiting right after dropping a queue can abort
+        # the process ("terminate called without an active exception", OpenVINO 2026.4).
+        self.requests = [self.compiled.create_infer_request() for _ in range(n)]
+        log.info("openvino %s %s: %s streams, %s threads, %d requests", model.name, precision,
+                 self.compiled.get_property("NUM_STREAMS"),
+                 self.compiled.get_property("INFERENCE_NUM_THREADS"), n)
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self.requests[0].infer({0: batch})[0].copy()
+
+    def predict(self, slices: np.ndarray, batch_size: int | None = None,
+                on_batch: Callable[[int], None] | None = None) -> np.ndarray:
+        batch_size = batch_size or self.batch_size
+        slices = np.ascontiguousarray(slices, dtype=np.float32)
+        out = np.empty((slices.shape[0], *slices.shape[2:]), np.uint8)
+        in_flight: deque = deque()
+
+        def collect() -> None:
+            request, start = in_flight.popleft()
+            request.wait()
+            logits = request.get_output_tensor(0).data
+            out[start : start + len(logits)] = CLASS_TO_LABEL[logits.argmax(1)]
+            if on_batch:
+                on_batch(len(logits))
+
+        try:
+            for j, start in enumerate(range(0, len(slices), batch_size)):
+                if len(in_flight) == len(self.requests):
+                    collect()
+                request = self.requests[j % len(self.requests)]
+                request.start_async({0: slices[start : start + batch_size]}, share_inputs=True)
+                in_flight.append((request, start))
+            while in_flight:
+                collect()
+        finally:
+            for request, _ in in_flight:
+                request.wait()
+        return out
+
+
+def load_backend(name: str = DEFAULT_BACKEND, weights: Path | None = None, *,
+                 threads: int | None = None, precision: str = "fp32", device: str | None = None,
+                 calibration: np.ndarray | None = None) -> Backend:
+    """Build the backend ``name`` (one of ``BACKENDS``) for the weights file ``weights``.
+
+    ``precision``: ``fp32``, ``bf16`` (openvino, torch) or ``int8`` (openvino, onnxruntime;
+    calibrated on ``calibration`` slices, default synthetic ones). ``threads``: CPU threads,
+    default all cores.
+    """
     weights = Path(weights) if weights is not None else default_weights()
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
+    if precision not in SUPPORTED[name]:
+        raise ValueError(f"precision {precision!r} is not available with the {name} backend "
+                         f"(choose one of {', '.join(SUPPORTED[name])})")
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: model weights not found")
     if name == "torch":
-        return TorchBackend(weights, device=device, threads=threads)
-    raise ValueError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
+        return TorchBackend(weights, device=device, threads=threads, precision=precision)
+    model = model_file(weights, "int8" if precision == "int8" else "fp32", name, calibration)
+    cls = OpenVINOBackend if name == "openvino" else OnnxRuntimeBackend
+    return cls(model, device=device, threads=threads, precision=precision)
 
 
 def predict_labels(
-    backend: Backend, slices: np.ndarray, batch_size: int = 8,
+    backend: Backend, slices: np.ndarray, batch_size: int | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> np.ndarray:
-    """Labels (Z', H, W) uint8 in 0/1/2/4 for slices (Z', C, H, W) float32, by argmax."""
-    out = np.empty((slices.shape[0], *slices.shape[2:]), np.uint8)
-    for i in range(0, len(slices), batch_size):
-        batch = np.ascontiguousarray(slices[i : i + batch_size], dtype=np.float32)
-        out[i : i + len(batch)] = CLASS_TO_LABEL[backend(batch).argmax(1)]
-        if on_batch:
-            on_batch(len(batch))
-    return out
+    """Labels (Z', H, W) uint8 in 0/1/2/4 for slices (Z', C, H, W) float32, by argmax
+    (``batch_size`` default: the backend's)."""
+    return backend.predict(slices, batch_size, on_batch)

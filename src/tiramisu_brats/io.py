@@ -37,7 +37,10 @@ _NIFTI_EXTS = (".nii.gz", ".nii")
 _MAX_AXIS = 1024
 _MAX_VOXELS = 2**28
 _AFFINE_ATOL = 1e-3  # mm
-_READ_ERRORS = (ImageFileError, HeaderDataError, OSError, EOFError, zlib.error, ValueError)
+# OverflowError: numpy.memmap of a header whose vox_offset is absurd (found by fuzzing).
+_READ_ERRORS = (
+    ImageFileError, HeaderDataError, OSError, EOFError, zlib.error, ValueError, OverflowError
+)
 # Internal label -> on-disk label, per convention.
 _TO_DISK: dict[str, dict[int, int]] = {
     "brats": {0: 0, 1: 1, 2: 2, 4: 4},
@@ -185,14 +188,32 @@ def is_case_folder(path: str | os.PathLike[str]) -> bool:
     return True
 
 
-def find_cases(root: str | os.PathLike[str]) -> list[Path]:
-    """``[root]`` if ``root`` is a case folder, else the sorted case folders directly below it."""
+def _holds_nifti(folder: Path) -> bool:
+    """Whether ``folder`` holds a (non-hidden) NIfTI file directly."""
+    return any(
+        not p.name.startswith(".") and _nifti_stem(p.name) is not None for p in folder.iterdir()
+    )
+
+
+def find_cases(root: str | os.PathLike[str], *, incomplete: bool = False) -> list[Path]:
+    """``[root]`` if ``root`` is a case folder, else the sorted case folders directly below it.
+
+    A ``root`` that holds NIfTI files itself but is not a complete case raises the reason
+    (missing or duplicate modality, ...) rather than a generic error. With ``incomplete``, the
+    folders below ``root`` that hold NIfTI files but are not complete cases are returned too,
+    so that the caller can report each one (``find_case_files`` says what is wrong).
+    """
     root = Path(root)
     if not root.is_dir():
         raise InputError(f"{root}: not a folder")
     if is_case_folder(root):
         return [root]
-    cases = [p for p in sorted(root.iterdir()) if not p.name.startswith(".") and is_case_folder(p)]
+    subfolders = [p for p in sorted(root.iterdir()) if not p.name.startswith(".") and p.is_dir()]
+    cases = [p for p in subfolders if is_case_folder(p)]
+    if not cases and _holds_nifti(root):
+        find_case_files(root)  # raises: the reason this folder of images is not a case
+    if incomplete:
+        cases = [p for p in subfolders if p in cases or _holds_nifti(p)]
     if not cases:
         raise InputError(
             f"{root}: neither a case folder nor a folder of case folders (no complete set of "
@@ -403,8 +424,10 @@ def atomic_write(
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno is not None:  # name the file, not the temp
+            raise OSError(err.errno, f"cannot write it: {err.strerror or err}", str(path)) from err
         raise
     with contextlib.suppress(OSError):  # persist the rename (POSIX; not possible everywhere)
         fd = os.open(folder, os.O_RDONLY)

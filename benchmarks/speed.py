@@ -1,0 +1,283 @@
+"""CPU inference: seconds per patient, stages, memory and Dice for every backend and precision.
+
+Run from anywhere: ``python benchmarks/speed.py [--case DIR] [--runs 3] [--model PATH]``.
+Each measured run is a fresh ``tiramisu-brats segment CASE -o OUT --overwrite --no-progress
+--backend B --precision P`` process (interpreter start and imports included); one unmeasured
+run per configuration first makes its cached files (ONNX export, int8 model, OpenVINO compiled
+model), which a user pays once. Stage seconds come from the JSON the command writes beside the
+label map, peak memory from the child's rusage. Dice: of each configuration's label map against
+torch fp32's (agreement) and, when the case has an expert segmentation, the change of its Dice
+against the expert's.
+
+``--accuracy-cases FOLDER`` adds, in process, the Dice of every reduced precision against the
+expert on every labelled case there, next to fp32 (openvino fp32, identical to torch fp32 up to
+float rounding), for the decision on a faster default (it must stay within 0.01 everywhere).
+
+Writes the section "CPU inference" of docs/benchmarks.md (its subsections "Speed" and
+"Reduced precision on every labelled case" are each replaced by a new run of their kind).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from tiramisu_brats import infer, io, metrics
+from tiramisu_brats.api import label_stem
+from tiramisu_brats.preprocess import compute_geometry
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CASE = ROOT.parent / "shared" / "data" / "brats-labeled" / "BraTS2021_00006"
+DOC = ROOT / "docs" / "benchmarks.md"
+CONFIGS = [(b, p) for b in ("torch", "openvino", "onnxruntime") for p in infer.SUPPORTED[b]]
+STAGES = ("load", "preprocess", "infer", "postprocess", "save")
+REGIONS = tuple(metrics.REGIONS)
+INTRO = ("Seconds per patient on the CPU for each inference backend and precision, written by "
+         "`benchmarks/speed.py` (see its docstring for what is measured).")
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def load_average() -> str:
+    return Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"
+
+
+def segment_command() -> list[str]:
+    script = Path(sys.executable).with_name("tiramisu-brats")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "tiramisu_brats"]
+
+
+def run_child(cmd: list[str], log: Path) -> tuple[float, float, float]:
+    """Wall seconds, CPU seconds and peak RSS (MiB) of one child process."""
+    start = time.perf_counter()
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        sys.exit(f"failed ({proc.returncode}): {shlex.join(cmd)}\n{log.read_text()[-3000:]}")
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
+
+
+def dices(a: np.ndarray, b: np.ndarray) -> list[float]:
+    return [metrics.dice(metrics.region_mask(a, r), metrics.region_mask(b, r)) for r in REGIONS]
+
+
+def measure(args: argparse.Namespace, weights: Path, tmp: Path) -> list[dict]:
+    files = io.find_case_files(args.case)
+    n_slices = compute_geometry(io.read_case(files).image).n_slices
+    rows = []
+    for backend, precision in args.configs:
+        out = tmp / f"{backend}-{precision}.nii.gz"
+        cmd = [*segment_command(), "segment", str(args.case), "-o", str(out), "--overwrite",
+               "--no-progress", "--backend", backend, "--precision", precision,
+               "--model", str(weights)]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+        print(f"{backend} {precision}: warm-up", file=sys.stderr, flush=True)
+        run_child(cmd, tmp / "log.txt")
+        runs = []
+        for i in range(args.runs):
+            wall, cpu, rss = run_child(cmd, tmp / "log.txt")
+            stages = json.loads(out.with_name(label_stem(out) + ".json").read_text())["timings_s"]
+            runs.append({"wall": wall, "cpu": cpu, "rss": rss, **stages})
+            print(f"  run {i + 1}: {wall:.1f} s, infer {stages['infer']:.1f} s, "
+                  f"load average {load_average()}", file=sys.stderr, flush=True)
+        row = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        row["rss"] = max(r["rss"] for r in runs)
+        rows.append({"backend": backend, "precision": precision, "slices": n_slices,
+                     "labels": io.read_label_map(out)[0], **row})
+    reference = next(r for r in rows if (r["backend"], r["precision"]) == ("torch", "fp32"))
+    expert = io.read_label_map(files.seg)[0] if files.seg is not None else None
+    for row in rows:
+        row["speedup"] = reference["wall"] / row["wall"]
+        row["agreement"] = min(dices(row["labels"], reference["labels"]))
+        if expert is not None:
+            row["delta_dice"] = max(abs(a - b) for a, b in zip(
+                dices(row["labels"], expert), dices(reference["labels"], expert)))
+    return rows
+
+
+def accuracy(folder: Path, weights: Path) -> list[dict]:
+    """Dice against the expert of fp32 and each reduced precision, on every labelled case."""
+    from tiramisu_brats.api import Segmenter
+
+    configs = [("openvino", "fp32"), ("openvino", "bf16"), ("openvino", "int8"),
+               ("onnxruntime", "int8")]
+    segmenters = {c: Segmenter(weights, c[0], precision=c[1]) for c in configs}
+    rows = []
+    for case in io.find_cases(folder):
+        files = io.find_case_files(case)
+        if files.seg is None:
+            continue
+        image, expert = io.read_case(files).image, io.read_label_map(files.seg)[0]
+        row = {"case": files.case_id}
+        for config, segmenter in segmenters.items():
+            row[config] = dices(segmenter.segment(image).labels, expert)
+        print(f"{files.case_id}: " + ", ".join(
+            f"{b} {p} " + "/".join(f"{d:.3f}" for d in row[(b, p)]) for b, p in configs),
+            file=sys.stderr, flush=True)
+        rows.append(row)
+    return rows
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def speed_markdown(rows: list[dict], args: argparse.Namespace, weights_note: str) -> str:
+    has_expert = "delta_dice" in rows[0]
+    header = ["backend", "precision", "end to end (s)", "CPU (s)", "speed-up vs torch fp32",
+              *(f"{s} (s)" for s in STAGES), "infer slices/s", "peak RSS (MiB)",
+              "Dice vs torch fp32 (min WT/TC/ET)",
+              *(["max abs Dice change vs expert"] if has_expert else [])]
+    lines = [
+        f"`{args.command}` on {datetime.date.today()}: case {args.case.name} "
+        f"({rows[0]['slices']} brain slices of 192 x 160), {weights_note}; median of "
+        f"{args.runs} runs after one warm-up run per configuration.",
+        "",
+        f"- CPU: {cpu_name()}, {infer.cpu_count()} cores available to the process "
+        f"(load average {args.load_before} before, {load_average()} after: other jobs may "
+        "share the cores; CPU seconds are less sensitive to that than wall seconds).",
+        f"- Python {platform.python_version()}, " + ", ".join(
+            f"{p} {version(p)}" for p in ("openvino", "onnxruntime", "torch", "nncf")) + ".",
+        "- End to end: one `tiramisu-brats segment` process, interpreter start and imports "
+        "included; stages from the JSON it writes; peak RSS of the process; int8 calibrated "
+        "on synthetic slices.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|---|---|" + "---:|" * (len(header) - 2),
+    ]
+    for r in rows:
+        cells = [r["backend"], r["precision"], fmt(r["wall"]), fmt(r["cpu"], 1),
+                 fmt(r["speedup"], 1) + "x", *(fmt(r[s]) for s in STAGES),
+                 fmt(r["slices"] / r["infer"], 1), f"{r['rss']:.0f}", fmt(r["agreement"], 4)]
+        if has_expert:
+            cells.append(fmt(r["delta_dice"], 4))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def accuracy_markdown(rows: list[dict], args: argparse.Namespace, weights_note: str) -> str:
+    configs = [c for c in rows[0] if c != "case"]
+    lines = [
+        f"`{args.command}` on {datetime.date.today()}: {len(rows)} labelled cases of "
+        f"{args.accuracy_cases}, {weights_note}. Dice against the expert, WT / TC / ET; "
+        "for each reduced precision the largest change from fp32 (openvino fp32, equal to "
+        "torch fp32 up to float rounding), either way. A faster default must stay within 0.01 "
+        "on every case.",
+        "",
+        "| case | " + " | ".join(f"{b} {p}" for b, p in configs) + " |",
+        "|---|" + "---|" * len(configs),
+    ]
+    worst = dict.fromkeys(configs[1:], 0.0)
+    for row in rows:
+        for c in configs[1:]:
+            worst[c] = max(worst[c], *(abs(f - d) for f, d in zip(row[configs[0]], row[c])))
+        lines.append(f"| {row['case']} | " + " | ".join(
+            " / ".join(f"{d:.3f}" for d in row[c]) for c in configs) + " |")
+    lines.append("| **largest change** | | " + " | ".join(
+        f"**{worst[c]:.4f}**" for c in configs[1:]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "absent"
+
+
+def section_span(text: str, title: str, level: int) -> tuple[int, int] | None:
+    """Where the markdown section ``title`` (header ``level``) runs, up to the next header of
+    that level or above."""
+    found = re.search(rf"^{'#' * level} {re.escape(title)}\n.*?(?=^#{{1,{level}}} |\Z)", text,
+                      re.M | re.S)
+    return found.span() if found else None
+
+
+def put_section(text: str, title: str, body: str, level: int) -> str:
+    """``text`` with the section ``title`` replaced by ``body``, or appended."""
+    block = f"{'#' * level} {title}\n\n{body.strip()}\n\n"
+    span = section_span(text, title, level)
+    if span is None:
+        return text.rstrip() + "\n\n" + block
+    return text[: span[0]] + block + text[span[1] :]
+
+
+def write_doc(subsection: str, body: str) -> None:
+    """Replace ``subsection`` of "CPU inference" in docs/benchmarks.md, nothing else."""
+    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
+    if section_span(text, "CPU inference", 2) is None:
+        text = put_section(text, "CPU inference", INTRO, 2)
+    start, end = section_span(text, "CPU inference", 2)
+    text = text[:start] + put_section(text[start:end], subsection, body, 3) + text[end:]
+    io.atomic_write_text(DOC, text.rstrip() + "\n")
+
+
+def parse_configs(text: str) -> list[tuple[str, str]]:
+    configs = [tuple(c.split(":")) for c in text.split(",")]
+    for c in configs:
+        if len(c) != 2 or c[0] not in infer.SUPPORTED or c[1] not in infer.SUPPORTED[c[0]]:
+            raise argparse.ArgumentTypeError(f"{':'.join(c)}: not a backend:precision pair")
+    return [("torch", "fp32")] + [c for c in configs if c != ("torch", "fp32")]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--case", type=Path, default=DEFAULT_CASE)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--model", type=Path, help="weights (default: the shipped model)")
+    parser.add_argument("--threads", type=int, help="passed on to segment (default: all cores)")
+    parser.add_argument("--configs", type=parse_configs, default=CONFIGS, help=(
+        "backend:precision pairs, comma-separated (torch:fp32, the reference, is always run)"))
+    parser.add_argument("--accuracy-cases", type=Path, help="folder of labelled cases")
+    parser.add_argument("--no-speed", action="store_true", help="only --accuracy-cases")
+    args = parser.parse_args()
+    args.command = shlex.join(["python", "benchmarks/speed.py", *sys.argv[1:]])
+    args.load_before = load_average()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        weights = args.model or infer.default_weights()
+        if args.model is None and not weights.is_file():
+            import torch
+
+            from tiramisu_brats.model import REFERENCE, Tiramisu, save_weights
+
+            torch.manual_seed(0)
+            weights = save_weights(Tiramisu(REFERENCE), tmp / "random.safetensors")
+            note = ("**random-init weights** (the shipped model was not found): speeds hold, "
+                    "Dice columns mean nothing")
+        else:
+            note = f"weights {weights.name} (sha256 {infer.file_sha256(weights)[:12]})"
+        if not args.no_speed:
+            rows = measure(args, weights, tmp)
+            write_doc("Speed", speed_markdown(rows, args, note))
+        if args.accuracy_cases:
+            write_doc("Reduced precision on every labelled case",
+                      accuracy_markdown(accuracy(args.accuracy_cases, weights), args, note))
+    print(f"wrote {DOC}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""The command line, end to end: exit codes, files written, numbers in them."""
+
+import csv
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from tiramisu_brats import io
+from tiramisu_brats.cli import app
+from tiramisu_brats.infer import default_weights
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_segment_writes_a_label_map_on_the_input_grid_with_a_summary(small_cases, tiny_weights,
+                                                                     tmp_path):
+    case = small_cases / "syn-0"
+    out = tmp_path / "syn-0.nii.gz"
+    result = run("segment", case, "-o", out, "--model", tiny_weights, "--backend", "torch",
+                 "--no-progress", "--save-raw")
+    assert result.exit_code == 0, result.output
+    ref = nib.load(case / "syn-0_t1.nii.gz")
+    img = nib.load(out)
+    assert img.shape == ref.shape and img.get_data_dtype() == np.uint8
+    np.testing.assert_array_equal(img.affine, ref.affine)
+    np.testing.assert_array_equal(img.header.get_sform(), ref.header.get_sform())
+    assert set(np.unique(np.asarray(img.dataobj))) <= {0, 1, 2, 4}
+    summary = json.loads((tmp_path / "syn-0.json").read_text())
+    assert summary["case"] == "syn-0" and summary["shape"] == list(ref.shape)
+    assert set(summary["timings_s"]) == {"load", "preprocess", "infer", "postprocess", "save",
+                                         "total"}
+    labels = np.asarray(img.dataobj)
+    assert summary["volumes_ml"]["WT_ml"] == pytest.approx(np.count_nonzero(labels) / 1000)
+    assert (tmp_path / "syn-0_raw.nii.gz").exists()
+    for stage in ("load", "infer", "save"):
+        assert stage in result.output
+
+
+def test_segment_refuses_to_overwrite_without_the_flag(small_cases, tiny_weights, tmp_path):
+    out = tmp_path / "x.nii.gz"
+    out.write_bytes(b"precious")
+    args = ("segment", small_cases / "syn-1", "-o", out, "--model", tiny_weights, "--backend",
+            "torch", "--no-progress")
+    result = run(*args)
+    assert result.exit_code == 2 and "--overwrite" in result.output
+    assert out.read_bytes() == b"precious"
+    assert run(*args, "--overwrite").exit_code == 0
+    assert nib.load(out).shape == (48, 40, 32)
+
+
+def test_brats2023_label_convention(small_cases, tiny_weights, tmp_path):
+    from tiramisu_brats.api import Segmenter
+
+    files = io.find_case_files(small_cases / "syn-2")
+    seg = Segmenter(tiny_weights, "torch")
+    seg.segment_case(files, tmp_path / "a.nii.gz")
+    seg.segment_case(files, tmp_path / "b.nii.gz", convention="brats2023")
+    a = np.asarray(nib.load(tmp_path / "a.nii.gz").dataobj)
+    b = np.asarray(nib.load(tmp_path / "b.nii.gz").dataobj)
+    np.testing.assert_array_equal(np.where(a == 4, 3, a), b)
+
+
+def test_cohort_segment_and_evaluate_match_numpy_dice(small_cases, tiny_weights, tmp_path):
+    preds = tmp_path / "preds"
+    result = run("segment", small_cases, "-o", preds, "--model", tiny_weights, "--backend",
+                 "torch", "--no-progress", "--save-raw")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in preds.glob("*.nii.gz") if "_raw" not in p.name) == [
+        "syn-0.nii.gz", "syn-1.nii.gz", "syn-2.nii.gz"]
+    # Replace one prediction with the truth, another with a shifted truth: known answers.
+    truth = {c: io.read_label_map(small_cases / c / f"{c}_seg.nii.gz")[0] for c in
+             ("syn-0", "syn-1", "syn-2")}
+    ref_img = nib.load(small_cases / "syn-0" / "syn-0_t1.nii.gz")
+    io.write_label_map(preds / "syn-0.nii.gz", truth["syn-0"], ref_img.header, ref_img.affine,
+                       overwrite=True)
+    report = tmp_path / "report"
+    result = run("evaluate", preds, small_cases, "-o", report, "--no-progress")
+    assert result.exit_code == 0, result.output
+    rows = {r["case"]: r for r in csv.DictReader(open(report / "metrics.csv"))}
+    assert float(rows["syn-0"]["dice_WT"]) == 1.0
+    for case, row in rows.items():
+        pred = np.asarray(nib.load(preds / f"{case}.nii.gz").dataobj)
+        for region, labels in (("WT", (1, 2, 4)), ("TC", (1, 4)), ("ET", (4,))):
+            a, b = np.isin(pred, labels), np.isin(truth[case], labels)
+            expected = 2 * np.sum(a & b) / (a.sum() + b.sum()) if a.sum() + b.sum() else 1.0
+            assert float(row[f"dice_{region}"]) == pytest.approx(expected, abs=1e-6)
+    for name in ("metrics.csv", "metrics_raw.csv", "summary.json", "boxplots.png",
+                 "overlay_syn-0.png"):
+        assert (report / name).exists(), name
+    summary = json.loads((report / "summary.json").read_text())
+    assert summary["n_cases"] == 3
+
+
+def test_demo_runs_the_whole_job(tiny_weights, tmp_path):
+    result = run("demo", "-o", tmp_path / "demo", "--model", tiny_weights, "--backend", "torch",
+                 "--no-progress")
+    assert result.exit_code == 0, result.output
+    demo = tmp_path / "demo"
+    assert (demo / "synthetic-000.nii.gz").exists() and (demo / "synthetic-000.json").exists()
+    assert (demo / "report" / "metrics.csv").exists()
+    assert (demo / "report" / "overlay_synthetic-000.png").exists()
+    assert "Dice against the known tumor" in result.output
+    assert run("demo", "-o", demo, "--model", tiny_weights, "--no-progress").exit_code == 2
+
+
+def test_missing_modality_is_a_one_line_error(small_cases, tiny_weights, tmp_path):
+    case = tmp_path / "broken"
+    case.mkdir()
+    for f in (small_cases / "syn-0").iterdir():
+        if "flair" not in f.name:
+            (case / f.name).symlink_to(f)
+    result = run("segment", case, "-o", tmp_path / "o.nii.gz", "--model", tiny_weights,
+                 "--no-progress")
+    assert result.exit_code == 2 and "flair" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "o.nii.gz").exists()
+
+
+@pytest.mark.real
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["brats-labeled/BraTS2021_00005",
+                                  "brats2023-unlabeled/BraTS-GLI-00001-000"])
+def test_shipped_model_segments_real_cases(real_data, tmp_path, case):
+    case_dir = real_data / case
+    out = tmp_path / "out.nii.gz"
+    result = run("segment", case_dir, "-o", out, "--no-progress")
+    assert result.exit_code == 0, result.output
+    files = io.find_case_files(case_dir)
+    ref = nib.load(files.images[0])
+    img = nib.load(out)
+    assert img.shape == ref.shape == (240, 240, 155)
+    np.testing.assert_array_equal(img.affine, ref.affine)
+    labels = np.asarray(img.dataobj)
+    assert set(np.unique(labels)) <= {0, 1, 2, 4} and np.count_nonzero(labels) > 1000
+    if files.seg is not None:  # a case the shipped model never saw in training
+        report = tmp_path / "report"
+        assert run("evaluate", out, files.seg, "-o", report, "--no-progress").exit_code == 0
+        row = next(csv.DictReader(open(report / "metrics.csv")))
+        assert float(row["dice_WT"]) > 0.5
+
+
+def test_the_shipped_model_is_in_the_package():
+    assert default_weights().is_file()

@@ -1,0 +1,237 @@
+"""Backends: parity with PyTorch, the export cache, imports, int8."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tiramisu_brats import infer, io
+from tiramisu_brats.model import REFERENCE, Tiramisu, TiramisuConfig, load_model, save_weights
+from tiramisu_brats.preprocess import preprocess
+from tiramisu_brats.synthetic import make_case
+
+TINY = TiramisuConfig(first_conv=8, down_blocks=(2, 2), bottleneck=2, up_blocks=(2, 2),
+                      growth_rate=4)
+ONNX_BACKENDS = ("openvino", "onnxruntime")
+REAL_CASE = "brats-labeled/BraTS2021_00006"
+
+
+@pytest.fixture(autouse=True)
+def _user_cache(tmp_path_factory, monkeypatch):
+    """Keep made files out of ~/.cache: the user cache dir lies in a temporary folder."""
+    monkeypatch.delenv("TIRAMISU_BRATS_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg")))
+
+
+def _weights(folder: Path, config: TiramisuConfig = TINY, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    model = Tiramisu(config)
+    with torch.no_grad():  # BN statistics away from 0/1, so that they matter
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    return save_weights(model, folder / "tiny.safetensors")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """Tiny random weights with their ONNX export beside them (exported once per module)."""
+    weights = _weights(tmp_path_factory.mktemp("tiny"))
+    infer.export_onnx(weights, weights.with_suffix(".onnx"))
+    return weights
+
+
+@pytest.fixture(scope="module")
+def synthetic_slices() -> np.ndarray:
+    return preprocess(make_case(3, shape=(64, 64, 48)).image, crop=(64, 64))[0]
+
+
+def _torch_logits(weights: Path, x: np.ndarray) -> np.ndarray:
+    with torch.inference_mode():
+        return load_model(weights)(torch.from_numpy(x)).numpy()
+
+
+@pytest.mark.parametrize("name", ONNX_BACKENDS)
+def test_logits_match_torch(tiny, name):
+    x = np.random.default_rng(0).standard_normal((3, 4, 64, 96)).astype(np.float32)
+    backend = infer.load_backend(name, tiny)
+    assert (backend.name, backend.precision) == (name, "fp32")
+    np.testing.assert_allclose(backend(x), _torch_logits(tiny, x), atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("name", ONNX_BACKENDS)
+def test_labels_match_torch(tiny, name, synthetic_slices):
+    ref = infer.load_backend("torch", tiny).predict(synthetic_slices)
+    calls = []
+    labels = infer.predict_labels(infer.load_backend(name, tiny), synthetic_slices, 3,
+                                  on_batch=calls.append)
+    assert labels.dtype == np.uint8 and labels.shape == ref.shape
+    assert set(np.unique(labels)) <= {0, 1, 2, 4}
+    assert (labels == ref).mean() >= 0.999
+    assert sum(calls) == len(synthetic_slices) and max(calls) == 3
+
+
+def test_bf16_close_to_fp32(tiny):
+    x = np.random.default_rng(1).standard_normal((2, 4, 32, 32)).astype(np.float32)
+    logits = infer.load_backend("openvino", tiny, precision="bf16")(x)
+    np.testing.assert_allclose(logits, _torch_logits(tiny, x), atol=0.05, rtol=0)
+
+
+def test_export_is_cached_beside_the_weights(tmp_path, monkeypatch):
+    weights = _weights(tmp_path)
+    path = infer.model_file(weights)
+    assert path == tmp_path / "tiny.onnx"
+    assert infer.onnx_metadata(path)[infer.SHA_KEY] == infer.file_sha256(weights)
+    mtime = path.stat().st_mtime_ns
+
+    def no_export(*args):
+        raise AssertionError("exported again")
+
+    monkeypatch.setattr(infer, "export_onnx", no_export)
+    for name in ONNX_BACKENDS:
+        infer.load_backend(name, weights)
+    assert path.stat().st_mtime_ns == mtime
+
+
+def test_stale_export_is_replaced(tmp_path, tiny):
+    weights = shutil.copy(tiny, tmp_path / "tiny.safetensors")
+    shutil.copy(tiny.with_suffix(".onnx"), tmp_path / "tiny.onnx")
+    assert infer.model_file(weights) == tmp_path / "tiny.onnx"  # same weights: reused
+    _weights(tmp_path, seed=1)  # retrained: the export beside is stale
+    path = infer.model_file(weights)
+    assert infer.onnx_metadata(path)[infer.SHA_KEY] == infer.file_sha256(weights)
+
+
+def test_cache_dir_when_weights_folder_is_not_writable(tmp_path, tiny, monkeypatch):
+    monkeypatch.setattr(infer, "_writable", lambda folder: False)
+    path = infer.model_file(tiny)  # the export beside is found first
+    assert path == tiny.with_suffix(".onnx")
+    weights = _weights(tmp_path, seed=2)
+    path = infer.model_file(weights)
+    assert path.parent == infer.cache_dir() and path.name.startswith("tiny-")
+    assert not (tmp_path / "tiny.onnx").exists()
+
+
+def test_cache_dir_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert infer.cache_dir() == tmp_path / "xdg" / "tiramisu-brats"
+    monkeypatch.setenv("TIRAMISU_BRATS_CACHE", str(tmp_path / "mine"))
+    assert infer.cache_dir() == tmp_path / "mine"
+
+
+def test_onnx_metadata_reader_agrees_with_onnx(tiny):
+    onnx = pytest.importorskip("onnx")
+    model = onnx.load(str(tiny.with_suffix(".onnx")))
+    assert infer.onnx_metadata(tiny.with_suffix(".onnx")) == {
+        p.key: p.value for p in model.metadata_props}
+    dims = [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["n", 4, "h", "w"]
+
+
+def _python(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=300)
+
+
+BLOCK_TORCH = "import sys; sys.modules['torch'] = None\n"  # `import torch` raises ImportError
+
+
+def test_api_import_does_not_import_backends():
+    result = _python("import sys, tiramisu_brats.api, tiramisu_brats.cli\n"
+                     "print(sorted(m for m in ('torch', 'openvino', 'onnxruntime', 'nncf') "
+                     "if m in sys.modules))")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("name", ONNX_BACKENDS)
+def test_shipped_export_runs_without_torch(tiny, name):
+    code = BLOCK_TORCH + (
+        "import numpy as np\nfrom tiramisu_brats import infer\n"
+        f"b = infer.load_backend({name!r}, {str(tiny)!r})\n"
+        "print(b(np.zeros((1, 4, 32, 32), np.float32)).shape)\n"
+        "assert sys.modules['torch'] is None\n")
+    result = _python(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "(1, 4, 32, 32)"
+
+
+def test_no_export_and_no_torch_is_a_clear_error(tmp_path):
+    weights = _weights(tmp_path)
+    result = _python(BLOCK_TORCH + "from tiramisu_brats import infer\n"
+                     f"infer.load_backend('openvino', {str(weights)!r})")
+    assert result.returncode != 0
+    assert "InputError" in result.stderr and "tiramisu-brats[torch]" in result.stderr
+    assert not (tmp_path / "tiny.onnx").exists()
+
+
+def test_unknown_backend_and_precision(tiny, tmp_path):
+    with pytest.raises(ValueError, match="unknown backend 'tensorrt'"):
+        infer.load_backend("tensorrt", tiny)
+    with pytest.raises(ValueError, match="not available with the torch backend"):
+        infer.load_backend("torch", tiny, precision="int8")
+    with pytest.raises(ValueError, match="not available with the onnxruntime backend"):
+        infer.load_backend("onnxruntime", tiny, precision="bf16")
+    with pytest.raises(FileNotFoundError):
+        infer.load_backend("openvino", tmp_path / "missing.safetensors")
+
+
+def test_segmenter_records_backend_and_precision(tiny):
+    from tiramisu_brats.api import Segmenter
+
+    info = Segmenter(tiny).model_info()
+    assert (info["backend"], info["precision"]) == (infer.DEFAULT_BACKEND, "fp32")
+
+
+needs_nncf = pytest.mark.skipif(importlib.util.find_spec("nncf") is None,
+                                reason="nncf not installed (pip install 'tiramisu-brats[int8]')")
+
+
+@needs_nncf
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ONNX_BACKENDS)
+def test_int8_agrees_with_fp32(tmp_path, tiny, name, synthetic_slices, monkeypatch):
+    weights = shutil.copy(tiny, tmp_path / "tiny.safetensors")
+    shutil.copy(tiny.with_suffix(".onnx"), tmp_path / "tiny.onnx")
+    calibration = preprocess(make_case(4, shape=(64, 64, 48)).image, crop=(64, 64))[0]
+    backend = infer.load_backend(name, weights, precision="int8", calibration=calibration)
+    ref = infer.load_backend("torch", weights).predict(synthetic_slices)
+    assert (backend.predict(synthetic_slices) == ref).mean() >= 0.99
+    made = tmp_path / ("tiny.int8.xml" if name == "openvino" else "tiny.int8.onnx")
+    assert infer.recorded(made)[infer.SHA_KEY] == infer.file_sha256(weights)
+
+    def no_quantize(*args):
+        raise AssertionError("quantized again")
+
+    monkeypatch.setattr(infer, "quantize", no_quantize)
+    infer.load_backend(name, weights, precision="int8", calibration=calibration)
+    infer.load_backend(name, weights, precision="int8")  # any calibration will do
+    with pytest.raises(AssertionError, match="quantized again"):  # other calibration: redo
+        infer.load_backend(name, weights, precision="int8", calibration=calibration[:5])
+
+
+@pytest.mark.slow
+@pytest.mark.real
+def test_real_case_labels_match_torch(real_data, tmp_path, monkeypatch):
+    """Every backend against PyTorch on a real case (the shipped model, else random weights)."""
+    monkeypatch.setenv("TIRAMISU_BRATS_CACHE", str(tmp_path / "cache"))  # not into the package
+    weights = infer.default_weights()
+    if not weights.is_file():
+        weights = save_weights(Tiramisu(REFERENCE), tmp_path / "reference.safetensors")
+    image = io.read_case(io.find_case_files(real_data / REAL_CASE)).image
+    slices = preprocess(image)[0][::4]
+    ref = infer.load_backend("torch", weights).predict(slices)
+    for name in ONNX_BACKENDS:
+        labels = infer.load_backend(name, weights).predict(slices)
+        agree = (labels == ref).mean()
+        assert agree >= 0.999, json.dumps({"backend": name, "agreement": agree})
