@@ -10,7 +10,6 @@ The CLI is a thin layer over these.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -22,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from tiramisu_brats import io, metrics, report
-from tiramisu_brats.infer import default_weights, load_backend, predict_labels
+from tiramisu_brats.infer import default_weights, file_sha256, load_backend, predict_labels
 from tiramisu_brats.postprocess import postprocess as _postprocess
 from tiramisu_brats.preprocess import CROP, preprocess, uncrop
 
@@ -60,14 +59,6 @@ class Segmentation:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class Segmenter:
     """A loaded model and backend, reused across cases."""
 
@@ -85,7 +76,7 @@ class Segmenter:
 
     def model_info(self) -> dict:
         """What the per-case JSON records about the model."""
-        return {"weights": str(self.weights), "sha256": _sha256(self.weights),
+        return {"weights": str(self.weights), "sha256": file_sha256(self.weights),
                 "backend": self.backend.name, "device": self.backend.device,
                 "precision": self.backend.precision}
 

@@ -8,7 +8,8 @@ one for CUDA). The first two run an ONNX export of the weights: ``<stem>.onnx`` 
 ``.safetensors`` (shipped with the package), else one exported once with PyTorch and cached
 (beside the weights when that folder is writable, else in ``cache_dir()``), each recording the
 sha256 of the weights it came from in its ONNX ``metadata_props``, so a stale export is never
-used. ``precision="int8"`` runs a model quantized once with NNCF and cached the same way
+used. Precisions: ``fp32``; ``bf16`` (openvino, torch; faster on CPUs with AVX512-BF16 or
+AMX); ``int8`` (openvino, onnxruntime): a model quantized once with NNCF and cached the same way
 (``<stem>.int8.xml`` for openvino, ``<stem>.int8.onnx`` for onnxruntime). With these files at
 hand, neither backend imports PyTorch.
 
@@ -224,7 +225,7 @@ def quantize(source: Path, path: Path, calibration: np.ndarray | None = None) ->
     return io.atomic_write_bytes(path, model.SerializeToString())
 
 
-def model_file(weights: Path, precision: str = "fp32", backend: str = "onnxruntime",
+def model_file(weights: Path, precision: str = "fp32", backend: str = DEFAULT_BACKEND,
                calibration: np.ndarray | None = None) -> Path:
     """The model file a backend runs for ``weights``: ``<stem>.onnx`` (fp32), or for int8
     ``<stem>.int8.onnx`` (onnxruntime) or ``<stem>.int8.xml`` (openvino, IR).
