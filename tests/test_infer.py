@@ -16,7 +16,7 @@ import torch
 
 from tiramisu_brats import infer, io
 from tiramisu_brats.model import REFERENCE, Tiramisu, TiramisuConfig, load_model, save_weights
-from tiramisu_brats.preprocess import preprocess
+from tiramisu_brats.preprocess import brain_windows, preprocess
 from tiramisu_brats.synthetic import make_case
 
 TINY = TiramisuConfig(first_conv=8, down_blocks=(2, 2), bottleneck=2, up_blocks=(2, 2),
@@ -64,7 +64,7 @@ def _torch_logits(weights: Path, x: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("name", ONNX_BACKENDS)
 def test_logits_match_torch(tiny, name):
     x = np.random.default_rng(0).standard_normal((3, 4, 64, 96)).astype(np.float32)
-    backend = infer.load_backend(name, tiny)
+    backend = infer.load_backend(name, tiny, precision="fp32")
     assert (backend.name, backend.precision) == (name, "fp32")
     np.testing.assert_allclose(backend(x), _torch_logits(tiny, x), atol=1e-3, rtol=0)
 
@@ -73,12 +73,35 @@ def test_logits_match_torch(tiny, name):
 def test_labels_match_torch(tiny, name, synthetic_slices):
     ref = infer.load_backend("torch", tiny).predict(synthetic_slices)
     calls = []
-    labels = infer.predict_labels(infer.load_backend(name, tiny), synthetic_slices, 3,
-                                  on_batch=calls.append)
+    labels = infer.predict_labels(infer.load_backend(name, tiny, precision="fp32"),
+                                  synthetic_slices, 3, on_batch=calls.append)
     assert labels.dtype == np.uint8 and labels.shape == ref.shape
     assert set(np.unique(labels)) <= {0, 1, 2, 4}
     assert (labels == ref).mean() >= 0.999
     assert sum(calls) == len(synthetic_slices) and max(calls) == 3
+
+
+def test_predict_labels_in_windows(tiny, synthetic_slices):
+    backend = infer.load_backend("torch", tiny)
+    whole = backend.predict(synthetic_slices)
+    n = len(synthetic_slices)
+    everything = [(slice(0, 64), slice(0, 64))] * n
+    np.testing.assert_array_equal(infer.predict_labels(backend, synthetic_slices,
+                                                       windows=everything), whole)
+    windows = [(slice(0, 64), slice(32, 64)), None, (slice(32, 64), slice(0, 32))] * (n // 3)
+    windows += [everything[0]] * (n - len(windows))
+    calls = []
+    labels = infer.predict_labels(backend, synthetic_slices, 4, on_batch=calls.append,
+                                  windows=windows)
+    assert sum(calls) == n
+    for i, w in enumerate(windows):
+        expected = np.zeros_like(whole[i])
+        if w is not None:  # the window alone through the network, 0 around it
+            part = np.ascontiguousarray(synthetic_slices[i : i + 1, :, w[0], w[1]])
+            expected[w] = backend.predict(part)[0]
+        np.testing.assert_array_equal(labels[i], expected)
+    with pytest.raises(ValueError, match="windows for"):
+        infer.predict_labels(backend, synthetic_slices, windows=windows[:-1])
 
 
 def test_bf16_close_to_fp32(tiny):
@@ -147,9 +170,10 @@ BLOCK_TORCH = "import sys; sys.modules['torch'] = None\n"  # `import torch` rais
 
 
 def test_api_import_does_not_import_backends():
+    # Segmenting pays only for what it uses: no backend and no plotting library at import.
     result = _python("import sys, tiramisu_brats.api, tiramisu_brats.cli\n"
-                     "print(sorted(m for m in ('torch', 'openvino', 'onnxruntime', 'nncf') "
-                     "if m in sys.modules))")
+                     "print(sorted(m for m in ('torch', 'openvino', 'onnxruntime', 'nncf', "
+                     "'matplotlib') if m in sys.modules))")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
 
@@ -187,10 +211,15 @@ def test_unknown_backend_and_precision(tiny, tmp_path):
 
 
 def test_segmenter_records_backend_and_precision(tiny):
+    import openvino as ov
+
     from tiramisu_brats.api import Segmenter
 
-    info = Segmenter(tiny).model_info()
+    info = Segmenter(tiny, precision="fp32").model_info()
     assert (info["backend"], info["precision"]) == (infer.DEFAULT_BACKEND, "fp32")
+    # The default asks for bf16; OpenVINO computes in it only where the CPU can.
+    has_bf16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    assert Segmenter(tiny).model_info()["precision"] == ("bf16" if has_bf16 else "fp32")
 
 
 needs_nncf = pytest.mark.skipif(importlib.util.find_spec("nncf") is None,
@@ -232,6 +261,11 @@ def test_real_case_labels_match_torch(real_data, tmp_path, monkeypatch):
     slices = preprocess(image)[0][::4]
     ref = infer.load_backend("torch", weights).predict(slices)
     for name in ONNX_BACKENDS:
-        labels = infer.load_backend(name, weights).predict(slices)
+        labels = infer.load_backend(name, weights, precision="fp32").predict(slices)
         agree = (labels == ref).mean()
         assert agree >= 0.999, json.dumps({"backend": name, "agreement": agree})
+    # The default path: openvino's default precision on each slice's brain window.
+    labels = infer.predict_labels(infer.load_backend("openvino", weights), slices,
+                                  windows=brain_windows(slices))
+    agree = (labels == ref).mean()
+    assert agree >= 0.999, json.dumps({"backend": "openvino default", "agreement": agree})

@@ -181,6 +181,40 @@ def test_read_case(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     assert isinstance(case.header, nib.Nifti1Header)
 
 
+def test_read_ahead_reads_the_next_case_in_the_background(tmp_path, monkeypatch) -> None:
+    import threading
+
+    cases = []
+    for i in range(4):
+        make_case(tmp_path / f"C{i}", "brats", f"C{i}")
+        cases.append(io.find_case_files(tmp_path / f"C{i}"))
+    (tmp_path / "C2" / "C2_t2.nii.gz").write_bytes(b"not gzip")  # C2 fails to read
+    calls = []
+    real_read = io.read_case
+
+    def recording(files):
+        calls.append((files.case_id, threading.current_thread().name))
+        return real_read(files)
+
+    monkeypatch.setattr(io, "read_case", recording)
+    with io.ReadAhead(cases) as reader:
+        first = reader.read(cases[0])
+        np.testing.assert_array_equal(first.image, real_read(cases[0]).image)
+        assert first.case_id == "C0"
+        reader._pending[1].result()  # C1 is read while C0 is worked on
+        # C1 is never asked for (its output existed, say): dropped; C2's error comes when asked.
+        with pytest.raises(InputError, match="C2_t2"):
+            reader.read(cases[2])
+        assert reader.read(cases[3]).case_id == "C3"
+        assert reader.read(cases[0]).case_id == "C0"  # again: read in the caller's thread
+    assert not reader._pending
+    # C2 was asked for before its turn to be read ahead: read in the caller's thread.
+    here = threading.current_thread().name
+    assert sorted((c, t.startswith("read-ahead")) for c, t in calls) == [
+        ("C0", False), ("C0", True), ("C1", True), ("C2", False), ("C3", True)]
+    assert all(t == here for c, t in calls if not t.startswith("read-ahead"))
+
+
 def test_read_case_warns_on_spacing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     affine = np.diag([2.0, 2.0, 3.0, 1.0])
     paths = [save(tmp_path / f"c_{m}.nii", volume(i), affine) for i, m in enumerate(io.MODALITIES)]

@@ -3,7 +3,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tiramisu_brats.preprocess import compute_geometry, extract, preprocess, uncrop, zscore
+from tiramisu_brats.preprocess import (
+    brain_windows,
+    compute_geometry,
+    extract,
+    preprocess,
+    uncrop,
+    zscore,
+)
 
 
 def _volume(shape=(60, 70, 20), box=((10, 40), (8, 60), (3, 17)), seed=0):
@@ -86,3 +93,27 @@ def test_extract_then_uncrop_gives_back_the_grid(shape, data):
     np.testing.assert_array_equal(back, labels)  # nothing inside the brain box was cut
     multi = extract(np.stack([labels, labels * 2]), g)
     np.testing.assert_array_equal(uncrop(multi, g)[1], labels * 2)
+
+
+def test_brain_windows_hold_each_slices_brain_with_its_margin():
+    slices = np.zeros((4, 2, 192, 160), np.float32)
+    slices[0, 1, 90:100, 70:75] = 1.0  # a small brain: the smallest window
+    slices[1, 0, 10:150, 5:150] = 2.0  # 140 + 16 -> 160 rows, 145 + 16 -> 160 columns
+    slices[3, :, 0:192, 100:101] = 3.0  # touches the top and bottom: the whole height
+    before = slices.copy()
+    windows = brain_windows(slices, margin=8)
+    np.testing.assert_array_equal(slices, before)
+    assert windows[2] is None
+    assert windows[0] == (slice(79, 111), slice(56, 88))  # centred on the brain
+    assert windows[1] == (slice(0, 160), slice(0, 160))  # kept inside the slice
+    assert windows[3] == (slice(0, 192), slice(84, 116))
+    for s, w in zip(slices, windows):
+        if w is None:
+            continue
+        assert all((part.stop - part.start) % 32 == 0 for part in w)
+        inside = np.zeros(s.shape[1:], bool)
+        inside[w] = True
+        assert not (s.any(axis=0) & ~inside).any()  # no brain pixel left out
+    assert brain_windows(slices, margin=0)[1] == (slice(0, 160), slice(0, 160))
+    with pytest.raises(ValueError, match="multiples of 32"):
+        brain_windows(np.zeros((1, 4, 100, 96), np.float32))

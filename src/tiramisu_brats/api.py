@@ -23,7 +23,7 @@ import numpy as np
 from tiramisu_brats import io, metrics, report
 from tiramisu_brats.infer import default_weights, file_sha256, load_backend, predict_labels
 from tiramisu_brats.postprocess import postprocess as _postprocess
-from tiramisu_brats.preprocess import CROP, preprocess, uncrop
+from tiramisu_brats.preprocess import CROP, brain_windows, preprocess, uncrop
 
 log = logging.getLogger(__name__)
 
@@ -64,21 +64,25 @@ class Segmenter:
 
     def __init__(
         self, model: PathLike | None = None, backend: str = "openvino", *,
-        batch_size: int | None = None, threads: int | None = None, precision: str = "fp32",
+        batch_size: int | None = None, threads: int | None = None, precision: str | None = None,
         device: str | None = None, crop: tuple[int, int] = CROP, postprocess: bool = True,
+        margin: int | None = 8,
     ) -> None:
+        """``margin``: run the network on each slice's brain window grown by this many pixels
+        (``preprocess.brain_windows``); ``None``: on whole slices."""
         self.weights = Path(model) if model is not None else default_weights()
         self.backend = load_backend(backend, self.weights, threads=threads, precision=precision,
                                     device=device)
         self.batch_size = batch_size
         self.crop = crop
         self.postprocess = postprocess
+        self.margin = margin
 
     def model_info(self) -> dict:
         """What the per-case JSON records about the model."""
         return {"weights": str(self.weights), "sha256": file_sha256(self.weights),
                 "backend": self.backend.name, "device": self.backend.device,
-                "precision": self.backend.precision}
+                "precision": self.backend.precision, "brain_window_margin": self.margin}
 
     def segment(
         self, image: np.ndarray, on_batch: Callable[[int], None] | None = None,
@@ -89,7 +93,9 @@ class Segmenter:
         t0 = time.perf_counter()
         slices, geometry = preprocess(image, self.crop)
         t1 = time.perf_counter()
-        raw = uncrop(predict_labels(self.backend, slices, self.batch_size, on_batch), geometry)
+        windows = None if self.margin is None else brain_windows(slices, self.margin)
+        raw = uncrop(predict_labels(self.backend, slices, self.batch_size, on_batch, windows),
+                     geometry)
         t2 = time.perf_counter()
         labels = _postprocess(raw) if self.postprocess else raw
         t3 = time.perf_counter()
@@ -100,11 +106,14 @@ class Segmenter:
         self, files: io.CaseFiles, output: PathLike, *, convention: str = "brats",
         overwrite: bool = False, save_raw: bool = False,
         on_batch: Callable[[int], None] | None = None,
+        read: Callable[[io.CaseFiles], io.Case] = io.read_case,
     ) -> dict:
         """Read, segment and write one case; returns the summary also written as JSON.
 
         Writes ``output`` (a .nii.gz label map on the input's grid), ``<output stem>.json``
         (volumes in ml, model, timings) and with ``save_raw`` ``<output stem>_raw.nii.gz``.
+        ``read``: how the case is read, e.g. ``io.ReadAhead.read`` (then the ``load`` time is
+        the wait for it).
         """
         output = Path(output)
         stem = label_stem(output)
@@ -124,7 +133,7 @@ class Segmenter:
                 if target.exists():
                     raise FileExistsError(f"{target}: exists; pass --overwrite to replace it")
         t0 = time.perf_counter()
-        case = io.read_case(files)
+        case = read(files)
         t1 = time.perf_counter()
         seg = self.segment(case.image, on_batch)
         t2 = time.perf_counter()

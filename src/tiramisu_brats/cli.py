@@ -97,9 +97,10 @@ def segment(
     backend: Annotated[str, typer.Option(help=(
         "Inference backend: openvino (fastest on CPU), onnxruntime, or torch (use it on a "
         "CUDA GPU)."))] = "openvino",
-    precision: Annotated[str, typer.Option(help=(
+    precision: Annotated[str | None, typer.Option(help=(
         "fp32; bf16 (openvino, torch); int8 (openvino, onnxruntime; quantized once with "
-        "NNCF, needs tiramisu-brats[int8])."))] = "fp32",
+        "NNCF, needs tiramisu-brats[int8]). Default: bf16 with openvino (fp32 on CPUs "
+        "without bf16 arithmetic), else fp32."), show_default=False)] = None,
     label_convention: Annotated[str, typer.Option(help=(
         "brats: 0/1/2/4 (2017-2021); brats2023: 0/1/2/3."))] = "brats",
     postprocess: Annotated[bool, typer.Option(help="Closing + keep the main tumor.")] = True,
@@ -117,8 +118,6 @@ def segment(
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Segment a case (or a folder of cases) into a tumor label map NIfTI."""
-    from tiramisu_brats.api import Segmenter
-
     with user_errors():
         if label_convention not in io.LABEL_CONVENTIONS:
             raise ValueError(f"--label-convention must be one of {io.LABEL_CONVENTIONS}")
@@ -160,50 +159,64 @@ def segment(
         if not cohort and output.parent != Path() and not output.parent.is_dir():
             problem = "not a folder" if output.parent.exists() else "output folder does not exist"
             raise io.InputError(f"{output.parent}: {problem}")
-        segmenter = Segmenter(model, backend, batch_size=batch_size, threads=threads,
-                              precision=precision, postprocess=postprocess)
-    if cohort:  # only now: a bad model or option leaves no output folder behind
+    results, failures, sources, plan = [], [], {}, []
+
+    def failed(k: int, name: str, err: Exception) -> None:  # in a cohort, any failure of one
+        if not cohort and not isinstance(err, (ValueError, OSError)):  # case is reported
+            raise err
+        if not cohort:
+            raise fail(one_line(err)) from None
+        logging.getLogger(__name__).debug("%s failed", name, exc_info=True)
+        failures.append((k, name, one_line(err)))
+        console.print(f"[red]failed[/red] {escape(name)}: {escape(failures[-1][2])}",
+                      highlight=False)
+
+    for k, (job, target) in enumerate(jobs):  # file names only: what to do for each case
+        name = job.name if isinstance(job, Path) else job.case_id
+        try:
+            files = io.find_case_files(job) if isinstance(job, Path) else job
+            if target is None:
+                target = output / f"{io.safe_case_id(files.case_id)}.nii.gz"
+                if files.case_id in sources:
+                    raise io.InputError(f"{job}: case id {files.case_id!r} is also the one "
+                                        f"of {sources[files.case_id]}")
+                sources[files.case_id] = job
+            replace = overwrite
+            if skip_existing and target.exists():
+                if _finished(target, save_raw):
+                    continue
+                replace = True  # a run stopped while writing this case: redo it
+            plan.append((k, files, target, replace))
+        except Exception as err:
+            failed(k, name, err)
+    # Cases are read in a background thread one ahead: the first while the model and
+    # the libraries it needs load.
+    with io.ReadAhead([files for _, files, _, _ in plan]) as reader:
         with user_errors():
-            output.mkdir(parents=True, exist_ok=True)
-    results, failures, sources = [], [], {}
-    with progress_bar(progress) as bar:
-        cases_task = bar.add_task("cases", total=len(jobs)) if cohort else None
-        for job, target in jobs:
-            name = job.name if isinstance(job, Path) else job.case_id
-            slices = None
-            try:
-                files = io.find_case_files(job) if isinstance(job, Path) else job
-                if target is None:
-                    target = output / f"{io.safe_case_id(files.case_id)}.nii.gz"
-                    if files.case_id in sources:
-                        raise io.InputError(f"{job}: case id {files.case_id!r} is also the one "
-                                            f"of {sources[files.case_id]}")
-                    sources[files.case_id] = job
-                replace = overwrite
-                if skip_existing and target.exists():
-                    if _finished(target, save_raw):
-                        continue
-                    replace = True  # a run stopped while writing this case: redo it
+            from tiramisu_brats.api import Segmenter
+
+            segmenter = Segmenter(model, backend, batch_size=batch_size, threads=threads,
+                                  precision=precision, postprocess=postprocess)
+        if cohort:  # only now: a bad model or option leaves no output folder behind
+            with user_errors():
+                output.mkdir(parents=True, exist_ok=True)
+        with progress_bar(progress) as bar:
+            cases_task = bar.add_task("cases", total=len(plan)) if cohort else None
+            for k, files, target, replace in plan:
                 slices = bar.add_task(f"{files.case_id}", total=None)
-                summary = segmenter.segment_case(
-                    files, target, convention=label_convention, overwrite=replace,
-                    save_raw=save_raw, on_batch=lambda n, t=slices: bar.advance(t, n))
-                results.append(summary)
-                console.print(f"wrote {target}", highlight=False)
-            except Exception as err:  # in a cohort, any failure of one case is reported
-                if not cohort and not isinstance(err, (ValueError, OSError)):
-                    raise
-                if not cohort:
-                    raise fail(one_line(err)) from None
-                logging.getLogger(__name__).debug("%s failed", name, exc_info=True)
-                failures.append((name, one_line(err)))
-                console.print(f"[red]failed[/red] {escape(name)}: {escape(failures[-1][1])}",
-                              highlight=False)
-            finally:
-                if slices is not None:
+                try:
+                    summary = segmenter.segment_case(
+                        files, target, convention=label_convention, overwrite=replace,
+                        save_raw=save_raw, read=reader.read,
+                        on_batch=lambda n, t=slices: bar.advance(t, n))
+                    results.append(summary)
+                    console.print(f"wrote {target}", highlight=False)
+                except Exception as err:
+                    failed(k, files.case_id, err)
+                finally:
                     bar.remove_task(slices)
-                if cases_task is not None:
-                    bar.advance(cases_task)
+                    if cases_task is not None:
+                        bar.advance(cases_task)
     if results:
         console.print(_timing_table(results))
     if cohort:
@@ -211,7 +224,8 @@ def segment(
         with user_errors():
             if failures:
                 buf = _io.StringIO()
-                csv.writer(buf).writerows([("case", "reason"), *failures])
+                csv.writer(buf).writerows([("case", "reason"),
+                                           *(row[1:] for row in sorted(failures))])
                 io.atomic_write_text(output / failures_name, buf.getvalue())
             else:  # a resumed run that succeeded: the last run's list no longer holds
                 (output / failures_name).unlink(missing_ok=True)

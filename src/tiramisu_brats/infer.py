@@ -9,7 +9,8 @@ one for CUDA). The first two run an ONNX export of the weights: ``<stem>.onnx`` 
 (beside the weights when that folder is writable, else in ``cache_dir()``), each recording the
 sha256 of the weights it came from in its ONNX ``metadata_props``, so a stale export is never
 used. Precisions: ``fp32``; ``bf16`` (openvino, torch; faster on CPUs with AVX512-BF16 or
-AMX); ``int8`` (openvino, onnxruntime): a model quantized once with NNCF and cached the same way
+AMX, and openvino's default: on other CPUs OpenVINO computes in fp32 and the backend says so);
+``int8`` (openvino, onnxruntime): a model quantized once with NNCF and cached the same way
 (``<stem>.int8.xml`` for openvino, ``<stem>.int8.onnx`` for onnxruntime). With these files at
 hand, neither backend imports PyTorch.
 
@@ -25,7 +26,7 @@ import os
 import re
 import warnings
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -39,6 +40,10 @@ BACKENDS = ("openvino", "onnxruntime", "torch")
 DEFAULT_BACKEND = "openvino"
 PRECISIONS = ("fp32", "bf16", "int8")
 SUPPORTED = {"openvino": PRECISIONS, "onnxruntime": ("fp32", "int8"), "torch": ("fp32", "bf16")}
+# Each backend's fastest precision that keeps Dice within 0.01 of fp32 on every labelled case
+# (docs/benchmarks.md); int8 does not.
+DEFAULT_PRECISION = {"openvino": "bf16", "onnxruntime": "fp32", "torch": "fp32"}
+_OV_TYPES = {"bf16": "bf16", "f32": "fp32", "f16": "fp16"}
 CLASS_TO_LABEL = np.array([0, 1, 2, 4], np.uint8)
 OPSET = 18
 SHA_KEY = "tiramisu_brats.weights_sha256"
@@ -274,7 +279,8 @@ def _writable(folder: Path) -> bool:
 
 
 class Backend:
-    """A loaded network: ``backend(batch)`` → logits; ``predict(slices)`` → labels."""
+    """A loaded network: ``backend(batch)`` → logits; ``predict(slices)`` and
+    ``label_batches(batches)`` → labels."""
 
     name = "?"
     device = "cpu"
@@ -284,17 +290,24 @@ class Backend:
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    def label_batches(self, batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+        """Labels ``(N, H, W)`` uint8 in 0/1/2/4, by argmax, of each batch ``(N, C, H, W)``
+        float32 in turn; batches may differ in size and shape."""
+        for batch in batches:
+            yield CLASS_TO_LABEL[self(np.ascontiguousarray(batch, dtype=np.float32)).argmax(1)]
+
     def predict(self, slices: np.ndarray, batch_size: int | None = None,
                 on_batch: Callable[[int], None] | None = None) -> np.ndarray:
         """Labels (Z', H, W) uint8 in 0/1/2/4 for slices (Z', C, H, W) float32, by argmax,
         ``batch_size`` slices at a time (default: the backend's ``batch_size``)."""
         batch_size = batch_size or self.batch_size
         out = np.empty((slices.shape[0], *slices.shape[2:]), np.uint8)
-        for i in range(0, len(slices), batch_size):
-            batch = np.ascontiguousarray(slices[i : i + batch_size], dtype=np.float32)
-            out[i : i + len(batch)] = CLASS_TO_LABEL[self(batch).argmax(1)]
+        starts = range(0, len(slices), batch_size)
+        batches = (slices[start : start + batch_size] for start in starts)
+        for start, labels in zip(starts, self.label_batches(batches), strict=True):
+            out[start : start + len(labels)] = labels
             if on_batch:
-                on_batch(len(batch))
+                on_batch(len(labels))
         return out
 
 
@@ -355,7 +368,7 @@ class OnnxRuntimeBackend(Backend):
 
 
 class OpenVINOBackend(Backend):
-    """OpenVINO; ``predict`` keeps one batch in flight per infer request.
+    """OpenVINO; ``label_batches`` keeps one batch in flight per infer request.
 
     Compiled models are cached in ``cache_dir()/openvino``. ``fp32`` forces f32 arithmetic
     (OpenVINO would otherwise pick bf16 on CPUs with AVX512-BF16 or AMX); ``bf16`` asks for it.
@@ -383,6 +396,9 @@ class OpenVINOBackend(Backend):
         if self.device == "cpu":
             config["INFERENCE_NUM_THREADS"] = threads or cpu_count()
         self.compiled = core.compile_model(str(model), self.device.upper(), config)
+        if precision != "int8":  # what OpenVINO computes in: bf16 only where the CPU has it
+            used = self.compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
+            self.precision = _OV_TYPES.get(used, used)
         n = self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")
         # Plain requests, not AsyncInferQueue: exiting right after dropping a queue can abort
         # the process ("terminate called without an active exception", OpenVINO 2026.4).
@@ -394,48 +410,45 @@ class OpenVINOBackend(Backend):
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return self.requests[0].infer({0: batch})[0].copy()
 
-    def predict(self, slices: np.ndarray, batch_size: int | None = None,
-                on_batch: Callable[[int], None] | None = None) -> np.ndarray:
-        batch_size = batch_size or self.batch_size
-        slices = np.ascontiguousarray(slices, dtype=np.float32)
-        out = np.empty((slices.shape[0], *slices.shape[2:]), np.uint8)
+    def label_batches(self, batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+        # One batch in flight per infer request (one per stream): the cores stay busy also
+        # across batches of different shapes.
         in_flight: deque = deque()
 
-        def collect() -> None:
-            request, start = in_flight.popleft()
+        def collect() -> np.ndarray:
+            request, _ = in_flight.popleft()  # the batch rides along: its memory is shared
             request.wait()
-            logits = request.get_output_tensor(0).data
-            out[start : start + len(logits)] = CLASS_TO_LABEL[logits.argmax(1)]
-            if on_batch:
-                on_batch(len(logits))
+            return CLASS_TO_LABEL[request.get_output_tensor(0).data.argmax(1)]
 
         try:
-            for j, start in enumerate(range(0, len(slices), batch_size)):
+            for j, batch in enumerate(batches):
                 if len(in_flight) == len(self.requests):
-                    collect()
+                    yield collect()
                 request = self.requests[j % len(self.requests)]
-                request.start_async({0: slices[start : start + batch_size]}, share_inputs=True)
-                in_flight.append((request, start))
+                batch = np.ascontiguousarray(batch, dtype=np.float32)
+                request.start_async({0: batch}, share_inputs=True)
+                in_flight.append((request, batch))
             while in_flight:
-                collect()
+                yield collect()
         finally:
             for request, _ in in_flight:
                 request.wait()
-        return out
 
 
 def load_backend(name: str = DEFAULT_BACKEND, weights: Path | None = None, *,
-                 threads: int | None = None, precision: str = "fp32", device: str | None = None,
-                 calibration: np.ndarray | None = None) -> Backend:
+                 threads: int | None = None, precision: str | None = None,
+                 device: str | None = None, calibration: np.ndarray | None = None) -> Backend:
     """Build the backend ``name`` (one of ``BACKENDS``) for the weights file ``weights``.
 
     ``precision``: ``fp32``, ``bf16`` (openvino, torch) or ``int8`` (openvino, onnxruntime;
-    calibrated on ``calibration`` slices, default synthetic ones). ``threads``: CPU threads,
-    default all cores.
+    calibrated on ``calibration`` slices, default synthetic ones); default
+    ``DEFAULT_PRECISION[name]``. The backend's ``precision`` says what it computes in.
+    ``threads``: CPU threads, default all cores.
     """
     weights = Path(weights) if weights is not None else default_weights()
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
+    precision = precision or DEFAULT_PRECISION[name]
     if precision not in SUPPORTED[name]:
         raise ValueError(f"precision {precision!r} is not available with the {name} backend "
                          f"(choose one of {', '.join(SUPPORTED[name])})")
@@ -451,7 +464,34 @@ def load_backend(name: str = DEFAULT_BACKEND, weights: Path | None = None, *,
 def predict_labels(
     backend: Backend, slices: np.ndarray, batch_size: int | None = None,
     on_batch: Callable[[int], None] | None = None,
+    windows: Sequence[tuple[slice, slice] | None] | None = None,
 ) -> np.ndarray:
     """Labels (Z', H, W) uint8 in 0/1/2/4 for slices (Z', C, H, W) float32, by argmax
-    (``batch_size`` default: the backend's)."""
-    return backend.predict(slices, batch_size, on_batch)
+    (``batch_size`` default: the backend's).
+
+    ``windows`` (one per slice, as ``preprocess.brain_windows``): run the network on these parts
+    of the slices only, slices of one window size batched together; 0 outside them.
+    """
+    if windows is None:
+        return backend.predict(slices, batch_size, on_batch)
+    if len(windows) != len(slices):
+        raise ValueError(f"{len(windows)} windows for {len(slices)} slices")
+    batch_size = batch_size or backend.batch_size
+    out = np.zeros((slices.shape[0], *slices.shape[2:]), np.uint8)
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for i, w in enumerate(windows):
+        if w is None:
+            if on_batch:
+                on_batch(1)
+            continue
+        by_size.setdefault((w[0].stop - w[0].start, w[1].stop - w[1].start), []).append(i)
+    chunks = [index[k : k + batch_size] for index in by_size.values()
+              for k in range(0, len(index), batch_size)]
+    batches = (np.stack([slices[i, :, windows[i][0], windows[i][1]] for i in chunk])
+               for chunk in chunks)
+    for chunk, labels in zip(chunks, backend.label_batches(batches), strict=True):
+        for i, slice_labels in zip(chunk, labels, strict=True):
+            out[i, windows[i][0], windows[i][1]] = slice_labels
+        if on_batch:
+            on_batch(len(chunk))
+    return out

@@ -12,7 +12,8 @@ import logging
 import os
 import secrets
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
 
@@ -310,6 +311,59 @@ def read_case(files: CaseFiles) -> Case:
         if not slot.any():
             raise InputError(f"{path}: all voxels are zero")
     return Case(files.case_id, image, affine, ref.header, files)
+
+
+class ReadAhead:
+    """``read_case`` for a known sequence of cases, each read in a background thread before it is
+    asked for, so that reading (gzip, which releases the GIL) overlaps the work on the case
+    before it. At most ``ahead`` cases wait in memory.
+
+    >>> with ReadAhead(cases) as reader:
+    ...     for files in cases:
+    ...         case = reader.read(files)  # errors of reading are raised here
+    """
+
+    def __init__(self, cases: Sequence[CaseFiles], ahead: int = 1) -> None:
+        self._order = list(cases)
+        self._ahead = ahead
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="read-ahead")
+        self._pending: dict[int, Future[Case]] = {}
+        self._next = 0  # the first case not submitted yet
+        self._done = 0  # the first case not asked for yet
+        self._fill()
+
+    def _fill(self) -> None:
+        self._next = max(self._next, self._done)
+        while self._next < min(len(self._order), self._done + self._ahead):
+            self._pending[self._next] = self._pool.submit(read_case, self._order[self._next])
+            self._next += 1
+
+    def read(self, files: CaseFiles) -> Case:
+        """The case ``files`` (as ``read_case``): from the background thread when it was read
+        ahead; cases before it that were not asked for are dropped."""
+        index = next((i for i in range(self._done, len(self._order))
+                      if self._order[i] == files), None)
+        if index is None:
+            return read_case(files)
+        for skipped in [i for i in self._pending if i < index]:
+            self._pending.pop(skipped).cancel()
+        future = self._pending.pop(index, None)
+        self._done = index + 1
+        self._fill()
+        return future.result() if future is not None else read_case(files)
+
+    def close(self) -> None:
+        """Drop what was read ahead and stop the thread."""
+        for future in self._pending.values():
+            future.cancel()
+        self._pending.clear()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> ReadAhead:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _values_text(values: np.ndarray | list, limit: int = 10) -> str:

@@ -4,7 +4,8 @@ A case ``(C, X, Y, Z)`` becomes a batch of axial slices ``(Z', C, H, W)``: only 
 ``z0:z1`` that hold brain, each cropped to a window around the brain's bounding box (``H`` along
 the longer in-plane brain extent, 192 by default; ``W`` along the shorter, 160), each modality
 z-scored over its own brain (nonzero) voxels, background 0. ``Geometry`` records everything
-needed to put a prediction back on the input grid with ``uncrop``.
+needed to put a prediction back on the input grid with ``uncrop``. ``brain_windows`` gives
+each slice the smaller window around its own brain that the network needs to see.
 
 Pure functions: inputs are never modified.
 """
@@ -131,6 +132,38 @@ def uncrop(slices: np.ndarray, geometry: Geometry) -> np.ndarray:
         ..., sx.start - g.x0 : sx.stop - g.x0, sy.start - g.y0 : sy.stop - g.y0, :
     ]
     return out
+
+
+def brain_windows(
+    slices: np.ndarray, margin: int = 8, multiple: int = MULTIPLE
+) -> list[tuple[slice, slice] | None]:
+    """Per slice of ``(Z', C, H, W)``, the window ``(rows, columns)`` around its brain: the
+    bounding box of its nonzero pixels grown by ``margin`` on every side, then to a multiple of
+    ``multiple`` (what the network takes), centred on the brain and kept inside the slice.
+    ``None`` for a slice without brain.
+
+    The brain's top and bottom slices hold little brain: with a margin of 8 the network sees
+    about three quarters of the pixels of whole slices on BraTS cases (docs/benchmarks.md).
+    """
+    height, width = slices.shape[-2:]
+    if height % multiple or width % multiple:
+        raise ValueError(f"slices of {height} x {width}: not multiples of {multiple}")
+    mask = np.any(slices != 0, axis=1)
+    rows, cols = mask.any(axis=2), mask.any(axis=1)
+    windows: list[tuple[slice, slice] | None] = []
+    for r, c in zip(rows, cols, strict=True):
+        if not r.any():
+            windows.append(None)
+            continue
+        window = []
+        for present, n in ((r, height), (c, width)):
+            idx = np.flatnonzero(present)
+            lo, hi = int(idx[0]), int(idx[-1]) + 1
+            size = min(n, -(-(hi - lo + 2 * margin) // multiple) * multiple)
+            start = min(max((lo + hi) // 2 - size // 2, 0), n - size)
+            window.append(slice(start, start + size))
+        windows.append((window[0], window[1]))
+    return windows
 
 
 def zscore(slices: np.ndarray) -> np.ndarray:

@@ -5,7 +5,8 @@ of :func:`~tiramisu_brats.metrics.evaluate_case`; they may carry extra scalar co
 example ``stage``). Every file goes through :mod:`tiramisu_brats.io`'s atomic writers.
 
 Figures are built on :class:`matplotlib.figure.Figure` objects directly, so no global backend
-(and no display) is needed.
+(and no display) is needed. matplotlib is imported by the functions that draw: segmenting,
+which imports this module for its CSV and JSON, does not pay the import.
 """
 
 from __future__ import annotations
@@ -18,15 +19,15 @@ import math
 import numbers
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from matplotlib.colors import to_rgba
-from matplotlib.figure import Figure
-from matplotlib.patches import Patch
 
 from tiramisu_brats.io import atomic_write, atomic_write_text
 from tiramisu_brats.metrics import METRIC_COLUMNS, REGIONS
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = [
     "LABEL_COLORS",
@@ -226,6 +227,9 @@ def box_plots(
     width = 0.8 / n_stages
     n_cases = {name: len(rows) for name, rows in stages.items()}
 
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
     fig = Figure(figsize=(11.0, 4.8), layout="constrained")
     axes = fig.subplots(1, 2, sharey=True)
     rng = np.random.default_rng(0)  # deterministic jitter of the case points
@@ -319,6 +323,8 @@ def _crop_box(mask2d: np.ndarray, margin: int) -> tuple[slice, slice]:
 
 def _label_rgba(labels2d: np.ndarray) -> np.ndarray:
     """RGBA image of a label slice: label colours with alpha, transparent elsewhere."""
+    from matplotlib.colors import to_rgba
+
     rgba = np.zeros((*labels2d.shape, 4), dtype=np.float64)
     for value, color in LABEL_COLORS.items():
         r, g, b, _ = to_rgba(color)
@@ -396,6 +402,9 @@ def overlay_png(
     if ref is not None:
         columns.append(("Expert", rest[0]))
     images = [("FLAIR", _window(flair_z)), ("T1ce", _window(t1ce_z))]
+
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
 
     panel = 3.3
     fig = Figure(figsize=(panel * len(columns), panel * 2 + 1.0), layout="constrained")
