@@ -1,8 +1,8 @@
 """GPU benchmark: training throughput (fp32 vs bf16) and inference seconds per patient.
 
 Run on a machine with a CUDA GPU: ``python benchmarks/gpu.py [--json OUT.json]`` (or
-``bash benchmarks/gpu.sh``). Prints a table; figures go into docs/benchmarks.md by hand,
-with the card's name.
+``bash benchmarks/gpu.sh``). Prints each figure as soon as it is measured (about 2 minutes in
+all on an H100-class card); figures go into docs/benchmarks.md by hand, with the card's name.
 """
 
 import argparse
@@ -52,11 +52,20 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
-    name = torch.cuda.get_device_name()
-    results = {"gpu": name, "torch": torch.__version__}
+    results = {}
+
+    def record(key: str, value: object) -> None:  # printed at once: a cut-off run keeps these
+        results[key] = value
+        print(f"{key:<26}  {value:.3f}" if isinstance(value, float) else f"{key:<26}  {value}",
+              flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2))
+
+    record("gpu", torch.cuda.get_device_name())
+    record("torch", torch.__version__)
     torch.backends.cudnn.benchmark = True
-    results["train_slices_per_s_fp32"] = train_throughput(None, args.batch, args.steps)
-    results["train_slices_per_s_bf16"] = train_throughput(torch.bfloat16, args.batch, args.steps)
+    record("train_slices_per_s_bf16", train_throughput(torch.bfloat16, args.batch, args.steps))
+    record("train_slices_per_s_fp32", train_throughput(None, args.batch, args.steps))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         weights = save_weights(Tiramisu(REFERENCE), tmp / "w.safetensors")
@@ -67,13 +76,9 @@ def main() -> None:
             summary = seg.segment_case(find_case_files(case_dir), tmp / f"o{i}.nii.gz")
             totals.append(summary["timings_s"]["total"])
             infer.append(summary["timings_s"]["infer"])
-        results["patient_s_total_median"] = statistics.median(totals[1:])
-        results["patient_s_infer_median"] = statistics.median(infer[1:])
-    width = max(map(len, results))
-    for k, v in results.items():
-        print(f"{k:<{width}}  {v:.3f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+            print(f"patient {i}: {summary['timings_s']['total']:.3f} s", flush=True)
+        record("patient_s_total_median", statistics.median(totals[1:]))
+        record("patient_s_infer_median", statistics.median(infer[1:]))
 
 
 if __name__ == "__main__":

@@ -2,18 +2,23 @@
 
 Run from anywhere: ``python benchmarks/speed.py [--case DIR] [--runs 3] [--model PATH]``.
 Each measured run is a fresh ``tiramisu-brats segment CASE -o OUT --overwrite --no-progress
---backend B --precision P`` process (interpreter start and imports included); one unmeasured
-run per configuration first makes its cached files (ONNX export, int8 model, OpenVINO compiled
-model), which a user pays once. Stage seconds come from the JSON the command writes beside the
-label map, peak memory from the child's rusage. Dice: of each configuration's label map against
-torch fp32's (agreement) and, when the case has an expert segmentation, the change of its Dice
+--backend B [--precision P] --whole-slices|--brain-windows`` process (interpreter start and imports
+included); one unmeasured run per configuration first makes its cached files (ONNX export,
+int8 model, OpenVINO compiled model), which a user pays once. Stage seconds come from the JSON
+the command writes beside the label map, peak memory from the child's rusage. The reference is
+PyTorch eager in fp32 on whole slices (the paper's pipeline), run in the same benchmark: the
+speed-up of every configuration is against it, and so is its Dice: against the reference's
+label map (agreement) and, when the case has an expert segmentation, the change of its Dice
 against the expert's.
 
-``--accuracy-cases FOLDER`` adds, in process, the Dice of every reduced precision against the
-expert on every labelled case there, next to fp32 (openvino fp32, identical to torch fp32 up to
-float rounding), for the decision on a faster default (it must stay within 0.01 everywhere).
+``--accuracy-cases FOLDER`` adds, in process, the Dice against the expert of the reference and
+of the faster paths on every labelled case there: the default must stay within 0.01 of the
+reference on every case.
 
-Writes the section "CPU inference" of docs/benchmarks.md (its subsections "Speed" and
+``--cohort FOLDER`` adds one default ``segment`` process over a folder of cases: seconds per
+case, cores kept busy, and how long each case waited for its reading.
+
+Writes the section "CPU inference" of docs/benchmarks.md (its subsections "Speed", "Cohort" and
 "Reduced precision on every labelled case" are each replaced by a new run of their kind).
 """
 
@@ -43,7 +48,17 @@ from tiramisu_brats.preprocess import compute_geometry
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CASE = ROOT.parent / "shared" / "data" / "brats-labeled" / "BraTS2021_00006"
 DOC = ROOT / "docs" / "benchmarks.md"
-CONFIGS = [(b, p) for b in ("torch", "openvino", "onnxruntime") for p in infer.SUPPORTED[b]]
+# (backend, precision, whole slices): precision None is the backend's default. The reference,
+# PyTorch eager in fp32 on whole slices, is what the paper's pipeline did.
+Config = tuple[str, "str | None", bool]
+REFERENCE: Config = ("torch", "fp32", True)
+DEFAULT: Config = (infer.DEFAULT_BACKEND, None, False)
+CONFIGS: list[Config] = [REFERENCE, ("torch", "bf16", True),
+                         ("openvino", "fp32", True), ("openvino", "fp32", False),
+                         ("openvino", "bf16", True), DEFAULT, ("openvino", "int8", False),
+                         ("onnxruntime", "fp32", False), ("onnxruntime", "int8", False)]
+ACCURACY_CONFIGS: list[Config] = [REFERENCE, ("openvino", "bf16", True), DEFAULT,
+                                  ("openvino", "int8", False)]
 STAGES = ("load", "preprocess", "infer", "postprocess", "save")
 REGIONS = tuple(metrics.REGIONS)
 INTRO = ("Seconds per patient on the CPU for each inference backend and precision, written by "
@@ -79,6 +94,19 @@ def run_child(cmd: list[str], log: Path) -> tuple[float, float, float]:
     return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
 
 
+def label(config: Config) -> str:
+    backend, precision, whole = config
+    text = f"{backend} {precision or infer.DEFAULT_PRECISION[backend]}"
+    text += ", whole slices" if whole else ", brain windows"
+    return text + (" (**default**)" if config == DEFAULT else "")
+
+
+def segment_options(config: Config) -> list[str]:
+    backend, precision, whole = config
+    return ["--backend", backend, *(["--precision", precision] if precision else []),
+            "--whole-slices" if whole else "--brain-windows"]
+
+
 def dices(a: np.ndarray, b: np.ndarray) -> list[float]:
     return [metrics.dice(metrics.region_mask(a, r), metrics.region_mask(b, r)) for r in REGIONS]
 
@@ -87,14 +115,13 @@ def measure(args: argparse.Namespace, weights: Path, tmp: Path) -> list[dict]:
     files = io.find_case_files(args.case)
     n_slices = compute_geometry(io.read_case(files).image).n_slices
     rows = []
-    for backend, precision in args.configs:
-        out = tmp / f"{backend}-{precision}.nii.gz"
+    for k, config in enumerate(args.configs):
+        out = tmp / f"{k}.nii.gz"
         cmd = [*segment_command(), "segment", str(args.case), "-o", str(out), "--overwrite",
-               "--no-progress", "--backend", backend, "--precision", precision,
-               "--model", str(weights)]
+               "--no-progress", *segment_options(config), "--model", str(weights)]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
-        print(f"{backend} {precision}: warm-up", file=sys.stderr, flush=True)
+        print(f"{label(config)}: warm-up", file=sys.stderr, flush=True)
         run_child(cmd, tmp / "log.txt")
         runs = []
         for i in range(args.runs):
@@ -105,9 +132,10 @@ def measure(args: argparse.Namespace, weights: Path, tmp: Path) -> list[dict]:
                   f"load average {load_average()}", file=sys.stderr, flush=True)
         row = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         row["rss"] = max(r["rss"] for r in runs)
-        rows.append({"backend": backend, "precision": precision, "slices": n_slices,
-                     "labels": io.read_label_map(out)[0], **row})
-    reference = next(r for r in rows if (r["backend"], r["precision"]) == ("torch", "fp32"))
+        summary = json.loads(out.with_name(label_stem(out) + ".json").read_text())
+        rows.append({"config": config, "computed_in": summary["model"]["precision"],
+                     "slices": n_slices, "labels": io.read_label_map(out)[0], **row})
+    reference = next(r for r in rows if r["config"] == REFERENCE)
     expert = io.read_label_map(files.seg)[0] if files.seg is not None else None
     for row in rows:
         row["speedup"] = reference["wall"] / row["wall"]
@@ -119,12 +147,12 @@ def measure(args: argparse.Namespace, weights: Path, tmp: Path) -> list[dict]:
 
 
 def accuracy(folder: Path, weights: Path) -> list[dict]:
-    """Dice against the expert of fp32 and each reduced precision, on every labelled case."""
+    """Dice against the expert of the reference and each faster path, on every labelled case."""
     from tiramisu_brats.api import Segmenter
 
-    configs = [("openvino", "fp32"), ("openvino", "bf16"), ("openvino", "int8"),
-               ("onnxruntime", "int8")]
-    segmenters = {c: Segmenter(weights, c[0], precision=c[1]) for c in configs}
+    configs = ACCURACY_CONFIGS
+    segmenters = {c: Segmenter(weights, c[0], precision=c[1], whole_slices=c[2])
+                  for c in configs}
     rows = []
     for case in io.find_cases(folder):
         files = io.find_case_files(case)
@@ -135,10 +163,42 @@ def accuracy(folder: Path, weights: Path) -> list[dict]:
         for config, segmenter in segmenters.items():
             row[config] = dices(segmenter.segment(image).labels, expert)
         print(f"{files.case_id}: " + ", ".join(
-            f"{b} {p} " + "/".join(f"{d:.3f}" for d in row[(b, p)]) for b, p in configs),
+            f"{label(c)} " + "/".join(f"{d:.3f}" for d in row[c]) for c in configs),
             file=sys.stderr, flush=True)
         rows.append(row)
     return rows
+
+
+def cohort(args: argparse.Namespace, weights: Path, tmp: Path) -> dict:
+    """One default ``segment`` process over a folder of cases: seconds per case, and how long
+    each case waited for its reading (read ahead while the case before it was segmented)."""
+    out = tmp / "cohort"
+    cmd = [*segment_command(), "segment", str(args.cohort), "-o", str(out), "--no-progress",
+           "--model", str(weights), *(["--threads", str(args.threads)] if args.threads else [])]
+    print(f"cohort {args.cohort}", file=sys.stderr, flush=True)
+    wall, cpu, rss = run_child(cmd, tmp / "log.txt")
+    summaries = [json.loads(f.read_text()) for f in sorted(out.glob("*.json"))]
+    loads = [s["timings_s"]["load"] for s in summaries]
+    return {"cases": len(summaries), "wall": wall, "cpu": cpu, "rss": rss,
+            "first_load": summaries[0]["timings_s"]["load"] if summaries else None,
+            "median_load": statistics.median(loads) if loads else None,
+            "median_total": statistics.median(s["timings_s"]["total"] for s in summaries)}
+
+
+def cohort_markdown(row: dict, args: argparse.Namespace, weights_note: str) -> str:
+    return "\n".join([
+        f"`{args.command}` on {datetime.date.today()}: one `tiramisu-brats segment "
+        f"{args.cohort.name} -o OUT` process (default backend and precision), {weights_note}.",
+        "",
+        f"- CPU: {cpu_name()}, {infer.cpu_count()} cores available to the process "
+        f"(load average {load_average()} after).",
+        f"- {row['cases']} cases in {row['wall']:.1f} s: **{row['wall'] / row['cases']:.2f} s "
+        f"per case** including start-up, {row['cpu'] / row['wall']:.2f} cores busy on average "
+        f"(CPU {row['cpu']:.0f} s), peak RSS {row['rss']:.0f} MiB.",
+        f"- Waiting for a case's reading (the JSON's `load`): median {row['median_load']:.2f} s "
+        f"per case (each case is read while the one before it is segmented); the median case "
+        f"took {row['median_total']:.2f} s from reading to saving.",
+    ]) + "\n"
 
 
 def fmt(value: float | None, digits: int = 2) -> str:
@@ -147,14 +207,16 @@ def fmt(value: float | None, digits: int = 2) -> str:
 
 def speed_markdown(rows: list[dict], args: argparse.Namespace, weights_note: str) -> str:
     has_expert = "delta_dice" in rows[0]
-    header = ["backend", "precision", "end to end (s)", "CPU (s)", "speed-up vs torch fp32",
+    header = ["configuration", "computed in", "end to end (s)", "CPU (s)",
+              "speed-up vs PyTorch eager",
               *(f"{s} (s)" for s in STAGES), "infer slices/s", "peak RSS (MiB)",
-              "Dice vs torch fp32 (min WT/TC/ET)",
+              "Dice vs PyTorch eager (min WT/TC/ET)",
               *(["max abs Dice change vs expert"] if has_expert else [])]
     lines = [
         f"`{args.command}` on {datetime.date.today()}: case {args.case.name} "
         f"({rows[0]['slices']} brain slices of 192 x 160), {weights_note}; median of "
-        f"{args.runs} runs after one warm-up run per configuration.",
+        f"{args.runs} runs after one warm-up run per configuration. PyTorch eager: "
+        f"{label(REFERENCE)}, as the reference pipeline.",
         "",
         f"- CPU: {cpu_name()}, {infer.cpu_count()} cores available to the process "
         f"(load average {args.load_before} before, {load_average()} after: other jobs may "
@@ -169,7 +231,7 @@ def speed_markdown(rows: list[dict], args: argparse.Namespace, weights_note: str
         "|---|---|" + "---:|" * (len(header) - 2),
     ]
     for r in rows:
-        cells = [r["backend"], r["precision"], fmt(r["wall"]), fmt(r["cpu"], 1),
+        cells = [label(r["config"]), r["computed_in"], fmt(r["wall"]), fmt(r["cpu"], 1),
                  fmt(r["speedup"], 1) + "x", *(fmt(r[s]) for s in STAGES),
                  fmt(r["slices"] / r["infer"], 1), f"{r['rss']:.0f}", fmt(r["agreement"], 4)]
         if has_expert:
@@ -183,11 +245,10 @@ def accuracy_markdown(rows: list[dict], args: argparse.Namespace, weights_note: 
     lines = [
         f"`{args.command}` on {datetime.date.today()}: {len(rows)} labelled cases of "
         f"{args.accuracy_cases}, {weights_note}. Dice against the expert, WT / TC / ET; "
-        "for each reduced precision the largest change from fp32 (openvino fp32, equal to "
-        "torch fp32 up to float rounding), either way. A faster default must stay within 0.01 "
-        "on every case.",
+        f"for each faster path the largest change from PyTorch eager ({label(REFERENCE)}), "
+        "either way. The default must stay within 0.01 on every case.",
         "",
-        "| case | " + " | ".join(f"{b} {p}" for b, p in configs) + " |",
+        "| case | " + " | ".join(label(c) for c in configs) + " |",
         "|---|" + "---|" * len(configs),
     ]
     worst = dict.fromkeys(configs[1:], 0.0)
@@ -235,12 +296,18 @@ def write_doc(subsection: str, body: str) -> None:
     io.atomic_write_text(DOC, text.rstrip() + "\n")
 
 
-def parse_configs(text: str) -> list[tuple[str, str]]:
-    configs = [tuple(c.split(":")) for c in text.split(",")]
-    for c in configs:
-        if len(c) != 2 or c[0] not in infer.SUPPORTED or c[1] not in infer.SUPPORTED[c[0]]:
-            raise argparse.ArgumentTypeError(f"{':'.join(c)}: not a backend:precision pair")
-    return [("torch", "fp32")] + [c for c in configs if c != ("torch", "fp32")]
+def parse_configs(text: str) -> list[Config]:
+    configs = []
+    for item in text.split(","):
+        parts = item.split(":")
+        backend, precision = parts[0], parts[1] if len(parts) > 1 else "default"
+        if (len(parts) not in (2, 3) or parts[2:] not in ([], ["whole"])
+                or backend not in infer.SUPPORTED
+                or precision not in (*infer.SUPPORTED[backend], "default")):
+            raise argparse.ArgumentTypeError(f"{item}: not backend:precision[:whole]")
+        configs.append((backend, None if precision == "default" else precision,
+                        parts[2:] == ["whole"]))
+    return [REFERENCE] + [c for c in configs if c != REFERENCE]
 
 
 def main() -> None:
@@ -250,9 +317,12 @@ def main() -> None:
     parser.add_argument("--model", type=Path, help="weights (default: the shipped model)")
     parser.add_argument("--threads", type=int, help="passed on to segment (default: all cores)")
     parser.add_argument("--configs", type=parse_configs, default=CONFIGS, help=(
-        "backend:precision pairs, comma-separated (torch:fp32, the reference, is always run)"))
+        "backend:precision[:whole], comma-separated, e.g. openvino:default,torch:bf16:whole "
+        "(torch:fp32:whole, the reference, is always run)"))
     parser.add_argument("--accuracy-cases", type=Path, help="folder of labelled cases")
-    parser.add_argument("--no-speed", action="store_true", help="only --accuracy-cases")
+    parser.add_argument("--cohort", type=Path, help="folder of cases: seconds per case")
+    parser.add_argument("--no-speed", action="store_true", help=(
+        "skip the per-configuration runs (only --cohort and --accuracy-cases)"))
     args = parser.parse_args()
     args.command = shlex.join(["python", "benchmarks/speed.py", *sys.argv[1:]])
     args.load_before = load_average()
@@ -273,6 +343,8 @@ def main() -> None:
         if not args.no_speed:
             rows = measure(args, weights, tmp)
             write_doc("Speed", speed_markdown(rows, args, note))
+        if args.cohort:
+            write_doc("Cohort", cohort_markdown(cohort(args, weights, tmp), args, note))
         if args.accuracy_cases:
             write_doc("Reduced precision on every labelled case",
                       accuracy_markdown(accuracy(args.accuracy_cases, weights), args, note))

@@ -43,6 +43,30 @@ def test_segment_writes_a_label_map_on_the_input_grid_with_a_summary(small_cases
         assert stage in result.output
 
 
+def test_whole_slices_runs_the_network_on_whole_slices(small_cases, tiny_weights, tmp_path):
+    from tiramisu_brats.api import Segmenter
+
+    case = small_cases / "syn-0"
+    labels = {}
+    for flag, margin in (("--whole-slices", None), ("--brain-windows", 8)):
+        out = tmp_path / f"{flag}.nii.gz"
+        result = run("segment", case, "-o", out, "--model", tiny_weights, "--backend", "torch",
+                     "--no-progress", "--no-postprocess", flag)
+        assert result.exit_code == 0, result.output
+        summary = json.loads(out.with_name(f"{flag}.json").read_text())
+        assert summary["model"]["brain_window_margin"] == margin
+        labels[margin] = np.asarray(nib.load(out).dataobj)
+    image = io.read_case(io.find_case_files(case)).image
+    for margin, expected in labels.items():
+        segmenter = Segmenter(tiny_weights, "torch", whole_slices=margin is None,
+                              postprocess=False)
+        np.testing.assert_array_equal(segmenter.segment(image).labels, expected)
+    # Defaults: whole slices with torch (its memory grows with every new input shape), brain
+    # windows with the ONNX backends.
+    assert Segmenter(tiny_weights, "torch").margin is None
+    assert Segmenter(tiny_weights, "openvino").margin == 8
+
+
 def test_segment_refuses_to_overwrite_without_the_flag(small_cases, tiny_weights, tmp_path):
     out = tmp_path / "x.nii.gz"
     out.write_bytes(b"precious")

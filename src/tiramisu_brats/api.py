@@ -21,9 +21,15 @@ from pathlib import Path
 import numpy as np
 
 from tiramisu_brats import io, metrics, report
-from tiramisu_brats.infer import default_weights, file_sha256, load_backend, predict_labels
+from tiramisu_brats.infer import (
+    WHOLE_SLICES,
+    default_weights,
+    file_sha256,
+    load_backend,
+    predict_labels,
+)
 from tiramisu_brats.postprocess import postprocess as _postprocess
-from tiramisu_brats.preprocess import CROP, brain_windows, preprocess, uncrop
+from tiramisu_brats.preprocess import CROP, MARGIN, brain_windows, preprocess, uncrop
 
 log = logging.getLogger(__name__)
 
@@ -66,17 +72,19 @@ class Segmenter:
         self, model: PathLike | None = None, backend: str = "openvino", *,
         batch_size: int | None = None, threads: int | None = None, precision: str | None = None,
         device: str | None = None, crop: tuple[int, int] = CROP, postprocess: bool = True,
-        margin: int | None = 8,
+        whole_slices: bool | None = None,
     ) -> None:
-        """``margin``: run the network on each slice's brain window grown by this many pixels
-        (``preprocess.brain_windows``); ``None``: on whole slices."""
+        """``whole_slices``: run the network on whole slices, else on each slice's brain window
+        (``preprocess.brain_windows``); default: the backend's (``infer.WHOLE_SLICES``)."""
         self.weights = Path(model) if model is not None else default_weights()
         self.backend = load_backend(backend, self.weights, threads=threads, precision=precision,
                                     device=device)
         self.batch_size = batch_size
         self.crop = crop
         self.postprocess = postprocess
-        self.margin = margin
+        if whole_slices is None:
+            whole_slices = WHOLE_SLICES[backend]
+        self.margin = None if whole_slices else MARGIN
 
     def model_info(self) -> dict:
         """What the per-case JSON records about the model."""

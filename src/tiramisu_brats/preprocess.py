@@ -18,6 +18,7 @@ import numpy as np
 
 CROP = (192, 160)
 MULTIPLE = 32
+MARGIN = 8  # pixels of background around each slice's brain window
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,7 @@ def uncrop(slices: np.ndarray, geometry: Geometry) -> np.ndarray:
 
 
 def brain_windows(
-    slices: np.ndarray, margin: int = 8, multiple: int = MULTIPLE
+    slices: np.ndarray, margin: int = MARGIN, multiple: int = MULTIPLE
 ) -> list[tuple[slice, slice] | None]:
     """Per slice of ``(Z', C, H, W)``, the window ``(rows, columns)`` around its brain: the
     bounding box of its nonzero pixels grown by ``margin`` on every side, then to a multiple of
