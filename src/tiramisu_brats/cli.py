@@ -115,7 +115,7 @@ def segment(
     skip_existing: Annotated[bool, typer.Option(help=(
         "In a folder of cases, skip cases whose output exists."))] = False,
     batch_size: Annotated[int | None, typer.Option(min=1, help=(
-        "Slices per batch; default: the backend's (openvino 2, onnxruntime 4, torch 8)."))] = None,
+        "Slices per batch; default: the backend's (openvino 1, onnxruntime 4, torch 8)."))] = None,
     threads: Annotated[int | None, typer.Option(min=1, help="CPU threads.")] = None,
     shard: Annotated[str | None, typer.Option(help=(
         "I/N: of a folder of cases, only every N-th (in sorted order) from the I-th, 0-based: "

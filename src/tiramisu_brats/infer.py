@@ -379,7 +379,9 @@ class OpenVINOBackend(Backend):
     """
 
     name = "openvino"
-    batch_size = 2  # as fast as 8 (per CPU second) in 40 % of its memory
+    # One slice per request, a request per stream: on the default path (bf16, brain windows)
+    # 4 % faster than 2 and 14 % faster than 4 (one BraTS case on 2 cores), in less memory.
+    batch_size = 1
     HINT = "THROUGHPUT"  # one stream per core beats LATENCY's one stream on all cores
 
     def __init__(self, model: Path, device: str | None = None, threads: int | None = None,
