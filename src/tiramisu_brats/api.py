@@ -79,6 +79,7 @@ class Segmenter:
         self.weights = Path(model) if model is not None else default_weights()
         self.backend = load_backend(backend, self.weights, threads=threads, precision=precision,
                                     device=device)
+        self._sha256 = file_sha256(self.weights)  # of the weights just loaded, once per run
         self.batch_size = batch_size
         self.crop = crop
         self.postprocess = postprocess
@@ -88,7 +89,7 @@ class Segmenter:
 
     def model_info(self) -> dict:
         """What the per-case JSON records about the model."""
-        return {"weights": str(self.weights), "sha256": file_sha256(self.weights),
+        return {"weights": str(self.weights), "sha256": self._sha256,
                 "backend": self.backend.name, "device": self.backend.device,
                 "precision": self.backend.precision, "brain_window_margin": self.margin}
 

@@ -315,8 +315,8 @@ def read_case(files: CaseFiles) -> Case:
 
 class ReadAhead:
     """``read_case`` for a known sequence of cases, each read in a background thread before it is
-    asked for, so that reading (gzip, which releases the GIL) overlaps the work on the case
-    before it. At most ``ahead`` cases wait in memory.
+    asked for, so that reading overlaps the work on the case before it (inference, which runs in
+    native threads). At most ``ahead`` cases wait in memory.
 
     >>> with ReadAhead(cases) as reader:
     ...     for files in cases:

@@ -49,9 +49,13 @@ class Geometry:
         return self.z1 - self.z0
 
 
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
 def _grow(extent: int, size: int, multiple: int) -> int:
     """The crop size: ``size``, or the next multiple of ``multiple`` that holds ``extent``."""
-    return size if extent <= size else -(-extent // multiple) * multiple
+    return size if extent <= size else _round_up(extent, multiple)
 
 
 def brain_mask(image: np.ndarray) -> np.ndarray:
@@ -160,7 +164,7 @@ def brain_windows(
         for present, n in ((r, height), (c, width)):
             idx = np.flatnonzero(present)
             lo, hi = int(idx[0]), int(idx[-1]) + 1
-            size = min(n, -(-(hi - lo + 2 * margin) // multiple) * multiple)
+            size = min(n, _round_up(hi - lo + 2 * margin, multiple))
             start = min(max((lo + hi) // 2 - size // 2, 0), n - size)
             window.append(slice(start, start + size))
         windows.append((window[0], window[1]))
