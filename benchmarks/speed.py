@@ -2,11 +2,12 @@
 
 Run from anywhere: ``python benchmarks/speed.py [--case DIR] [--runs 3] [--model PATH]``.
 Each measured run is a fresh ``tiramisu-brats segment CASE -o OUT --overwrite --no-progress
---backend B [--precision P] --whole-slices|--brain-windows`` process (interpreter start and imports
-included); one unmeasured run per configuration first makes its cached files (ONNX export,
-int8 model, OpenVINO compiled model), which a user pays once. Stage seconds come from the JSON
-the command writes beside the label map, peak memory from the child's rusage. The reference is
-PyTorch eager in fp32 on whole slices (the paper's pipeline), run in the same benchmark: the
+--backend B [--precision P] --whole-slices|--brain-windows --all-slices|--tumor-slices``
+process (interpreter start and imports included); one unmeasured run per configuration first
+makes its cached files (ONNX export, int8 model, OpenVINO compiled model), which a user pays
+once. Stage seconds come from the JSON the command writes beside the label map, peak memory from
+the child's rusage. The reference is PyTorch eager in fp32 on every whole slice (the paper's
+pipeline), run in the same benchmark: the
 speed-up of every configuration is against it, and so is its Dice: against the reference's
 label map (agreement) and, when the case has an expert segmentation, the change of its Dice
 against the expert's.
@@ -43,22 +44,23 @@ import numpy as np
 
 from tiramisu_brats import infer, io, metrics
 from tiramisu_brats.api import label_stem
-from tiramisu_brats.preprocess import compute_geometry
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CASE = ROOT.parent / "shared" / "data" / "brats-labeled" / "BraTS2021_00006"
 DOC = ROOT / "docs" / "benchmarks.md"
-# (backend, precision, whole slices): precision None is the backend's default. The reference,
-# PyTorch eager in fp32 on whole slices, is what the paper's pipeline did.
-Config = tuple[str, "str | None", bool]
-REFERENCE: Config = ("torch", "fp32", True)
-DEFAULT: Config = (infer.DEFAULT_BACKEND, None, False)
-CONFIGS: list[Config] = [REFERENCE, ("torch", "bf16", True),
-                         ("openvino", "fp32", True), ("openvino", "fp32", False),
-                         ("openvino", "bf16", True), DEFAULT, ("openvino", "int8", False),
-                         ("onnxruntime", "fp32", False), ("onnxruntime", "int8", False)]
-ACCURACY_CONFIGS: list[Config] = [REFERENCE, ("openvino", "bf16", True), DEFAULT,
-                                  ("openvino", "int8", False)]
+# (backend, precision, whole slices, tumor slices): precision None is the backend's default.
+# The reference, PyTorch eager in fp32 on every whole slice, is what the paper's pipeline did.
+Config = tuple[str, "str | None", bool, bool]
+REFERENCE: Config = ("torch", "fp32", True, False)
+DEFAULT: Config = (infer.DEFAULT_BACKEND, None, False, True)
+CONFIGS: list[Config] = [REFERENCE, ("torch", "bf16", True, False),
+                         ("openvino", "fp32", True, False), ("openvino", "bf16", True, False),
+                         ("openvino", "bf16", False, False), DEFAULT,
+                         ("openvino", "int8", False, True), ("onnxruntime", "fp32", False, True),
+                         ("onnxruntime", "int8", False, True)]
+ACCURACY_CONFIGS: list[Config] = [REFERENCE, ("openvino", "bf16", True, False),
+                                  ("openvino", "bf16", False, False), DEFAULT,
+                                  ("openvino", "int8", False, True)]
 STAGES = ("load", "preprocess", "infer", "postprocess", "save")
 REGIONS = tuple(metrics.REGIONS)
 INTRO = ("Seconds per patient on the CPU for each inference backend and precision, written by "
@@ -95,16 +97,18 @@ def run_child(cmd: list[str], log: Path) -> tuple[float, float, float]:
 
 
 def label(config: Config) -> str:
-    backend, precision, whole = config
+    backend, precision, whole, tumor = config
     text = f"{backend} {precision or infer.DEFAULT_PRECISION[backend]}"
     text += ", whole slices" if whole else ", brain windows"
+    text += ", tumor slices" if tumor else ", all slices"
     return text + (" (**default**)" if config == DEFAULT else "")
 
 
 def segment_options(config: Config) -> list[str]:
-    backend, precision, whole = config
+    backend, precision, whole, tumor = config
     return ["--backend", backend, *(["--precision", precision] if precision else []),
-            "--whole-slices" if whole else "--brain-windows"]
+            "--whole-slices" if whole else "--brain-windows",
+            "--tumor-slices" if tumor else "--all-slices"]
 
 
 def dices(a: np.ndarray, b: np.ndarray) -> list[float]:
@@ -113,7 +117,6 @@ def dices(a: np.ndarray, b: np.ndarray) -> list[float]:
 
 def measure(args: argparse.Namespace, weights: Path, tmp: Path) -> list[dict]:
     files = io.find_case_files(args.case)
-    n_slices = compute_geometry(io.read_case(files).image).n_slices
     rows = []
     for k, config in enumerate(args.configs):
         out = tmp / f"{k}.nii.gz"
@@ -134,7 +137,8 @@ def measure(args: argparse.Namespace, weights: Path, tmp: Path) -> list[dict]:
         row["rss"] = max(r["rss"] for r in runs)
         summary = json.loads(out.with_name(label_stem(out) + ".json").read_text())
         rows.append({"config": config, "computed_in": summary["model"]["precision"],
-                     "slices": n_slices, "labels": io.read_label_map(out)[0], **row})
+                     "slices": summary["slices"]["brain"], "run": summary["slices"]["run"],
+                     "labels": io.read_label_map(out)[0], **row})
     reference = next(r for r in rows if r["config"] == REFERENCE)
     expert = io.read_label_map(files.seg)[0] if files.seg is not None else None
     for row in rows:
@@ -151,8 +155,8 @@ def accuracy(folder: Path, weights: Path) -> list[dict]:
     from tiramisu_brats.api import Segmenter
 
     configs = ACCURACY_CONFIGS
-    segmenters = {c: Segmenter(weights, c[0], precision=c[1], whole_slices=c[2])
-                  for c in configs}
+    segmenters = {c: Segmenter(weights, c[0], precision=c[1], whole_slices=c[2],
+                               tumor_slices=c[3]) for c in configs}
     rows = []
     for case in io.find_cases(folder):
         files = io.find_case_files(case)
@@ -209,7 +213,8 @@ def speed_markdown(rows: list[dict], args: argparse.Namespace, weights_note: str
     has_expert = "delta_dice" in rows[0]
     header = ["configuration", "computed in", "end to end (s)", "CPU (s)",
               "speed-up vs PyTorch eager",
-              *(f"{s} (s)" for s in STAGES), "infer slices/s", "peak RSS (MiB)",
+              *(f"{s} (s)" for s in STAGES), "slices run", "brain slices per infer s",
+              "peak RSS (MiB)",
               "Dice vs PyTorch eager (min WT/TC/ET)",
               *(["max abs Dice change vs expert"] if has_expert else [])]
     lines = [
@@ -225,14 +230,17 @@ def speed_markdown(rows: list[dict], args: argparse.Namespace, weights_note: str
             f"{p} {version(p)}" for p in ("openvino", "onnxruntime", "torch", "nncf")) + ".",
         "- End to end: one `tiramisu-brats segment` process, interpreter start and imports "
         "included; stages from the JSON it writes; peak RSS of the process; int8 calibrated "
-        "on synthetic slices.",
+        "on synthetic slices. Whole slices: 192 x 160; brain windows: each slice's brain "
+        "bounding box + 8 px. All slices: every brain slice; tumor slices: every second one, "
+        "then those next to tumor (`infer.predict_labels`), so brain slices per infer second "
+        "count slices not run as well.",
         "",
         "| " + " | ".join(header) + " |",
         "|---|---|" + "---:|" * (len(header) - 2),
     ]
     for r in rows:
         cells = [label(r["config"]), r["computed_in"], fmt(r["wall"]), fmt(r["cpu"], 1),
-                 fmt(r["speedup"], 1) + "x", *(fmt(r[s]) for s in STAGES),
+                 fmt(r["speedup"], 1) + "x", *(fmt(r[s]) for s in STAGES), str(r["run"]),
                  fmt(r["slices"] / r["infer"], 1), f"{r['rss']:.0f}", fmt(r["agreement"], 4)]
         if has_expert:
             cells.append(fmt(r["delta_dice"], 4))
@@ -301,12 +309,13 @@ def parse_configs(text: str) -> list[Config]:
     for item in text.split(","):
         parts = item.split(":")
         backend, precision = parts[0], parts[1] if len(parts) > 1 else "default"
-        if (len(parts) not in (2, 3) or parts[2:] not in ([], ["whole"])
+        flags = parts[2:]
+        if (len(parts) < 2 or not set(flags) <= {"whole", "all"} or len(set(flags)) < len(flags)
                 or backend not in infer.SUPPORTED
                 or precision not in (*infer.SUPPORTED[backend], "default")):
-            raise argparse.ArgumentTypeError(f"{item}: not backend:precision[:whole]")
+            raise argparse.ArgumentTypeError(f"{item}: not backend:precision[:whole][:all]")
         configs.append((backend, None if precision == "default" else precision,
-                        parts[2:] == ["whole"]))
+                        "whole" in flags, "all" not in flags))
     return [REFERENCE] + [c for c in configs if c != REFERENCE]
 
 
@@ -317,8 +326,9 @@ def main() -> None:
     parser.add_argument("--model", type=Path, help="weights (default: the shipped model)")
     parser.add_argument("--threads", type=int, help="passed on to segment (default: all cores)")
     parser.add_argument("--configs", type=parse_configs, default=CONFIGS, help=(
-        "backend:precision[:whole], comma-separated, e.g. openvino:default,torch:bf16:whole "
-        "(torch:fp32:whole, the reference, is always run)"))
+        "backend:precision[:whole][:all], comma-separated, e.g. "
+        "openvino:default,torch:bf16:whole:all (whole slices rather than brain windows, all "
+        "slices rather than tumor slices; torch:fp32:whole:all, the reference, is always run)"))
     parser.add_argument("--accuracy-cases", type=Path, help="folder of labelled cases")
     parser.add_argument("--cohort", type=Path, help="folder of cases: seconds per case")
     parser.add_argument("--no-speed", action="store_true", help=(

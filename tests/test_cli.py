@@ -67,6 +67,21 @@ def test_whole_slices_runs_the_network_on_whole_slices(small_cases, tiny_weights
     assert Segmenter(tiny_weights, "openvino").margin == 8
 
 
+@pytest.mark.parametrize(("flags", "tumor_slices"), [
+    ((), True), (("--all-slices",), False), (("--no-postprocess",), False),
+    (("--save-raw",), False), (("--no-postprocess", "--tumor-slices"), True)])
+def test_tumor_slices_by_default_when_postprocessing(small_cases, tiny_weights, tmp_path, flags,
+                                                     tumor_slices):
+    out = tmp_path / "o.nii.gz"
+    result = run("segment", small_cases / "syn-0", "-o", out, "--model", tiny_weights,
+                 "--backend", "torch", "--no-progress", *flags)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "o.json").read_text())
+    assert summary["model"]["tumor_slices"] is tumor_slices
+    brain, run_ = summary["slices"]["brain"], summary["slices"]["run"]
+    assert 0 < run_ <= brain <= 32 and (tumor_slices or run_ == brain)
+
+
 def test_segment_refuses_to_overwrite_without_the_flag(small_cases, tiny_weights, tmp_path):
     out = tmp_path / "x.nii.gz"
     out.write_bytes(b"precious")
@@ -162,6 +177,12 @@ def test_shipped_model_segments_real_cases(real_data, tmp_path, case):
     np.testing.assert_array_equal(img.affine, ref.affine)
     labels = np.asarray(img.dataobj)
     assert set(np.unique(labels)) <= {0, 1, 2, 4} and np.count_nonzero(labels) > 1000
+    summary = json.loads((tmp_path / "out.json").read_text())
+    assert summary["model"]["tumor_slices"] is True
+    assert summary["slices"]["run"] < summary["slices"]["brain"]
+    every = tmp_path / "every.nii.gz"  # every brain slice through the network: same labels
+    assert run("segment", case_dir, "-o", every, "--no-progress", "--all-slices").exit_code == 0
+    np.testing.assert_array_equal(np.asarray(nib.load(every).dataobj), labels)
     if files.seg is not None:  # a case the shipped model never saw in training
         report = tmp_path / "report"
         assert run("evaluate", out, files.seg, "-o", report, "--no-progress").exit_code == 0

@@ -104,6 +104,44 @@ def test_predict_labels_in_windows(tiny, synthetic_slices):
         infer.predict_labels(backend, synthetic_slices, windows=windows[:-1])
 
 
+class _Threshold(infer.Backend):
+    """Label 2 where channel 0 exceeds 0.5; records the slices it saw (channel 1 holds the
+    slice's index)."""
+
+    batch_size = 3
+
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self.seen += [int(i) for i in batch[:, 1, 0, 0]]
+        logits = np.zeros((len(batch), 4, *batch.shape[2:]), np.float32)
+        logits[:, 0], logits[:, 2] = 0.5, batch[:, 0]
+        return logits
+
+
+@pytest.mark.parametrize("windowed", [False, True])
+def test_tumor_slices_skip_only_slices_between_tumor_free_ones(windowed):
+    slices = np.zeros((41, 2, 8, 8), np.float32)
+    slices[:, 1] = np.arange(41)[:, None, None]
+    for k in (*range(10, 21), 31, 36):  # a tumor, a sliver on an odd and on an even slice
+        slices[k, 0, 2:5, 3:6] = 1
+    windows = [(slice(0, 8), slice(0, 8))] * 41 if windowed else None
+    stats: dict[str, int] = {}
+    full = infer.predict_labels(_Threshold(), slices, windows=windows, stats=stats)
+    assert stats == {"run": 41}
+    backend, calls = _Threshold(), []
+    labels = infer.predict_labels(backend, slices, on_batch=calls.append, windows=windows,
+                                  tumor_slices=True, stats=stats)
+    expected_run = {*range(0, 41, 2), *range(9, 22, 2), 35, 37}
+    assert sorted(backend.seen) == sorted(expected_run)  # each once
+    assert stats == {"run": len(expected_run)} and sum(calls) == 41
+    expected = full.copy()
+    expected[31] = 0  # between two tumor-free slices: never run
+    np.testing.assert_array_equal(labels, expected)
+    assert (full[31] == 2).sum() == 9
+
+
 def test_bf16_close_to_fp32(tiny):
     x = np.random.default_rng(1).standard_normal((2, 4, 32, 32)).astype(np.float32)
     logits = infer.load_backend("openvino", tiny, precision="bf16")(x)

@@ -215,6 +215,27 @@ def test_read_ahead_reads_the_next_case_in_the_background(tmp_path, monkeypatch)
     assert all(t == here for c, t in calls if not t.startswith("read-ahead"))
 
 
+@pytest.mark.parametrize("kind", ["scaled", "multi-member gzip", "nifti2"])
+def test_gzip_read_matches_nibabel(tmp_path: Path, kind: str) -> None:
+    """The one-call gzip path reads what nibabel's streaming reader reads."""
+    paths = make_case(tmp_path, seg=False)
+    data = volume(7)
+    if kind == "nifti2":
+        nib.save(nib.Nifti2Image(data, AFFINE), paths[2])
+    else:
+        img = nib.Nifti1Image(data, AFFINE)
+        img.header.set_slope_inter(0.5, -3.0)
+        nib.save(img, paths[2])
+    if kind == "multi-member gzip":  # as written by e.g. pigz, or files concatenated
+        raw = gzip.decompress(paths[2].read_bytes())
+        paths[2].write_bytes(gzip.compress(raw[:1000]) + gzip.compress(raw[1000:]))
+    expected = np.asanyarray(nib.load(paths[2]).dataobj).astype(np.float32)
+    image = io.read_case(io.find_case_files(tmp_path)).image
+    np.testing.assert_array_equal(image[2], expected)
+    if kind != "nifti2":
+        np.testing.assert_allclose(image[2], data * 0.5 - 3.0)
+
+
 def test_read_case_warns_on_spacing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     affine = np.diag([2.0, 2.0, 3.0, 1.0])
     paths = [save(tmp_path / f"c_{m}.nii", volume(i), affine) for i, m in enumerate(io.MODALITIES)]

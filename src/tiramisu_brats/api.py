@@ -58,11 +58,13 @@ def read_case(
 @dataclass(frozen=True)
 class Segmentation:
     """``labels`` (X, Y, Z) uint8 0/1/2/4 after postprocessing (or raw when it was off),
-    ``raw`` before postprocessing, and seconds per stage."""
+    ``raw`` before postprocessing (0 in slices that ``tumor_slices`` left out), seconds per
+    stage, and ``slices``: how many axial slices hold brain and how many of them were run."""
 
     labels: np.ndarray
     raw: np.ndarray
     timings: dict[str, float] = field(default_factory=dict)
+    slices: dict[str, int] = field(default_factory=dict)
 
 
 class Segmenter:
@@ -72,10 +74,13 @@ class Segmenter:
         self, model: PathLike | None = None, backend: str = "openvino", *,
         batch_size: int | None = None, threads: int | None = None, precision: str | None = None,
         device: str | None = None, crop: tuple[int, int] = CROP, postprocess: bool = True,
-        whole_slices: bool | None = None,
+        whole_slices: bool | None = None, tumor_slices: bool | None = None,
     ) -> None:
         """``whole_slices``: run the network on whole slices, else on each slice's brain window
-        (``preprocess.brain_windows``); default: the backend's (``infer.WHOLE_SLICES``)."""
+        (``preprocess.brain_windows``); default: the backend's (``infer.WHOLE_SLICES``).
+        ``tumor_slices``: run only the slices near tumor (``infer.predict_labels``), which
+        leaves the postprocessed labels as they are but not the raw ones; default: with
+        ``postprocess``. ``segment_case(save_raw=True)`` runs every slice regardless."""
         self.weights = Path(model) if model is not None else default_weights()
         self.backend = load_backend(backend, self.weights, threads=threads, precision=precision,
                                     device=device)
@@ -86,30 +91,37 @@ class Segmenter:
         if whole_slices is None:
             whole_slices = WHOLE_SLICES[backend]
         self.margin = None if whole_slices else MARGIN
+        self.tumor_slices = postprocess if tumor_slices is None else tumor_slices
 
     def model_info(self) -> dict:
         """What the per-case JSON records about the model."""
         return {"weights": str(self.weights), "sha256": self._sha256,
                 "backend": self.backend.name, "device": self.backend.device,
-                "precision": self.backend.precision, "brain_window_margin": self.margin}
+                "precision": self.backend.precision, "brain_window_margin": self.margin,
+                "tumor_slices": self.tumor_slices}
 
     def segment(
-        self, image: np.ndarray, on_batch: Callable[[int], None] | None = None,
+        self, image: np.ndarray, on_batch: Callable[[int], None] | None = None, *,
+        all_slices: bool = False,
     ) -> Segmentation:
-        """Segment one case: ``image`` (4, X, Y, Z) → labels (X, Y, Z) uint8 in 0/1/2/4."""
+        """Segment one case: ``image`` (4, X, Y, Z) → labels (X, Y, Z) uint8 in 0/1/2/4.
+        ``all_slices``: run every brain slice even with ``tumor_slices`` (a complete ``raw``)."""
         if image.ndim != 4 or image.shape[0] != 4:
             raise ValueError(f"expected an image (4, X, Y, Z), got shape {image.shape}")
         t0 = time.perf_counter()
         slices, geometry = preprocess(image, self.crop)
         t1 = time.perf_counter()
         windows = None if self.margin is None else brain_windows(slices, self.margin)
-        raw = uncrop(predict_labels(self.backend, slices, self.batch_size, on_batch, windows),
-                     geometry)
+        tumor_slices = self.tumor_slices and not all_slices
+        stats: dict[str, int] = {}
+        raw = uncrop(predict_labels(self.backend, slices, self.batch_size, on_batch, windows,
+                                    tumor_slices=tumor_slices, stats=stats), geometry)
         t2 = time.perf_counter()
         labels = _postprocess(raw) if self.postprocess else raw
         t3 = time.perf_counter()
         return Segmentation(labels, raw, {"preprocess": t1 - t0, "infer": t2 - t1,
-                                          "postprocess": t3 - t2})
+                                          "postprocess": t3 - t2},
+                            {"brain": len(slices), "run": stats["run"]})
 
     def segment_case(
         self, files: io.CaseFiles, output: PathLike, *, convention: str = "brats",
@@ -144,7 +156,7 @@ class Segmenter:
         t0 = time.perf_counter()
         case = read(files)
         t1 = time.perf_counter()
-        seg = self.segment(case.image, on_batch)
+        seg = self.segment(case.image, on_batch, all_slices=save_raw)
         t2 = time.perf_counter()
         io.write_label_map(output, seg.labels, case.header, case.affine, convention=convention,
                            overwrite=overwrite)
@@ -164,7 +176,8 @@ class Segmenter:
             "postprocessed": self.postprocess,
             "shape": list(case.shape),
             "spacing_mm": list(case.spacing),
-            "model": self.model_info(),
+            "model": {**self.model_info(), "tumor_slices": self.tumor_slices and not save_raw},
+            "slices": seg.slices,
             "timings_s": timings,
         }
         io.atomic_write_text(sidecar, json.dumps(summary, indent=2), overwrite=True)

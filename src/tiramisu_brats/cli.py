@@ -109,6 +109,11 @@ def segment(
             "Run the network on whole 192 x 160 slices, or on each slice's brain window "
             "(faster, labels within 0.01 Dice). Default: brain windows, whole slices with "
             "torch."))] = None,
+    all_slices: Annotated[bool | None, typer.Option(
+        "--all-slices/--tumor-slices", show_default=False, help=(
+            "Run the network on every brain slice, or on every second one and then only "
+            "those next to tumor (faster, same postprocessed labels). Default: tumor slices, "
+            "every slice with --no-postprocess; --save-raw runs every slice."))] = None,
     save_raw: Annotated[bool, typer.Option(help=(
         "Also write <name>_raw.nii.gz, before postprocessing."))] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
@@ -202,7 +207,8 @@ def segment(
 
             segmenter = Segmenter(model, backend, batch_size=batch_size, threads=threads,
                                   precision=precision, postprocess=postprocess,
-                                  whole_slices=whole_slices)
+                                  whole_slices=whole_slices,
+                                  tumor_slices=None if all_slices is None else not all_slices)
         if cohort:  # only now: a bad model or option leaves no output folder behind
             with user_errors():
                 output.mkdir(parents=True, exist_ok=True)

@@ -470,35 +470,72 @@ def load_backend(name: str = DEFAULT_BACKEND, weights: Path | None = None, *,
 def predict_labels(
     backend: Backend, slices: np.ndarray, batch_size: int | None = None,
     on_batch: Callable[[int], None] | None = None,
-    windows: Sequence[tuple[slice, slice] | None] | None = None,
+    windows: Sequence[tuple[slice, slice] | None] | None = None, *, tumor_slices: bool = False,
+    stats: dict[str, int] | None = None,
 ) -> np.ndarray:
     """Labels (Z', H, W) uint8 in 0/1/2/4 for slices (Z', C, H, W) float32, by argmax
     (``batch_size`` default: the backend's).
 
     ``windows`` (one per slice, as ``preprocess.brain_windows``): run the network on these parts
     of the slices only, slices of one window size batched together; 0 outside them.
+
+    ``tumor_slices``: run every second slice, then only the slices next to one in which the
+    network found tumor; a slice whose two neighbours hold no tumor is left 0. What is lost
+    is tumor the network would find in such a slice alone: a sliver one slice thick, cut off
+    from the rest, which ``postprocess`` drops unless it were a tenth the size of the main
+    tumor. On the 17 labelled BraTS cases this runs 78 % of the slices (84 % of the pixels)
+    and gives the same postprocessed labels (docs/benchmarks.md).
+
+    ``stats``, if given, gets ``run``: how many slices went through the network.
     """
-    if windows is None:
-        return backend.predict(slices, batch_size, on_batch)
-    if len(windows) != len(slices):
+    if windows is not None and len(windows) != len(slices):
         raise ValueError(f"{len(windows)} windows for {len(slices)} slices")
-    batch_size = batch_size or backend.batch_size
     out = np.zeros((slices.shape[0], *slices.shape[2:]), np.uint8)
+    stats = {} if stats is None else stats
+    if not tumor_slices:
+        stats["run"] = _run(backend, slices, range(len(slices)), windows, out, batch_size,
+                            on_batch)
+        return out
+    first = range(0, len(slices), 2)
+    stats["run"] = _run(backend, slices, first, windows, out, batch_size, on_batch)
+    found = out.reshape(len(out), -1).any(1)
+    second = [k for k in range(1, len(slices), 2)
+              if found[k - 1] or (k + 1 < len(slices) and found[k + 1])]
+    skipped = (len(slices) - len(first)) - len(second)
+    if on_batch and skipped:
+        on_batch(skipped)
+    stats["run"] += _run(backend, slices, second, windows, out, batch_size, on_batch)
+    log.info("tumor slices: %d of %d slices run", stats["run"], len(slices))
+    return out
+
+
+def _run(
+    backend: Backend, slices: np.ndarray, indices: Sequence[int],
+    windows: Sequence[tuple[slice, slice] | None] | None, out: np.ndarray,
+    batch_size: int | None, on_batch: Callable[[int], None] | None,
+) -> int:
+    """Write into ``out`` the labels of the slices ``indices`` (in their windows, if given),
+    slices of one size batched together, the largest first; returns how many were run (a
+    slice without a window is not)."""
+    batch_size = batch_size or backend.batch_size
+    whole = (slice(None), slice(None))
+    place = [whole] * len(slices) if windows is None else windows
     by_size: dict[tuple[int, int], list[int]] = {}
-    for i, w in enumerate(windows):
-        if w is None:
+    for i in indices:
+        if place[i] is None:
             if on_batch:
                 on_batch(1)
             continue
-        by_size.setdefault((w[0].stop - w[0].start, w[1].stop - w[1].start), []).append(i)
+        size = slices[i, 0, place[i][0], place[i][1]].shape
+        by_size.setdefault(size, []).append(i)
     sizes = sorted(by_size, key=lambda size: size[0] * size[1], reverse=True)  # whole ones first
     chunks = [by_size[size][k : k + batch_size] for size in sizes
               for k in range(0, len(by_size[size]), batch_size)]
-    batches = (np.stack([slices[i, :, windows[i][0], windows[i][1]] for i in chunk])
+    batches = (np.stack([slices[i, :, place[i][0], place[i][1]] for i in chunk])
                for chunk in chunks)
     for chunk, labels in zip(chunks, backend.label_batches(batches), strict=True):
         for i, slice_labels in zip(chunk, labels, strict=True):
-            out[i, windows[i][0], windows[i][1]] = slice_labels
+            out[i, place[i][0], place[i][1]] = slice_labels
         if on_batch:
             on_batch(len(chunk))
-    return out
+    return sum(len(chunk) for chunk in chunks)

@@ -8,6 +8,7 @@ numbering (0/1/2/3) exists only on disk: ``read_label_map`` and ``write_label_ma
 from __future__ import annotations
 
 import contextlib
+import gzip
 import logging
 import os
 import secrets
@@ -267,11 +268,33 @@ def _open_volume(path: Path) -> tuple[nib.Nifti1Image, tuple[int, int, int]]:
 
 
 def _read_voxels(img: nib.Nifti1Image, path: Path) -> np.ndarray:
-    """The voxel array as stored (scaled by nibabel if the header says so)."""
+    """The voxel array as stored (scaled by nibabel if the header says so).
+
+    A gzipped single-file NIfTI is decompressed in one ``gzip.decompress`` call, which releases
+    the GIL (nibabel's streaming reader holds it), so that several files decompress in parallel
+    threads; on 2 cores the four files of a BraTS case take about half the time.
+    """
     try:
+        if path.name.lower().endswith(".nii.gz") and type(img) in (nib.Nifti1Image,
+                                                                   nib.Nifti2Image):
+            img = type(img).from_bytes(gzip.decompress(path.read_bytes()))
         return np.asanyarray(img.dataobj)
-    except _READ_ERRORS as e:
+    except (*_READ_ERRORS, gzip.BadGzipFile) as e:
         raise InputError(f"{path}: cannot read the voxel data ({_one_line(e)})") from e
+
+
+def _load_modality(slot: np.ndarray, img: nib.Nifti1Image, path: Path) -> None:
+    """Read one image's voxels into ``slot`` (X, Y, Z) float32, NaN/Inf set to 0."""
+    data = _read_voxels(img, path)
+    with np.errstate(over="ignore"):  # float64 beyond float32 range -> Inf, handled below
+        slot[...] = data.reshape(slot.shape)
+    if data.dtype.kind == "f":  # only float data can hold NaN/Inf (or overflow float32)
+        bad = ~np.isfinite(slot)
+        if bad.any():
+            logger.warning("%s: %d NaN/Inf voxels set to 0", path, np.count_nonzero(bad))
+            slot[bad] = 0
+    if not slot.any():
+        raise InputError(f"{path}: all voxels are zero")
 
 
 def read_case(files: CaseFiles) -> Case:
@@ -299,17 +322,11 @@ def read_case(files: CaseFiles) -> Case:
         )
 
     image = np.empty((len(MODALITIES), *shape), dtype=np.float32)
-    for slot, path, (img, _) in zip(image, files.images, opened, strict=True):
-        data = _read_voxels(img, Path(path))
-        with np.errstate(over="ignore"):  # float64 beyond float32 range -> Inf, handled below
-            slot[...] = data.reshape(shape)
-        if data.dtype.kind == "f":  # only float data can hold NaN/Inf (or overflow float32)
-            bad = ~np.isfinite(slot)
-            if bad.any():
-                logger.warning("%s: %d NaN/Inf voxels set to 0", path, np.count_nonzero(bad))
-                slot[bad] = 0
-        if not slot.any():
-            raise InputError(f"{path}: all voxels are zero")
+    with ThreadPoolExecutor(len(MODALITIES), thread_name_prefix="read") as pool:
+        jobs = [pool.submit(_load_modality, slot, img, Path(path))
+                for slot, path, (img, _) in zip(image, files.images, opened, strict=True)]
+        for job in jobs:  # the first file's error in modality order, as when read one by one
+            job.result()
     return Case(files.case_id, image, affine, ref.header, files)
 
 
