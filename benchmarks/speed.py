@@ -84,10 +84,16 @@ def segment_command() -> list[str]:
 
 
 def run_child(cmd: list[str], log: Path) -> tuple[float, float, float]:
-    """Wall seconds, CPU seconds and peak RSS (MiB) of one child process."""
+    """Wall seconds, CPU seconds and peak RSS (MiB) of one child process.
+
+    Byte code is cached (in a folder beside ``log``) even where ``PYTHONDONTWRITEBYTECODE`` is
+    set, as for an installed package (pip compiles it): the warm-up run writes it.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["PYTHONPYCACHEPREFIX"] = str(log.with_name("pycache"))
     start = time.perf_counter()
     with open(log, "wb") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)

@@ -106,6 +106,24 @@ def test_brats2023_label_convention(small_cases, tiny_weights, tmp_path):
     np.testing.assert_array_equal(np.where(a == 4, 3, a), b)
 
 
+def test_segment_case_takes_a_case_prepared_ahead(small_cases, tiny_weights, tmp_path):
+    from tiramisu_brats.api import Segmenter, prepare_case
+
+    files = io.find_case_files(small_cases / "syn-1")
+    seg = Segmenter(tiny_weights, "torch")
+    ways = {"read": io.read_case, "prepared": lambda f: prepare_case(io.read_case(f)),
+            "other crop": lambda f: prepare_case(io.read_case(f), crop=(64, 64))}
+    labels, preprocess_s = {}, {}
+    for name, read in ways.items():
+        out = tmp_path / f"{name}.nii.gz"
+        preprocess_s[name] = seg.segment_case(files, out, read=read)["timings_s"]["preprocess"]
+        labels[name] = np.asarray(nib.load(out).dataobj)
+    np.testing.assert_array_equal(labels["prepared"], labels["read"])
+    np.testing.assert_array_equal(labels["other crop"], labels["read"])  # prepared again
+    assert preprocess_s["prepared"] == 0 < preprocess_s["read"]
+    assert preprocess_s["other crop"] > 0
+
+
 def test_cohort_segment_and_evaluate_match_numpy_dice(small_cases, tiny_weights, tmp_path):
     preds = tmp_path / "preds"
     result = run("segment", small_cases, "-o", preds, "--model", tiny_weights, "--backend",

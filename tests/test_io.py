@@ -181,7 +181,7 @@ def test_read_case(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     assert isinstance(case.header, nib.Nifti1Header)
 
 
-def test_read_ahead_reads_the_next_case_in_the_background(tmp_path, monkeypatch) -> None:
+def test_read_ahead_reads_the_next_case_in_the_background(tmp_path) -> None:
     import threading
 
     cases = []
@@ -196,8 +196,7 @@ def test_read_ahead_reads_the_next_case_in_the_background(tmp_path, monkeypatch)
         calls.append((files.case_id, threading.current_thread().name))
         return real_read(files)
 
-    monkeypatch.setattr(io, "read_case", recording)
-    with io.ReadAhead(cases) as reader:
+    with io.ReadAhead(cases, read=recording) as reader:
         first = reader.read(cases[0])
         np.testing.assert_array_equal(first.image, real_read(cases[0]).image)
         assert first.case_id == "C0"

@@ -29,7 +29,7 @@ from tiramisu_brats.infer import (
     predict_labels,
 )
 from tiramisu_brats.postprocess import postprocess as _postprocess
-from tiramisu_brats.preprocess import CROP, MARGIN, brain_windows, preprocess, uncrop
+from tiramisu_brats.preprocess import CROP, MARGIN, Geometry, brain_windows, preprocess, uncrop
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,23 @@ class Segmentation:
     raw: np.ndarray
     timings: dict[str, float] = field(default_factory=dict)
     slices: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PreparedCase:
+    """A case with the network's input made from it: ``slices`` (Z', 4, H, W) float32 and
+    their ``geometry``, as ``preprocess.preprocess(case.image, crop)``."""
+
+    case: io.Case
+    slices: np.ndarray
+    geometry: Geometry
+    crop: tuple[int, int]
+
+
+def prepare_case(case: io.Case, crop: tuple[int, int] = CROP) -> PreparedCase:
+    """Preprocess a case for the network (e.g. in a reading thread, see ``segment_case``)."""
+    slices, geometry = preprocess(case.image, crop)
+    return PreparedCase(case, slices, geometry, crop)
 
 
 class Segmenter:
@@ -110,6 +127,13 @@ class Segmenter:
             raise ValueError(f"expected an image (4, X, Y, Z), got shape {image.shape}")
         t0 = time.perf_counter()
         slices, geometry = preprocess(image, self.crop)
+        return self._segment(slices, geometry, on_batch, all_slices,
+                             time.perf_counter() - t0)
+
+    def _segment(
+        self, slices: np.ndarray, geometry: Geometry, on_batch: Callable[[int], None] | None,
+        all_slices: bool, preprocess_s: float,
+    ) -> Segmentation:
         t1 = time.perf_counter()
         windows = None if self.margin is None else brain_windows(slices, self.margin)
         tumor_slices = self.tumor_slices and not all_slices
@@ -119,7 +143,7 @@ class Segmenter:
         t2 = time.perf_counter()
         labels = _postprocess(raw) if self.postprocess else raw
         t3 = time.perf_counter()
-        return Segmentation(labels, raw, {"preprocess": t1 - t0, "infer": t2 - t1,
+        return Segmentation(labels, raw, {"preprocess": preprocess_s, "infer": t2 - t1,
                                           "postprocess": t3 - t2},
                             {"brain": len(slices), "run": stats["run"]})
 
@@ -127,14 +151,15 @@ class Segmenter:
         self, files: io.CaseFiles, output: PathLike, *, convention: str = "brats",
         overwrite: bool = False, save_raw: bool = False,
         on_batch: Callable[[int], None] | None = None,
-        read: Callable[[io.CaseFiles], io.Case] = io.read_case,
+        read: Callable[[io.CaseFiles], io.Case | PreparedCase] = io.read_case,
     ) -> dict:
         """Read, segment and write one case; returns the summary also written as JSON.
 
         Writes ``output`` (a .nii.gz label map on the input's grid), ``<output stem>.json``
         (volumes in ml, model, timings) and with ``save_raw`` ``<output stem>_raw.nii.gz``.
         ``read``: how the case is read, e.g. ``io.ReadAhead.read`` (then the ``load`` time is
-        the wait for it).
+        the wait for it); it may return the case already prepared (``prepare_case``), e.g. in
+        the reading thread, and then ``preprocess`` takes no time here.
         """
         output = Path(output)
         stem = label_stem(output)
@@ -156,7 +181,12 @@ class Segmenter:
         t0 = time.perf_counter()
         case = read(files)
         t1 = time.perf_counter()
-        seg = self.segment(case.image, on_batch, all_slices=save_raw)
+        if isinstance(case, PreparedCase) and case.crop == self.crop:
+            seg = self._segment(case.slices, case.geometry, on_batch, save_raw, 0.0)
+            case = case.case
+        else:
+            case = case.case if isinstance(case, PreparedCase) else case
+            seg = self.segment(case.image, on_batch, all_slices=save_raw)
         t2 = time.perf_counter()
         io.write_label_map(output, seg.labels, case.header, case.affine, convention=convention,
                            overwrite=overwrite)

@@ -83,6 +83,14 @@ def _timing_table(rows: list[dict]) -> Table:
     return table
 
 
+def _read_prepared(files: io.CaseFiles):
+    """Read a case and preprocess it: what ``segment`` does in its reading thread."""
+    case = io.read_case(files)
+    from tiramisu_brats.api import prepare_case  # after reading: the main thread imports it
+
+    return prepare_case(case)
+
+
 @app.command()
 def segment(
     input: Annotated[Path | None, typer.Argument(help=INPUT_HELP)] = None,
@@ -199,9 +207,9 @@ def segment(
             plan.append((k, files, target, replace))
         except Exception as err:
             failed(k, name, err)
-    # Cases are read in a background thread one ahead: the first while the model and
-    # the libraries it needs load.
-    with io.ReadAhead([files for _, files, _, _ in plan]) as reader:
+    # Cases are read and preprocessed in a background thread one ahead: the first while the
+    # model and the libraries it needs load.
+    with io.ReadAhead([files for _, files, _, _ in plan], read=_read_prepared) as reader:
         with user_errors():
             from tiramisu_brats.api import Segmenter
 

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
+from typing import Generic, TypeVar
 
 import nibabel as nib
 import numpy as np
@@ -24,6 +25,7 @@ from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MODALITIES = ("t1", "t1ce", "t2", "flair")
 LABEL_CONVENTIONS = ("brats", "brats2023")
@@ -330,21 +332,24 @@ def read_case(files: CaseFiles) -> Case:
     return Case(files.case_id, image, affine, ref.header, files)
 
 
-class ReadAhead:
+class ReadAhead(Generic[T]):
     """``read_case`` for a known sequence of cases, each read in a background thread before it is
     asked for, so that reading overlaps the work on the case before it (inference, which runs in
-    native threads). At most ``ahead`` cases wait in memory.
+    native threads). At most ``ahead`` cases wait in memory. ``read``: what is done in the
+    background for each case (default ``read_case``; e.g. also preprocessing).
 
     >>> with ReadAhead(cases) as reader:
     ...     for files in cases:
     ...         case = reader.read(files)  # errors of reading are raised here
     """
 
-    def __init__(self, cases: Sequence[CaseFiles], ahead: int = 1) -> None:
+    def __init__(self, cases: Sequence[CaseFiles], ahead: int = 1,
+                 read: Callable[[CaseFiles], T] = read_case) -> None:  # type: ignore[assignment]
         self._order = list(cases)
         self._ahead = ahead
+        self._read = read
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="read-ahead")
-        self._pending: dict[int, Future[Case]] = {}
+        self._pending: dict[int, Future[T]] = {}
         self._next = 0  # the first case not submitted yet
         self._done = 0  # the first case not asked for yet
         self._fill()
@@ -352,22 +357,22 @@ class ReadAhead:
     def _fill(self) -> None:
         self._next = max(self._next, self._done)
         while self._next < min(len(self._order), self._done + self._ahead):
-            self._pending[self._next] = self._pool.submit(read_case, self._order[self._next])
+            self._pending[self._next] = self._pool.submit(self._read, self._order[self._next])
             self._next += 1
 
-    def read(self, files: CaseFiles) -> Case:
-        """The case ``files`` (as ``read_case``): from the background thread when it was read
+    def read(self, files: CaseFiles) -> T:
+        """The case ``files`` (as ``read``): from the background thread when it was read
         ahead; cases before it that were not asked for are dropped."""
         index = next((i for i in range(self._done, len(self._order))
                       if self._order[i] == files), None)
         if index is None:
-            return read_case(files)
+            return self._read(files)
         for skipped in [i for i in self._pending if i < index]:
             self._pending.pop(skipped).cancel()
         future = self._pending.pop(index, None)
         self._done = index + 1
         self._fill()
-        return future.result() if future is not None else read_case(files)
+        return future.result() if future is not None else self._read(files)
 
     def close(self) -> None:
         """Drop what was read ahead and stop the thread."""
@@ -376,7 +381,7 @@ class ReadAhead:
         self._pending.clear()
         self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def __enter__(self) -> ReadAhead:
+    def __enter__(self) -> ReadAhead[T]:
         return self
 
     def __exit__(self, *exc: object) -> None:

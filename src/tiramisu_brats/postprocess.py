@@ -43,8 +43,8 @@ def _check_labels(labels: np.ndarray) -> None:
     lo, hi = int(labels.min()), int(labels.max())
     if lo < 0 or hi > max(LABELS):
         raise ValueError(f"label values must be in {LABELS}, found values in [{lo}, {hi}]")
-    counts = np.bincount(labels.ravel().astype(np.intp, copy=False), minlength=max(LABELS) + 1)
-    bad = [v for v in range(counts.size) if counts[v] and v not in LABELS]
+    # One comparison per value missing from LABELS in [lo, hi] (just 3): no wide copy.
+    bad = [v for v in range(lo, hi + 1) if v not in LABELS and np.any(labels == v)]
     if bad:
         raise ValueError(f"label values must be in {LABELS}, found {bad}")
 
