@@ -2,6 +2,8 @@
 
 import csv
 import json
+import subprocess
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -80,6 +82,30 @@ def test_tumor_slices_by_default_when_postprocessing(small_cases, tiny_weights, 
     assert summary["model"]["tumor_slices"] is tumor_slices
     brain, run_ = summary["slices"]["brain"], summary["slices"]["run"]
     assert 0 < run_ <= brain <= 32 and (tumor_slices or run_ == brain)
+
+
+def test_console_command_exits_with_its_status_and_all_output(small_cases, tiny_weights,
+                                                             tmp_path):
+    """``python -m tiramisu_brats`` (as the installed command) exits at once after a command:
+    its output printed, its files written, its exit status kept."""
+    from tiramisu_brats import __version__
+
+    def command(*args):
+        return subprocess.run([sys.executable, "-m", "tiramisu_brats", *map(str, args)],
+                              capture_output=True, text=True, timeout=300)
+
+    version = command("--version")
+    assert (version.returncode, version.stdout.strip()) == (0, __version__)
+    assert command("--verbose").returncode == 2  # options but no command
+    out = tmp_path / "o.nii.gz"
+    done = command("segment", small_cases / "syn-0", "-o", out, "--model", tiny_weights,
+                   "--backend", "torch", "--no-progress")
+    assert done.returncode == 0, done.stderr
+    printed = " ".join(done.stderr.split())  # what the run reports goes to stderr
+    assert f"wrote {out}" in printed and "seconds per stage" in printed
+    assert json.loads((tmp_path / "o.json").read_text())["case"] == "syn-0"
+    missing = command("segment", tmp_path / "nope", "-o", tmp_path / "x.nii.gz")
+    assert missing.returncode == 2 and "no such file or folder" in missing.stderr
 
 
 def test_segment_refuses_to_overwrite_without_the_flag(small_cases, tiny_weights, tmp_path):

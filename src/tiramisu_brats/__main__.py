@@ -1,5 +1,5 @@
 """``python -m tiramisu_brats`` runs the command line."""
 
-from tiramisu_brats.cli import app
+from tiramisu_brats.cli import run
 
-app()
+run()
