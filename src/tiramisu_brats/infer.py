@@ -483,8 +483,8 @@ def predict_labels(
     network found tumor; a slice whose two neighbours hold no tumor is left 0. What is lost
     is tumor the network would find in such a slice alone: a sliver one slice thick, cut off
     from the rest, which ``postprocess`` drops unless it were a tenth the size of the main
-    tumor. On the 17 labelled BraTS cases this runs 78 % of the slices (84 % of the pixels)
-    and gives the same postprocessed labels (docs/benchmarks.md).
+    tumor. On the 17 labelled BraTS cases this runs 78 % of the slices and gives the same
+    postprocessed labels (docs/benchmarks.md).
 
     ``stats``, if given, gets ``run``: how many slices went through the network.
     """
