@@ -304,15 +304,7 @@ class Backend:
                 on_batch: Callable[[int], None] | None = None) -> np.ndarray:
         """Labels (Z', H, W) uint8 in 0/1/2/4 for slices (Z', C, H, W) float32, by argmax,
         ``batch_size`` slices at a time (default: the backend's ``batch_size``)."""
-        batch_size = batch_size or self.batch_size
-        out = np.empty((slices.shape[0], *slices.shape[2:]), np.uint8)
-        starts = range(0, len(slices), batch_size)
-        batches = (slices[start : start + batch_size] for start in starts)
-        for start, labels in zip(starts, self.label_batches(batches), strict=True):
-            out[start : start + len(labels)] = labels
-            if on_batch:
-                on_batch(len(labels))
-        return out
+        return predict_labels(self, slices, batch_size, on_batch)
 
 
 class TorchBackend(Backend):
