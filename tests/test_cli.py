@@ -2,8 +2,10 @@
 
 import csv
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -106,6 +108,24 @@ def test_console_command_exits_with_its_status_and_all_output(small_cases, tiny_
     assert json.loads((tmp_path / "o.json").read_text())["case"] == "syn-0"
     missing = command("segment", tmp_path / "nope", "-o", tmp_path / "x.nii.gz")
     assert missing.returncode == 2 and "no such file or folder" in missing.stderr
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_the_command_starts_no_blas_threads():
+    """Importing the command line loads NumPy and SciPy without their OpenBLAS thread pools
+    (which spin at start-up on every core), unless the user asks for them."""
+    code = ("import os, tiramisu_brats.cli, scipy.ndimage, numpy; "
+            "print(len(os.listdir('/proc/self/task')), os.environ['OPENBLAS_NUM_THREADS'])")
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+
+    def threads(**extra):
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              env={**env, **extra}, check=True)
+        return done.stdout.split()
+
+    assert threads() == ["1", "1"]
+    allowed = threads(OPENBLAS_NUM_THREADS="2")  # what the test would see without the setting
+    assert int(allowed[0]) > 1 and allowed[1] == "2"
 
 
 def test_segment_refuses_to_overwrite_without_the_flag(small_cases, tiny_weights, tmp_path):

@@ -235,6 +235,51 @@ def test_gzip_read_matches_nibabel(tmp_path: Path, kind: str) -> None:
         np.testing.assert_allclose(image[2], data * 0.5 - 3.0)
 
 
+def test_gzip_read_in_odd_sized_chunks_and_big_endian(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Voxels split across decompressed chunks (7 input bytes at a time) and stored big-endian
+    arrive whole and in order."""
+    paths = make_case(tmp_path, seg=False)
+    data = volume(3)
+    nib.save(nib.Nifti1Image(data.astype(">i2"), AFFINE), paths[1])
+    gunzip = io._gunzip
+    monkeypatch.setattr(io, "_gunzip", lambda data, limit: gunzip(data, limit, piece=7))
+    case = io.read_case(io.find_case_files(tmp_path), keep_dtype=True)
+    assert case.image.dtype == np.int16
+    np.testing.assert_array_equal(case.image[1], data)
+    np.testing.assert_array_equal(case.image[3], volume(3) + 3000)
+
+
+def test_gunzip_stops_at_the_limit_and_keeps_the_gzip_message(tmp_path: Path) -> None:
+    raw = np.random.default_rng(0).bytes(5000)
+    packed = gzip.compress(raw[:1234]) + gzip.compress(raw[1234:])
+    for piece in (1, 7, 1 << 18):
+        assert b"".join(io._gunzip(packed, 3000, piece=piece)) == raw[:3000]
+        assert b"".join(io._gunzip(packed, 10**6, piece=piece)) == raw
+    with pytest.raises(EOFError, match="Compressed file ended before"):
+        b"".join(io._gunzip(packed[: len(packed) // 4], 5000))
+
+
+@pytest.mark.parametrize("ext", [".nii.gz", ".nii"])
+def test_read_case_keep_dtype(tmp_path: Path, ext: str) -> None:
+    """``keep_dtype``: the files' shared integer type, same values as float32; float32 where
+    the files do not share one unscaled integer type."""
+    paths = make_case(tmp_path, ext=ext, seg=False)
+    files = io.find_case_files(tmp_path)
+    as_float, kept = io.read_case(files), io.read_case(files, keep_dtype=True)
+    assert as_float.image.dtype == np.float32 and kept.image.dtype == np.int16
+    np.testing.assert_array_equal(kept.image, as_float.image)
+    assert kept.image.shape == (4, *SHAPE)
+    save(paths[2], volume(2, np.int32))
+    assert io.read_case(files, keep_dtype=True).image.dtype == np.float32
+    img = nib.Nifti1Image(volume(2), AFFINE)
+    img.header.set_slope_inter(2.0, 0.0)
+    nib.save(img, paths[2])
+    mixed = io.read_case(files, keep_dtype=True)
+    assert mixed.image.dtype == np.float32
+    np.testing.assert_array_equal(mixed.image[2], volume(2) * 2.0)
+
+
 def test_read_case_warns_on_spacing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     affine = np.diag([2.0, 2.0, 3.0, 1.0])
     paths = [save(tmp_path / f"c_{m}.nii", volume(i), affine) for i, m in enumerate(io.MODALITIES)]

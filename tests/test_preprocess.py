@@ -56,6 +56,20 @@ def test_preprocess_does_not_change_its_input():
     np.testing.assert_array_equal(image, before)
 
 
+def test_integer_volume_gives_the_slices_of_its_float32_copy():
+    """What ``io.read_case(keep_dtype=True)`` hands over: int16, each modality X fastest."""
+    image = np.round(_volume((60, 70, 20))).astype(np.int16)
+    f_order = np.empty((4, 20, 70, 60), np.int16).transpose(0, 3, 2, 1)
+    f_order[...] = image
+    want, g = preprocess(image.astype(np.float32), crop=(64, 32))
+    for variant in (image, f_order):
+        got, g2 = preprocess(variant, crop=(64, 32))
+        assert got.dtype == np.float32 and g2 == g
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(extract(image, g, np.float32), extract(image, g))
+    assert extract(image, g).dtype == np.int16
+
+
 def test_all_zero_volume_is_refused():
     with pytest.raises(ValueError, match="no brain"):
         compute_geometry(np.zeros((4, 8, 8, 8), np.float32))

@@ -151,15 +151,16 @@ class Segmenter:
         self, files: io.CaseFiles, output: PathLike, *, convention: str = "brats",
         overwrite: bool = False, save_raw: bool = False,
         on_batch: Callable[[int], None] | None = None,
-        read: Callable[[io.CaseFiles], io.Case | PreparedCase] = io.read_case,
+        read: Callable[[io.CaseFiles], io.Case | PreparedCase] | None = None,
     ) -> dict:
         """Read, segment and write one case; returns the summary also written as JSON.
 
         Writes ``output`` (a .nii.gz label map on the input's grid), ``<output stem>.json``
         (volumes in ml, model, timings) and with ``save_raw`` ``<output stem>_raw.nii.gz``.
-        ``read``: how the case is read, e.g. ``io.ReadAhead.read`` (then the ``load`` time is
-        the wait for it); it may return the case already prepared (``prepare_case``), e.g. in
-        the reading thread, and then ``preprocess`` takes no time here.
+        ``read``: how the case is read (default ``io.read_case``, keeping the files' integer
+        type), e.g. ``io.ReadAhead.read`` (then the ``load`` time is the wait for it); it may
+        return the case already prepared (``prepare_case``), e.g. in the reading thread, and
+        then ``preprocess`` takes no time here.
         """
         output = Path(output)
         stem = label_stem(output)
@@ -179,7 +180,7 @@ class Segmenter:
                 if target.exists():
                     raise FileExistsError(f"{target}: exists; pass --overwrite to replace it")
         t0 = time.perf_counter()
-        case = read(files)
+        case = read(files) if read else io.read_case(files, keep_dtype=True)
         t1 = time.perf_counter()
         if isinstance(case, PreparedCase) and case.crop == self.crop:
             seg = self._segment(case.slices, case.geometry, on_batch, save_raw, 0.0)

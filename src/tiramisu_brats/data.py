@@ -75,7 +75,7 @@ def cache_case(files: io.CaseFiles, cache_dir: Path, crop: tuple[int, int] = CRO
     fresh = meta_path.exists() and img_path.exists() and cls_path.exists()
     if fresh and json.loads(meta_path.read_text()) == meta:
         return load_cached(cache_dir, case_id)
-    case = io.read_case(files)
+    case = io.read_case(files, keep_dtype=True)
     labels, _, _ = io.read_label_map(files.seg)
     if labels.shape != case.shape:
         raise io.InputError(

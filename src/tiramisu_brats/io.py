@@ -1,6 +1,7 @@
 """Reading BraTS cases and label maps, writing label maps, atomic file writes.
 
-Volumes are channel-first ``(4, X, Y, Z)`` ``float32`` in ``MODALITIES`` order; label maps are
+Volumes are channel-first ``(4, X, Y, Z)`` ``float32`` (or, on request, the files' integer type)
+in ``MODALITIES`` order; label maps are
 ``(X, Y, Z)`` ``uint8`` in the internal BraTS 2017-2021 numbering 0/1/2/4. The BraTS 2023
 numbering (0/1/2/3) exists only on disk: ``read_label_map`` and ``write_label_map`` convert.
 """
@@ -9,10 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import mmap
 import os
 import secrets
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
@@ -68,7 +70,8 @@ class CaseFiles:
 class Case:
     """One loaded case.
 
-    ``image``: ``(4, X, Y, Z)`` float32 in ``MODALITIES`` order; ``affine``: ``(4, 4)`` float64;
+    ``image``: ``(4, X, Y, Z)`` float32 (int16 etc. as ``read_case(keep_dtype=True)`` allows)
+    in ``MODALITIES`` order; ``affine``: ``(4, 4)`` float64;
     ``header``: the T1 file's header (the reference when writing outputs).
     """
 
@@ -271,41 +274,104 @@ def _open_volume(path: Path) -> tuple[nib.Nifti1Image, tuple[int, int, int]]:
 def _read_voxels(img: nib.Nifti1Image, path: Path) -> np.ndarray:
     """The voxel array as stored (scaled by nibabel if the header says so).
 
-    A gzipped single-file NIfTI is decompressed in one zlib call per gzip member, which releases
-    the GIL (nibabel's streaming reader holds it), so that several files decompress in parallel
-    threads (on 2 cores the four files of a BraTS case take about half the time), and only as
-    far as the header's voxels reach.
+    A gzipped single-file NIfTI is decompressed by zlib (which releases the GIL, unlike
+    nibabel's streaming reader) only as far as the header's voxels reach.
     """
     try:
-        if path.name.lower().endswith(".nii.gz") and type(img) in (nib.Nifti1Image,
-                                                                   nib.Nifti2Image):
+        if _gzipped_nifti(img, path):
             end = img.dataobj.offset + int(np.prod(img.shape)) * img.get_data_dtype().itemsize
-            img = type(img).from_bytes(_gunzip(path.read_bytes(), int(end)))
+            with _mapped(path) as data:
+                img = type(img).from_bytes(b"".join(_gunzip(data, int(end))))
         return np.asanyarray(img.dataobj)
     except _READ_ERRORS as e:
         raise InputError(f"{path}: cannot read the voxel data ({_one_line(e)})") from e
 
 
-def _gunzip(data: bytes, limit: int) -> bytes:
-    """The first ``limit`` bytes that the gzip ``data`` (one member or several) holds: no more
+def _scaled(img: nib.Nifti1Image) -> bool:
+    """Whether the header scales the stored voxels (nibabel moves that out of ``img.header``)."""
+    return (img.dataobj.slope, img.dataobj.inter) != (1.0, 0.0)
+
+
+def _gzipped_nifti(img: nib.Nifti1Image, path: Path) -> bool:
+    return path.name.lower().endswith(".nii.gz") and type(img) in (nib.Nifti1Image,
+                                                                   nib.Nifti2Image)
+
+
+@contextlib.contextmanager
+def _mapped(path: Path):
+    """The file's bytes, memory-mapped (page cache: no copy into fresh memory)."""
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            yield b""
+            return
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            yield data
+
+
+def _gunzip(data, limit: int, piece: int = 1 << 18) -> Iterator[bytes]:
+    """The first ``limit`` bytes that the gzip ``data`` (bytes or a memory map; one member or
+    several) holds, in chunks as they come out of ``piece`` bytes of input at a time: no more
     is decompressed, whatever the file holds beyond the header's voxels."""
-    parts, size = [], 0
-    while data and size < limit:
-        member = zlib.decompressobj(wbits=31)
-        parts.append(member.decompress(data, limit - size))
-        size += len(parts[-1])
-        if not member.eof and size < limit:  # the words of Python's own gzip reader
-            raise EOFError("Compressed file ended before the end-of-stream marker was reached")
-        data = member.unused_data
-    return b"".join(parts)
+    view, pos, size = memoryview(data), 0, 0
+    try:
+        while pos < len(view) and size < limit:
+            member = zlib.decompressobj(wbits=31)
+            while not member.eof and size < limit:
+                if pos >= len(view):  # the words of Python's own gzip reader
+                    raise EOFError(
+                        "Compressed file ended before the end-of-stream marker was reached")
+                with view[pos : pos + piece] as chunk:  # released: the map can be closed
+                    out = member.decompress(chunk, limit - size)
+                    pos += len(chunk) - len(member.unconsumed_tail) - len(member.unused_data)
+                size += len(out)
+                if out:
+                    yield out
+    finally:
+        view.release()
 
 
-def _load_modality(slot: np.ndarray, img: nib.Nifti1Image, path: Path) -> None:
-    """Read one image's voxels into ``slot`` (X, Y, Z) float32, NaN/Inf set to 0."""
-    data = _read_voxels(img, path)
-    with np.errstate(over="ignore"):  # float64 beyond float32 range -> Inf, handled below
-        slot[...] = data.reshape(slot.shape)
-    if data.dtype.kind == "f":  # only float data can hold NaN/Inf (or overflow float32)
+def _stream_voxels(flat: np.ndarray, img: nib.Nifti1Image, path: Path) -> bool:
+    """Decompress a gzipped NIfTI's voxels straight into ``flat`` (X * Y * Z,), in the file's
+    order (X fastest), converting each chunk as it comes: no copy of the whole file in memory
+    (fresh memory is slow to touch, in virtual machines most of all). Returns False, having
+    done nothing, where nibabel must read the file: not gzipped, or voxels scaled."""
+    if not _gzipped_nifti(img, path) or _scaled(img):
+        return False
+    stored = img.get_data_dtype()
+    offset = int(img.dataobj.offset)
+    need = flat.size * stored.itemsize
+    done, pending = -offset, b""  # bytes of voxels written (negative: header bytes to skip)
+    try:
+        with _mapped(path) as data, np.errstate(over="ignore"):
+            for out in _gunzip(data, offset + need):
+                if done < 0:
+                    skip = min(-done, len(out))
+                    out, done = out[skip:], done + skip
+                if pending:
+                    out, pending = pending + out, b""
+                whole = len(out) // stored.itemsize
+                if whole:
+                    at = done // stored.itemsize
+                    flat[at : at + whole] = np.frombuffer(out, stored, whole)
+                    done += whole * stored.itemsize
+                pending = out[whole * stored.itemsize :]
+        if done < need:
+            raise ValueError(f"{max(done, 0)} bytes of voxels where the header needs {need}")
+    except _READ_ERRORS as e:
+        raise InputError(f"{path}: cannot read the voxel data ({_one_line(e)})") from e
+    return True
+
+
+def _load_modality(flat: np.ndarray, slot: np.ndarray, img: nib.Nifti1Image, path: Path) -> None:
+    """Read one image's voxels into ``slot`` (X, Y, Z), whose memory ``flat`` is in the file's
+    order; NaN/Inf set to 0."""
+    floats = img.get_data_dtype().kind == "f"
+    if not _stream_voxels(flat, img, path):
+        data = _read_voxels(img, path)
+        floats = data.dtype.kind == "f"  # scaled integers too
+        with np.errstate(over="ignore"):  # float64 beyond float32 range -> Inf, handled below
+            slot[...] = data.reshape(slot.shape)
+    if floats and slot.dtype.kind == "f":  # only float data can hold NaN/Inf (or overflow)
         bad = ~np.isfinite(slot)
         if bad.any():
             logger.warning("%s: %d NaN/Inf voxels set to 0", path, np.count_nonzero(bad))
@@ -314,11 +380,15 @@ def _load_modality(slot: np.ndarray, img: nib.Nifti1Image, path: Path) -> None:
         raise InputError(f"{path}: all voxels are zero")
 
 
-def read_case(files: CaseFiles) -> Case:
+def read_case(files: CaseFiles, *, keep_dtype: bool = False) -> Case:
     """Load the four images of a case into one ``(4, X, Y, Z)`` float32 array.
 
     All headers are checked (3D, plausible size, same shape and affine as the T1) before any
     voxel data is read. NaN/Inf voxels become 0 (with a warning); an all-zero image is an error.
+
+    ``keep_dtype``: where the four files store one integer type, unscaled (int16 in BraTS),
+    keep it (half the memory, and what ``preprocess`` makes float32 slices of, identical ones);
+    else float32 all the same. Each modality is laid out in the files' order (X fastest).
     """
     opened = [_open_volume(Path(p)) for p in files.images]
     ref, shape = opened[0]
@@ -338,10 +408,18 @@ def read_case(files: CaseFiles) -> Case:
             "x".join(f"{z:g}" for z in spacing),
         )
 
-    image = np.empty((len(MODALITIES), *shape), dtype=np.float32)
+    dtype = np.dtype(np.float32)
+    stored = {img.get_data_dtype().newbyteorder("=") for img, _ in opened}
+    unscaled = not any(_scaled(img) for img, _ in opened)
+    if keep_dtype and len(stored) == 1 and next(iter(stored)).kind in "iu" and unscaled:
+        dtype = next(iter(stored))
+    # The files' order (X fastest) per modality: each file decompresses straight into place.
+    flat = np.empty((len(MODALITIES), int(np.prod(shape))), dtype=dtype)
+    image = flat.reshape(len(MODALITIES), *shape[::-1]).transpose(0, 3, 2, 1)
     with ThreadPoolExecutor(len(MODALITIES), thread_name_prefix="read") as pool:
-        jobs = [pool.submit(_load_modality, slot, img, Path(path))
-                for slot, path, (img, _) in zip(image, files.images, opened, strict=True)]
+        jobs = [pool.submit(_load_modality, part, slot, img, Path(path))
+                for part, slot, path, (img, _) in zip(flat, image, files.images, opened,
+                                                     strict=True)]
         for job in jobs:  # the first file's error in modality order, as when read one by one
             job.result()
     return Case(files.case_id, image, affine, ref.header, files)

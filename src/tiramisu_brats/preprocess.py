@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 CROP = (192, 160)
 MULTIPLE = 32
@@ -60,7 +61,16 @@ def _grow(extent: int, size: int, multiple: int) -> int:
 
 def brain_mask(image: np.ndarray) -> np.ndarray:
     """Voxels nonzero in any modality: ``(C, X, Y, Z)`` → ``(X, Y, Z)`` bool."""
-    return np.any(image != 0, axis=0)
+    return _any_nonzero(image, axis=0)
+
+
+def _any_nonzero(array: np.ndarray, axis: int) -> np.ndarray:
+    """``np.any(array != 0, axis)`` without the full-size bool temporary."""
+    parts = np.moveaxis(array, axis, 0)
+    mask = parts[0] != 0
+    for part in parts[1:]:
+        mask |= part != 0
+    return mask
 
 
 def compute_geometry(
@@ -95,8 +105,10 @@ def compute_geometry(
     return Geometry(shape, x0, y0, size_x, size_y, lo[2], hi[2], h_is_x)
 
 
-def extract(volume: np.ndarray, geometry: Geometry) -> np.ndarray:
-    """Cut the slices out of ``volume`` ``(..., X, Y, Z)`` → ``(Z', ..., H, W)``, same dtype.
+def extract(volume: np.ndarray, geometry: Geometry, dtype: npt.DTypeLike = None
+            ) -> np.ndarray:
+    """Cut the slices out of ``volume`` ``(..., X, Y, Z)`` → ``(Z', ..., H, W)``, of ``dtype``
+    (default: the volume's).
 
     Parts of the window outside the volume are zero.
     """
@@ -104,16 +116,17 @@ def extract(volume: np.ndarray, geometry: Geometry) -> np.ndarray:
     if volume.shape[-3:] != g.shape:
         raise ValueError(f"volume shape {volume.shape[-3:]} does not match geometry {g.shape}")
     lead = volume.shape[:-3]
-    window = np.zeros((*lead, g.size_x, g.size_y, g.n_slices), dtype=volume.dtype)
+    out = np.zeros((g.n_slices, *lead, *g.slice_shape), dtype=dtype or volume.dtype)
     sx = slice(max(g.x0, 0), min(g.x0 + g.size_x, g.shape[0]))
     sy = slice(max(g.y0, 0), min(g.y0 + g.size_y, g.shape[1]))
-    window[..., sx.start - g.x0 : sx.stop - g.x0, sy.start - g.y0 : sy.stop - g.y0, :] = (
-        volume[..., sx, sy, g.z0 : g.z1]
-    )
-    # (..., X, Y, Z) → (Z, ..., H, W)
+    # (..., X, Y, Z) → (Z, ..., H, W), copied straight into place
     n = len(lead)
     order = (n + 2, *range(n), n, n + 1) if g.h_is_x else (n + 2, *range(n), n + 1, n)
-    return np.ascontiguousarray(window.transpose(order))
+    wx = slice(sx.start - g.x0, sx.stop - g.x0)
+    wy = slice(sy.start - g.y0, sy.stop - g.y0)
+    window = (..., wx, wy) if g.h_is_x else (..., wy, wx)
+    out[window] = volume[..., sx, sy, g.z0 : g.z1].transpose(order)
+    return out
 
 
 def uncrop(slices: np.ndarray, geometry: Geometry) -> np.ndarray:
@@ -153,7 +166,7 @@ def brain_windows(
     height, width = slices.shape[-2:]
     if height % multiple or width % multiple:
         raise ValueError(f"slices of {height} x {width}: not multiples of {multiple}")
-    mask = np.any(slices != 0, axis=1)
+    mask = _any_nonzero(slices, axis=1)
     rows, cols = mask.any(axis=2), mask.any(axis=1)
     windows: list[tuple[slice, slice] | None] = []
     for r, c in zip(rows, cols, strict=True):
@@ -176,7 +189,11 @@ def zscore(slices: np.ndarray) -> np.ndarray:
 
     Returns a new float32 array. A modality with constant brain intensity gets std 1.
     """
-    out = np.zeros(slices.shape, dtype=np.float32)
+    return _zscore_in_place(slices.astype(np.float32))
+
+
+def _zscore_in_place(slices: np.ndarray) -> np.ndarray:
+    """``zscore`` of float32 ``slices``, written over them."""
     for c in range(slices.shape[1]):
         channel = slices[:, c]
         mask = channel != 0
@@ -184,13 +201,14 @@ def zscore(slices: np.ndarray) -> np.ndarray:
         if values.size == 0:
             continue
         mean, std = values.mean(), values.std()
-        out[:, c][mask] = ((values - mean) / (std if std > 0 else 1.0)).astype(np.float32)
-    return out
+        channel[mask] = ((values - mean) / (std if std > 0 else 1.0)).astype(np.float32)
+    return slices
 
 
 def preprocess(
     image: np.ndarray, crop: tuple[int, int] = CROP
 ) -> tuple[np.ndarray, Geometry]:
-    """A case ``(C, X, Y, Z)`` → network slices ``(Z', C, H, W)`` float32 and their geometry."""
+    """A case ``(C, X, Y, Z)`` (any real dtype) → network slices ``(Z', C, H, W)`` float32 and
+    their geometry."""
     geometry = compute_geometry(image, crop)
-    return zscore(extract(image, geometry)), geometry
+    return _zscore_in_place(extract(image, geometry, np.float32)), geometry
