@@ -5,12 +5,13 @@ Each measured run is a fresh ``tiramisu-brats segment CASE -o OUT --overwrite --
 --backend B [--precision P] --whole-slices|--brain-windows --all-slices|--tumor-slices``
 process (interpreter start and imports included); one unmeasured run per configuration first
 makes its cached files (ONNX export, int8 model, OpenVINO compiled model), which a user pays
-once. Stage seconds come from the JSON the command writes beside the label map, peak memory from
-the child's rusage. The reference is PyTorch eager in fp32 on every whole slice (the paper's
-pipeline), run in the same benchmark: the
-speed-up of every configuration is against it, and so is its Dice: against the reference's
-label map (agreement) and, when the case has an expert segmentation, the change of its Dice
-against the expert's.
+once. The measured runs go in rounds, one of every configuration per round, so that the
+machine's drift weighs on all alike; the table gives the median and each run. Stage seconds come
+from the JSON the command writes beside the label map, peak memory from the child's rusage.
+The reference is PyTorch eager in fp32 on every whole slice (the paper's pipeline), run in the
+same benchmark: the speed-up of every configuration is against it, and so is its Dice: against
+the reference's label map (agreement) and, when the case has an expert segmentation, the change
+of its Dice against the expert's.
 
 ``--accuracy-cases FOLDER`` adds, in process, the Dice against the expert of the reference and
 of the faster paths on every labelled case there: the default must stay within 0.01 of the
@@ -122,25 +123,32 @@ def dices(a: np.ndarray, b: np.ndarray) -> list[float]:
 
 
 def measure(args: argparse.Namespace, weights: Path, tmp: Path) -> list[dict]:
+    """Each configuration's runs, taken in rounds (one run of each configuration per round),
+    so that the shared cores' drift over the benchmark weighs on every configuration alike."""
     files = io.find_case_files(args.case)
-    rows = []
+    commands = []
     for k, config in enumerate(args.configs):
         out = tmp / f"{k}.nii.gz"
         cmd = [*segment_command(), "segment", str(args.case), "-o", str(out), "--overwrite",
                "--no-progress", *segment_options(config), "--model", str(weights)]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
+        commands.append((config, out, cmd))
         print(f"{label(config)}: warm-up", file=sys.stderr, flush=True)
         run_child(cmd, tmp / "log.txt")
-        runs = []
-        for i in range(args.runs):
+    runs: list[list[dict]] = [[] for _ in commands]
+    for i in range(args.runs):
+        for (config, out, cmd), done in zip(commands, runs):
             wall, cpu, rss = run_child(cmd, tmp / "log.txt")
             stages = json.loads(out.with_name(label_stem(out) + ".json").read_text())["timings_s"]
-            runs.append({"wall": wall, "cpu": cpu, "rss": rss, **stages})
-            print(f"  run {i + 1}: {wall:.1f} s, infer {stages['infer']:.1f} s, "
-                  f"load average {load_average()}", file=sys.stderr, flush=True)
-        row = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-        row["rss"] = max(r["rss"] for r in runs)
+            done.append({"wall": wall, "cpu": cpu, "rss": rss, **stages})
+            print(f"  round {i + 1}, {label(config)}: {wall:.1f} s, infer {stages['infer']:.1f} s,"
+                  f" load average {load_average()}", file=sys.stderr, flush=True)
+    rows = []
+    for (config, out, _), done in zip(commands, runs):
+        row = {k: statistics.median(r[k] for r in done) for k in done[0]}
+        row["rss"] = max(r["rss"] for r in done)
+        row["walls"] = [r["wall"] for r in done]
         summary = json.loads(out.with_name(label_stem(out) + ".json").read_text())
         rows.append({"config": config, "computed_in": summary["model"]["precision"],
                      "slices": summary["slices"]["brain"], "run": summary["slices"]["run"],
@@ -222,7 +230,7 @@ def fmt(value: float | None, digits: int = 2) -> str:
 
 def speed_markdown(rows: list[dict], args: argparse.Namespace, weights_note: str) -> str:
     has_expert = "delta_dice" in rows[0]
-    header = ["configuration", "computed in", "end to end (s)", "CPU (s)",
+    header = ["configuration", "computed in", "end to end (s)", "each run (s)", "CPU (s)",
               "speed-up vs PyTorch eager",
               *(f"{s} (s)" for s in STAGES), "slices run", "brain slices per infer s",
               "peak RSS (MiB)",
@@ -231,7 +239,9 @@ def speed_markdown(rows: list[dict], args: argparse.Namespace, weights_note: str
     lines = [
         f"`{args.command}` on {datetime.date.today()}: case {args.case.name} "
         f"({rows[0]['slices']} brain slices of 192 x 160), {weights_note}; median of "
-        f"{args.runs} runs after one warm-up run per configuration. PyTorch eager: "
+        f"{args.runs} runs after one warm-up run per configuration, taken in rounds (one run "
+        "of every configuration per round, so that a slow spell of the machine does not fall "
+        "on one configuration alone). PyTorch eager: "
         f"{label(REFERENCE)}, as the reference pipeline.",
         "",
         f"- CPU: {cpu_name()}, {infer.cpu_count()} cores available to the process "
@@ -250,7 +260,8 @@ def speed_markdown(rows: list[dict], args: argparse.Namespace, weights_note: str
         "|---|---|" + "---:|" * (len(header) - 2),
     ]
     for r in rows:
-        cells = [label(r["config"]), r["computed_in"], fmt(r["wall"]), fmt(r["cpu"], 1),
+        cells = [label(r["config"]), r["computed_in"], fmt(r["wall"]),
+                 " / ".join(fmt(w, 1) for w in r["walls"]), fmt(r["cpu"], 1),
                  fmt(r["speedup"], 1) + "x", *(fmt(r[s]) for s in STAGES), str(r["run"]),
                  fmt(r["slices"] / r["infer"], 1), f"{r['rss']:.0f}", fmt(r["agreement"], 4)]
         if has_expert:
