@@ -252,8 +252,9 @@ def speed_markdown(rows: list[dict], args: argparse.Namespace, weights_note: str
         "- End to end: one `tiramisu-brats segment` process, interpreter start and imports "
         "included; stages from the JSON it writes; peak RSS of the process; int8 calibrated "
         "on synthetic slices. Whole slices: 192 x 160; brain windows: each slice's brain "
-        "bounding box + 8 px. All slices: every brain slice; tumor slices: every second one, "
-        "then those next to tumor (`infer.predict_labels`), so brain slices per infer second "
+        "bounding box + 8 px. All slices: every brain slice; tumor slices: every fourth one, "
+        "then those next to tumor until each run of tumor slices ends (`infer.predict_labels`), "
+        "so brain slices per infer second "
         "count slices not run as well.",
         "",
         "| " + " | ".join(header) + " |",

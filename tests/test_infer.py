@@ -121,10 +121,14 @@ class _Threshold(infer.Backend):
 
 
 @pytest.mark.parametrize("windowed", [False, True])
-def test_tumor_slices_skip_only_slices_between_tumor_free_ones(windowed):
+def test_tumor_slices_skip_only_tumor_thinner_than_the_stride_between_tumor_free_ones(windowed):
+    assert (infer.TUMOR_STRIDE, infer.TUMOR_REACH) == (4, 2)
     slices = np.zeros((41, 2, 8, 8), np.float32)
     slices[:, 1] = np.arange(41)[:, None, None]
-    for k in (*range(10, 21), 31, 36):  # a tumor, a sliver on an odd and on an even slice
+    # A tumor; 3 slices wholly between coarse slices 24 and 28, 5 from the tumor and 4 from
+    # the next; 4 slices reaching coarse slice 36, and 2 slices from them a one-slice sliver
+    # (which closing could join to them).
+    for k in (*range(10, 21), 25, 26, 27, 31, 33, 34, 35, 36):
         slices[k, 0, 2:5, 3:6] = 1
     windows = [(slice(0, 8), slice(0, 8))] * 41 if windowed else None
     stats: dict[str, int] = {}
@@ -133,13 +137,15 @@ def test_tumor_slices_skip_only_slices_between_tumor_free_ones(windowed):
     backend, calls = _Threshold(), []
     labels = infer.predict_labels(backend, slices, on_batch=calls.append, windows=windows,
                                   tumor_slices=True, stats=stats)
-    expected_run = {*range(0, 41, 2), *range(9, 22, 2), 35, 37}
+    # Coarse slices, then those within 2 of tumor until each run of tumor slices has 2
+    # tumor-free slices run on each side.
+    expected_run = {*range(0, 41, 4), *range(8, 23), *range(29, 39)}
     assert sorted(backend.seen) == sorted(expected_run)  # each once
     assert stats == {"run": len(expected_run)} and sum(calls) == 41
     expected = full.copy()
-    expected[31] = 0  # between two tumor-free slices: never run
+    expected[[25, 26, 27]] = 0  # thinner than the stride, between tumor-free coarse slices
     np.testing.assert_array_equal(labels, expected)
-    assert (full[31] == 2).sum() == 9
+    assert all((full[k] == 2).sum() == 9 for k in (25, 26, 27, 31))
 
 
 def test_bf16_close_to_fp32(tiny):

@@ -96,7 +96,9 @@ class Segmenter:
         """``whole_slices``: run the network on whole slices, else on each slice's brain window
         (``preprocess.brain_windows``); default: the backend's (``infer.WHOLE_SLICES``).
         ``tumor_slices``: run only the slices near tumor (``infer.predict_labels``), which
-        leaves the postprocessed labels as they are but not the raw ones; default: with
+        can lose only tumor under ``infer.TUMOR_STRIDE`` slices thick cut off from the rest
+        (the postprocessed labels of the 17 labelled cases stay as they are; the raw ones do
+        not); default: with
         ``postprocess``. ``segment_case(save_raw=True)`` runs every slice regardless."""
         self.weights = Path(model) if model is not None else default_weights()
         self.backend = load_backend(backend, self.weights, threads=threads, precision=precision,

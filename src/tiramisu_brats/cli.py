@@ -159,8 +159,9 @@ def segment(
             "torch."))] = None,
     all_slices: Annotated[bool | None, typer.Option(
         "--all-slices/--tumor-slices", show_default=False, help=(
-            "Run the network on every brain slice, or on every second one and then only "
-            "those next to tumor (faster, same postprocessed labels). Default: tumor slices, "
+            "Run the network on every brain slice, or on every fourth one and then only "
+            "those next to tumor, until each run of tumor slices ends (faster; loses only tumor "
+            "under 4 slices thick cut off from the rest). Default: tumor slices, "
             "every slice with --no-postprocess; --save-raw runs every slice."))] = None,
     save_raw: Annotated[bool, typer.Option(help=(
         "Also write <name>_raw.nii.gz, before postprocessing."))] = False,
