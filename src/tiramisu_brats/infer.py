@@ -485,8 +485,8 @@ def predict_labels(
     from all tumor found: a component fewer than ``TUMOR_STRIDE`` slices thick that even
     ``postprocess``'s closing leaves cut off from the rest, which it then drops unless it were
     a tenth the size of the main tumor (for a glioma, a pancake 3 mm thick). On the 17
-    labelled BraTS cases this runs about 70 % of the slices (78 % of the pixels) and gives the
-    same postprocessed labels (docs/benchmarks.md).
+    labelled BraTS cases this runs 69 % of the brain slices and gives the same postprocessed
+    labels (docs/benchmarks.md).
 
     ``stats``, if given, gets ``run``: how many slices went through the network.
     """
