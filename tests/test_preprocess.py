@@ -66,8 +66,9 @@ def test_integer_volume_gives_the_slices_of_its_float32_copy():
         got, g2 = preprocess(variant, crop=(64, 32))
         assert got.dtype == np.float32 and g2 == g
         np.testing.assert_array_equal(got, want)
-    np.testing.assert_array_equal(extract(image, g, np.float32), extract(image, g))
+    np.testing.assert_array_equal(extract(image, g, np.dtype(np.float32)), extract(image, g))
     assert extract(image, g).dtype == np.int16
+    assert extract(image, g, np.dtype(np.float32)).dtype == np.float32
 
 
 def test_all_zero_volume_is_refused():

@@ -98,8 +98,8 @@ class Segmenter:
         ``tumor_slices``: run only the slices near tumor (``infer.predict_labels``), which
         can lose only tumor under ``infer.TUMOR_STRIDE`` slices thick cut off from the rest
         (the postprocessed labels of the 17 labelled cases stay as they are; the raw ones do
-        not); default: with
-        ``postprocess``. ``segment_case(save_raw=True)`` runs every slice regardless."""
+        not); default: with ``postprocess``. ``segment_case(save_raw=True)`` runs every slice
+        regardless."""
         self.weights = Path(model) if model is not None else default_weights()
         self.backend = load_backend(backend, self.weights, threads=threads, precision=precision,
                                     device=device)

@@ -116,7 +116,8 @@ def extract(volume: np.ndarray, geometry: Geometry, dtype: npt.DTypeLike = None
     if volume.shape[-3:] != g.shape:
         raise ValueError(f"volume shape {volume.shape[-3:]} does not match geometry {g.shape}")
     lead = volume.shape[:-3]
-    out = np.zeros((g.n_slices, *lead, *g.slice_shape), dtype=dtype or volume.dtype)
+    out = np.zeros((g.n_slices, *lead, *g.slice_shape),
+                   dtype=volume.dtype if dtype is None else dtype)
     sx = slice(max(g.x0, 0), min(g.x0 + g.size_x, g.shape[0]))
     sy = slice(max(g.y0, 0), min(g.y0 + g.size_y, g.shape[1]))
     # (..., X, Y, Z) → (Z, ..., H, W), copied straight into place
