@@ -66,6 +66,10 @@ def test_integer_volume_gives_the_slices_of_its_float32_copy():
         got, g2 = preprocess(variant, crop=(64, 32))
         assert got.dtype == np.float32 and g2 == g
         np.testing.assert_array_equal(got, want)
+    # Voxels float32 cannot hold exactly are z-scored as given, as by zscore.
+    wide = _volume((60, 70, 20)).astype(np.float64) + 1e-9
+    got, g3 = preprocess(wide, crop=(64, 32))
+    np.testing.assert_array_equal(got, zscore(extract(wide, g3)))
     np.testing.assert_array_equal(extract(image, g, np.dtype(np.float32)), extract(image, g))
     assert extract(image, g).dtype == np.int16
     assert extract(image, g, np.dtype(np.float32)).dtype == np.float32

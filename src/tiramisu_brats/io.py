@@ -386,9 +386,10 @@ def read_case(files: CaseFiles, *, keep_dtype: bool = False) -> Case:
     All headers are checked (3D, plausible size, same shape and affine as the T1) before any
     voxel data is read. NaN/Inf voxels become 0 (with a warning); an all-zero image is an error.
 
-    ``keep_dtype``: where the four files store one integer type, unscaled (int16 in BraTS),
-    keep it (half the memory, and what ``preprocess`` makes float32 slices of, identical ones);
-    else float32 all the same. Each modality is laid out in the files' order (X fastest).
+    ``keep_dtype``: where the four files store one integer type that float32 holds exactly,
+    unscaled (int16 in BraTS), keep it (half the memory, and what ``preprocess`` makes the same
+    float32 slices of); else float32 all the same. Each modality is laid out in the files'
+    order (X fastest).
     """
     opened = [_open_volume(Path(p)) for p in files.images]
     ref, shape = opened[0]
@@ -410,9 +411,10 @@ def read_case(files: CaseFiles, *, keep_dtype: bool = False) -> Case:
 
     dtype = np.dtype(np.float32)
     stored = {img.get_data_dtype().newbyteorder("=") for img, _ in opened}
-    unscaled = not any(_scaled(img) for img, _ in opened)
-    if keep_dtype and len(stored) == 1 and next(iter(stored)).kind in "iu" and unscaled:
-        dtype = next(iter(stored))
+    if keep_dtype and len(stored) == 1 and not any(_scaled(img) for img, _ in opened):
+        (only,) = stored
+        if only.kind in "iu" and np.can_cast(only, np.float32, "safe"):
+            dtype = only
     # The files' order (X fastest) per modality: each file decompresses straight into place.
     flat = np.empty((len(MODALITIES), int(np.prod(shape))), dtype=dtype)
     image = flat.reshape(len(MODALITIES), *shape[::-1]).transpose(0, 3, 2, 1)

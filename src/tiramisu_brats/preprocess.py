@@ -190,11 +190,12 @@ def zscore(slices: np.ndarray) -> np.ndarray:
 
     Returns a new float32 array. A modality with constant brain intensity gets std 1.
     """
-    return _zscore_in_place(slices.astype(np.float32))
+    return _zscore_into(np.zeros(slices.shape, dtype=np.float32), slices)
 
 
-def _zscore_in_place(slices: np.ndarray) -> np.ndarray:
-    """``zscore`` of float32 ``slices``, written over them."""
+def _zscore_into(out: np.ndarray, slices: np.ndarray) -> np.ndarray:
+    """``zscore`` of ``slices`` written into ``out`` (float32, 0 where ``slices`` is; it may be
+    ``slices`` itself)."""
     for c in range(slices.shape[1]):
         channel = slices[:, c]
         mask = channel != 0
@@ -202,8 +203,8 @@ def _zscore_in_place(slices: np.ndarray) -> np.ndarray:
         if values.size == 0:
             continue
         mean, std = values.mean(), values.std()
-        channel[mask] = ((values - mean) / (std if std > 0 else 1.0)).astype(np.float32)
-    return slices
+        out[:, c][mask] = ((values - mean) / (std if std > 0 else 1.0)).astype(np.float32)
+    return out
 
 
 def preprocess(
@@ -212,4 +213,8 @@ def preprocess(
     """A case ``(C, X, Y, Z)`` (any real dtype) → network slices ``(Z', C, H, W)`` float32 and
     their geometry."""
     geometry = compute_geometry(image, crop)
-    return _zscore_in_place(extract(image, geometry, np.float32)), geometry
+    slices = extract(image, geometry, np.float32)
+    # Z-scored in place where float32 holds the voxels exactly (int16, float32: the same
+    # numbers); from the voxels as given otherwise (float64, int32).
+    exact = np.can_cast(image.dtype, np.float32, "safe")
+    return _zscore_into(slices, slices if exact else extract(image, geometry)), geometry
