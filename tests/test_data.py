@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from tiramisu_brats import data
+from tiramisu_brats import data, io
 
 
 def test_quantization_round_trip_is_within_half_a_step_and_keeps_background_zero():
@@ -14,7 +14,8 @@ def test_quantization_round_trip_is_within_half_a_step_and_keeps_background_zero
 
 def test_cache_is_built_once_and_reused(small_cases, tmp_path):
     cases = data.build_cache(small_cases, tmp_path, crop=(64, 64))
-    assert [c.case_id for c in cases] == ["syn-0", "syn-1", "syn-2"]
+    assert [(c.case_id, c.plane) for c in cases] == [
+        (f"syn-{i}", p) for i in range(3) for p in ("axial", "coronal", "sagittal")]
     c = cases[0]
     assert c.images.dtype == np.uint8 and c.images.shape[1:] == (4, 64, 64)
     assert c.classes.shape == (c.images.shape[0], 64, 64)
@@ -24,7 +25,38 @@ def test_cache_is_built_once_and_reused(small_cases, tmp_path):
     again = data.build_cache(small_cases, tmp_path, crop=(64, 64))
     assert {p: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == mtimes
     np.testing.assert_array_equal(again[0].images, c.images)
-    assert data.is_cache(tmp_path) and len(data.open_cache(tmp_path)) == 3
+    assert data.is_cache(tmp_path) and len(data.open_cache(tmp_path)) == 9
+
+
+def test_each_plane_holds_the_same_tumor_voxels(small_cases, tmp_path):
+    cases = data.build_cache(small_cases, tmp_path, crop=(64, 64))
+    syn0 = [c for c in cases if c.case_id == "syn-0"]
+    counts = {c.plane: np.bincount(np.asarray(c.classes).ravel(), minlength=4)[1:]
+              for c in syn0}
+    # The synthetic brain fits each crop: every tumor voxel is in every plane's slices.
+    assert counts["axial"].sum() > 0
+    np.testing.assert_array_equal(counts["coronal"], counts["axial"])
+    np.testing.assert_array_equal(counts["sagittal"], counts["axial"])
+    from tiramisu_brats.preprocess import brain_mask
+    from tiramisu_brats.synthetic import make_case
+
+    brain = brain_mask(make_case(0, shape=(48, 40, 32)).image)
+    extent = [int(brain.any(axis=tuple(a for a in range(3) if a != k)).sum()) for k in range(3)]
+    shapes = {c.plane: c.images.shape[0] for c in syn0}  # slices: the brain's extent along
+    assert shapes == {"axial": extent[2], "coronal": extent[1], "sagittal": extent[0]}
+
+
+def test_several_data_folders_and_a_case_in_two_of_them(small_cases, tmp_path):
+    from tiramisu_brats.synthetic import make_case, write_case
+
+    other = tmp_path / "more"
+    write_case(make_case(5, shape=(48, 40, 32), case_id="syn-5"), other)
+    cases = data.build_cache([small_cases, other], tmp_path / "cache", crop=(64, 64),
+                             planes=("axial",))
+    assert [c.case_id for c in cases] == ["syn-0", "syn-1", "syn-2", "syn-5"]
+    write_case(make_case(1, shape=(48, 40, 32), case_id="syn-1"), other)
+    with pytest.raises(io.InputError, match="syn-1 is in both"):
+        data.build_cache([small_cases, other], tmp_path / "cache2", crop=(64, 64))
 
 
 def test_kfold_partitions_the_cases():
@@ -68,3 +100,21 @@ def test_augment_keeps_shapes_labels_and_background():
     xi, _ = data.augment(x, y, torch.Generator().manual_seed(0), rotate_deg=0, scale=0,
                           intensity=0)
     assert torch.allclose(xi.abs().sum(), x.abs().sum(), rtol=1e-4)
+
+
+def test_augmentation_matrices_are_scaled_rotations_or_flipped_ones():
+    theta = data.augment_matrices(4096, torch.Generator().manual_seed(0), rotate_deg=10,
+                                  scale=0.1)
+    a = theta[:, :, :2].double()
+    gram = a @ a.transpose(1, 2)
+    scale2 = gram[:, 0, 0]
+    # Orthogonal columns of one length: no shear, whatever the flips.
+    torch.testing.assert_close(gram, scale2[:, None, None] * torch.eye(2, dtype=torch.double)
+                               .expand(4096, 2, 2), atol=1e-6, rtol=0)
+    assert torch.all((scale2.sqrt() >= 1 / 1.1 - 1e-6) & (scale2.sqrt() <= 1 / 0.9 + 1e-6))
+    det = torch.linalg.det(a)
+    assert 0.4 < (det < 0).double().mean() < 0.6  # one flip (not two) half of the time
+    assert (theta[:, :, 2] == 0).all()
+    angles = torch.rad2deg(torch.atan2(a[:, 1, 0], a[:, 0, 0]).abs())
+    unflipped = angles[(a[:, 0, 0] > 0) & (det > 0)]
+    assert unflipped.max() <= 10 + 1e-4 and unflipped.max() > 9

@@ -104,6 +104,28 @@ def test_predict_labels_in_windows(tiny, synthetic_slices):
         infer.predict_labels(backend, synthetic_slices, windows=windows[:-1])
 
 
+@pytest.mark.parametrize("name", ["torch", "openvino"])
+def test_probabilities_are_the_softmax_of_the_logits_in_their_windows(tiny, name,
+                                                                       synthetic_slices):
+    backend = infer.load_backend(name, tiny, precision="fp32")
+    x = synthetic_slices
+    probs = infer.predict_probabilities(backend, x)
+    logits = _torch_logits(tiny, x)
+    expected = np.exp(logits - logits.max(1, keepdims=True))
+    expected /= expected.sum(1, keepdims=True)
+    np.testing.assert_allclose(probs, expected, atol=2e-4)
+    np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
+    np.testing.assert_array_equal(infer.CLASS_TO_LABEL[probs.argmax(1)], backend.predict(x))
+    n = len(x)
+    windows = [(slice(0, 32), slice(32, 64)), None] * (n // 2) + [None] * (n % 2)
+    inside = infer.predict_probabilities(backend, x, windows=windows)
+    assert (inside[1::2, 0] == 1).all() and (inside[1::2, 1:] == 0).all()  # no window: bg
+    assert (inside[0, 0, 32:] == 1).all() and (inside[0, 0, :, :32] == 1).all()
+    part = np.ascontiguousarray(x[:1, :, :32, 32:])
+    np.testing.assert_allclose(inside[0, :, :32, 32:],
+                               infer.predict_probabilities(backend, part)[0], atol=1e-5)
+
+
 class _Threshold(infer.Backend):
     """Label 2 where channel 0 exceeds 0.5; records the slices it saw (channel 1 holds the
     slice's index)."""

@@ -3,6 +3,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import tiramisu_brats.preprocess as pp
 from tiramisu_brats.preprocess import (
     brain_windows,
     compute_geometry,
@@ -136,3 +137,23 @@ def test_brain_windows_hold_each_slices_brain_with_its_margin():
     assert brain_windows(slices, margin=0)[1] == (slice(0, 160), slice(0, 160))
     with pytest.raises(ValueError, match="multiples of 32"):
         brain_windows(np.zeros((1, 4, 100, 96), np.float32))
+
+
+@pytest.mark.parametrize("plane", pp.PLANES)
+def test_planes_round_trip_and_put_the_plane_normal_last(plane):
+    volume = np.arange(2 * 5 * 6 * 7).reshape(2, 5, 6, 7)
+    view = pp.to_plane(volume, plane)
+    normal = {"axial": 7, "coronal": 6, "sagittal": 5}[plane]
+    assert view.shape[0] == 2 and view.shape[-1] == normal
+    assert np.shares_memory(view, volume)
+    np.testing.assert_array_equal(pp.from_plane(view, plane), volume)
+    # A coronal slice is the volume at one Y, a sagittal one at one X.
+    if plane == "coronal":
+        np.testing.assert_array_equal(view[..., 3], volume[:, :, 3, :])
+    if plane == "sagittal":
+        np.testing.assert_array_equal(view[..., 2], volume[:, 2, :, :])
+
+
+def test_unknown_plane_is_refused():
+    with pytest.raises(ValueError, match="unknown plane 'oblique'"):
+        pp.to_plane(np.zeros((1, 2, 2, 2)), "oblique")

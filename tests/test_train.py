@@ -15,7 +15,8 @@ TINY = TiramisuConfig(first_conv=8, down_blocks=(2, 2), bottleneck=2, up_blocks=
 
 @pytest.fixture(scope="module")
 def cache(small_cases, tmp_path_factory):
-    return data.build_cache(small_cases, tmp_path_factory.mktemp("cache"), crop=(64, 64))
+    return data.build_cache(small_cases, tmp_path_factory.mktemp("cache"), crop=(64, 64),
+                            planes=("axial",))
 
 
 def _config(**kw):
@@ -73,3 +74,49 @@ def test_time_budget_stops_training(cache, tmp_path):
     rows = train(cache[:2], [], tmp_path, _config(epochs=50, minutes=1e-4),
                  device=torch.device("cpu"))
     assert len(rows) == 1 and np.isnan(rows[0]["val_dice_WT"])
+
+
+def test_fine_tuning_starts_from_the_given_weights(cache, tmp_path, tiny_weights):
+    from tiramisu_brats.infer import file_sha256
+
+    tiny = load_model(tiny_weights)
+    config = _config(model=tiny.config, epochs=1, steps_per_epoch=1, lr=1e-12,
+                     init=str(tiny_weights), init_sha256=file_sha256(tiny_weights))
+    train(cache[:2], [], tmp_path / "a", config, device=torch.device("cpu"))
+    tuned = load_model(tmp_path / "a" / "model_last.safetensors").state_dict()
+    start = tiny.state_dict()
+    # One step at lr 1e-12: the weights are those it started from (BN statistics move).
+    for k, v in start.items():
+        if "running" not in k and "num_batches" not in k:
+            torch.testing.assert_close(tuned[k], v, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="sha256 differs"):
+        train(cache[:2], [], tmp_path / "b", _config(model=tiny.config, init=str(tiny_weights),
+                                                     init_sha256="0" * 64),
+              device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="another configuration"):
+        other = TiramisuConfig(first_conv=8, down_blocks=(2, 2), bottleneck=2, up_blocks=(2, 2),
+                               growth_rate=2)
+        train(cache[:2], [], tmp_path / "c", _config(model=other, init=str(tiny_weights)),
+              device=torch.device("cpu"))
+
+
+def test_training_on_three_planes(small_cases, tmp_path):
+    cases = data.build_cache(small_cases, tmp_path / "cache", crop=(64, 64))
+    planes = {c.plane for c in cases}
+    assert planes == {"axial", "coronal", "sagittal"}
+    config = _config(planes=("axial", "coronal", "sagittal"), epochs=2)
+    train_set = [c for c in cases if c.case_id != "syn-2"]
+    val_set = [c for c in cases if c.case_id == "syn-2" and c.plane == "axial"]
+    rows = train(train_set, val_set, tmp_path / "run", config, device=torch.device("cpu"))
+    assert len(rows) == 2 and 0 <= rows[-1]["val_dice_WT"] <= 1
+    assert TrainConfig.from_json((tmp_path / "run" / "train_config.json").read_text()) == config
+    with pytest.raises(ValueError, match="planes"):
+        _config(planes=("oblique",))
+
+
+def test_config_of_runs_before_planes_still_reads():
+    old = _config().to_json().replace('"planes": ["axial"], ', "")
+    old = old.replace('"init": "", "init_sha256": "", ', "")
+    assert '"planes"' not in old and '"init"' not in old
+    old = old[:-1] + ', "extra": {}}'
+    assert TrainConfig.from_json(old) == _config()

@@ -22,18 +22,36 @@ import numpy as np
 
 from tiramisu_brats import io, metrics, report
 from tiramisu_brats.infer import (
+    CLASS_TO_LABEL,
     WHOLE_SLICES,
     default_weights,
     file_sha256,
     load_backend,
     predict_labels,
+    predict_probabilities,
 )
 from tiramisu_brats.postprocess import postprocess as _postprocess
-from tiramisu_brats.preprocess import CROP, MARGIN, Geometry, brain_windows, preprocess, uncrop
+from tiramisu_brats.preprocess import (
+    CROP,
+    MARGIN,
+    PLANES,
+    Geometry,
+    brain_windows,
+    from_plane,
+    preprocess,
+    to_plane,
+    uncrop,
+)
 
 log = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike[str]
+# The views the network sees a case in, per mode: (plane, flipped left-right). "fast" is one
+# axial pass; "accurate" averages the softmax probabilities of every view.
+MODES: dict[str, tuple[tuple[str, bool], ...]] = {
+    "fast": (("axial", False),),
+    "accurate": tuple((plane, flip) for plane in PLANES for flip in (False, True)),
+}
 
 
 def read_case(
@@ -92,6 +110,7 @@ class Segmenter:
         batch_size: int | None = None, threads: int | None = None, precision: str | None = None,
         device: str | None = None, crop: tuple[int, int] = CROP, postprocess: bool = True,
         whole_slices: bool | None = None, tumor_slices: bool | None = None,
+        mode: str = "fast",
     ) -> None:
         """``whole_slices``: run the network on whole slices, else on each slice's brain window
         (``preprocess.brain_windows``); default: the backend's (``infer.WHOLE_SLICES``).
@@ -99,7 +118,11 @@ class Segmenter:
         can lose only tumor under ``infer.TUMOR_STRIDE`` slices thick cut off from the rest
         (the postprocessed labels of the 17 labelled cases stay as they are; the raw ones do
         not); default: with ``postprocess``. ``segment_case(save_raw=True)`` runs every slice
-        regardless."""
+        regardless. ``mode``: one of ``MODES``; ``accurate`` runs every slice of every view
+        and averages their probabilities (``tumor_slices`` does not apply)."""
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
+        self.mode = mode
         self.weights = Path(model) if model is not None else default_weights()
         self.backend = load_backend(backend, self.weights, threads=threads, precision=precision,
                                     device=device)
@@ -117,7 +140,9 @@ class Segmenter:
         return {"weights": str(self.weights), "sha256": self._sha256,
                 "backend": self.backend.name, "device": self.backend.device,
                 "precision": self.backend.precision, "brain_window_margin": self.margin,
-                "tumor_slices": self.tumor_slices}
+                "tumor_slices": self.tumor_slices and self.mode == "fast", "mode": self.mode,
+                "views": [f"{plane}{' flipped' if flip else ''}"
+                          for plane, flip in MODES[self.mode]]}
 
     def segment(
         self, image: np.ndarray, on_batch: Callable[[int], None] | None = None, *,
@@ -127,10 +152,55 @@ class Segmenter:
         ``all_slices``: run every brain slice even with ``tumor_slices`` (a complete ``raw``)."""
         if image.ndim != 4 or image.shape[0] != 4:
             raise ValueError(f"expected an image (4, X, Y, Z), got shape {image.shape}")
+        if self.mode != "fast":
+            return self._segment_views(image, on_batch)
         t0 = time.perf_counter()
         slices, geometry = preprocess(image, self.crop)
         return self._segment(slices, geometry, on_batch, all_slices,
                              time.perf_counter() - t0)
+
+    def view_probabilities(
+        self, image: np.ndarray, plane: str = "axial", flip: bool = False,
+        on_batch: Callable[[int], None] | None = None, stats: dict | None = None,
+    ) -> np.ndarray:
+        """The network's softmax probabilities ``(K, X, Y, Z)`` float32 for ``image``
+        ``(4, X, Y, Z)`` seen along ``plane``, flipped left-right first with ``flip`` (and the
+        result flipped back), every brain slice run; 0 outside the crop window.
+
+        ``stats``, if given, gets ``preprocess`` and ``infer`` seconds and ``brain`` slices
+        added to what it holds.
+        """
+        t0 = time.perf_counter()
+        view = image[:, ::-1] if flip else image  # BraTS: X runs left-right
+        slices, geometry = preprocess(to_plane(view, plane), self.crop)
+        windows = None if self.margin is None else brain_windows(slices, self.margin)
+        t1 = time.perf_counter()
+        probs = predict_probabilities(self.backend, slices, self.batch_size, on_batch, windows)
+        volume = from_plane(uncrop(probs, geometry), plane)
+        if stats is not None:
+            for key, value in (("preprocess", t1 - t0), ("infer", time.perf_counter() - t1),
+                               ("brain", len(slices))):
+                stats[key] = stats.get(key, 0) + value
+        return volume[:, ::-1] if flip else volume
+
+    def _segment_views(self, image: np.ndarray,
+                       on_batch: Callable[[int], None] | None) -> Segmentation:
+        """Every view of ``MODES[self.mode]``: the mean of their softmax probabilities."""
+        stats: dict = {}
+        fused = None
+        for plane, flip in MODES[self.mode]:
+            volume = self.view_probabilities(image, plane, flip, on_batch, stats)
+            if fused is None:
+                fused = np.array(volume)
+            else:
+                fused += volume
+        t2 = time.perf_counter()
+        raw = CLASS_TO_LABEL[fused.argmax(0)]
+        labels = _postprocess(raw) if self.postprocess else raw
+        timings = {"preprocess": stats["preprocess"], "infer": stats["infer"],
+                   "postprocess": time.perf_counter() - t2}
+        return Segmentation(labels, raw, timings, {"brain": stats["brain"],
+                                                   "run": stats["brain"]})
 
     def _segment(
         self, slices: np.ndarray, geometry: Geometry, on_batch: Callable[[int], None] | None,
@@ -184,7 +254,7 @@ class Segmenter:
         t0 = time.perf_counter()
         case = read(files) if read else io.read_case(files, keep_dtype=True)
         t1 = time.perf_counter()
-        if isinstance(case, PreparedCase) and case.crop == self.crop:
+        if isinstance(case, PreparedCase) and case.crop == self.crop and self.mode == "fast":
             seg = self._segment(case.slices, case.geometry, on_batch, save_raw, 0.0)
             case = case.case
         else:
@@ -209,7 +279,9 @@ class Segmenter:
             "postprocessed": self.postprocess,
             "shape": list(case.shape),
             "spacing_mm": list(case.spacing),
-            "model": {**self.model_info(), "tumor_slices": self.tumor_slices and not save_raw},
+            "mode": self.mode,
+            "model": {**self.model_info(),
+                      "tumor_slices": self.tumor_slices and not save_raw and self.mode == "fast"},
             "slices": seg.slices,
             "timings_s": timings,
         }

@@ -151,6 +151,10 @@ def segment(
         "without bf16 arithmetic), else fp32."), show_default=False)] = None,
     label_convention: Annotated[str, typer.Option(help=(
         "brats: 0/1/2/4 (2017-2021); brats2023: 0/1/2/3."))] = "brats",
+    mode: Annotated[str, typer.Option(help=(
+        "fast: one axial pass (seconds); accurate: the mean of the network's probabilities "
+        "over axial, coronal and sagittal slices, each also flipped left-right (every slice "
+        "of each; slower, more accurate: docs/model-card.md)."))] = "fast",
     postprocess: Annotated[bool, typer.Option(help="Closing + keep the main tumor.")] = True,
     whole_slices: Annotated[bool | None, typer.Option(
         "--whole-slices/--brain-windows", show_default=False, help=(
@@ -256,7 +260,7 @@ def segment(
 
             segmenter = Segmenter(model, backend, batch_size=batch_size, threads=threads,
                                   precision=precision, postprocess=postprocess,
-                                  whole_slices=whole_slices,
+                                  whole_slices=whole_slices, mode=mode,
                                   tumor_slices=None if all_slices is None else not all_slices)
             _last_model[:] = [segmenter]
         if cohort:  # only now: a bad model or option leaves no output folder behind
@@ -393,8 +397,8 @@ def demo(
 
 @app.command()
 def train(
-    data: Annotated[Path, typer.Argument(help=(
-        "Folder of labelled cases (any layout segment reads), or a cache folder."))],
+    data: Annotated[list[Path], typer.Argument(help=(
+        "Folder(s) of labelled cases (any layout segment reads), or one cache folder."))],
     output: Annotated[Path, typer.Option("--output", "-o", help="Run folder.")] = ...,
     cache: Annotated[Path | None, typer.Option(help=(
         "Cache of preprocessed slices (default: RUN/cache); reused across runs."))] = None,
@@ -418,6 +422,11 @@ def train(
     val_fraction: Annotated[float, typer.Option(min=0, max=0.9)] = 0.0,
     fold: Annotated[str | None, typer.Option(help="I/K: validate on fold I of K.")] = None,
     seed: Annotated[int, typer.Option()] = 0,
+    planes: Annotated[str, typer.Option(help=(
+        "Comma-separated planes the slices are drawn from: axial (the reference), coronal, "
+        "sagittal."))] = "axial",
+    init: Annotated[Path | None, typer.Option(help=(
+        "Weights to start from (fine-tune), e.g. the shipped model."))] = None,
     compile: Annotated[bool, typer.Option(help="torch.compile the model.")] = False,
     resume: Annotated[bool, typer.Option(help="Continue the run in OUTPUT.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
@@ -438,38 +447,54 @@ def train(
                 config = ttrain.TrainConfig.from_json(config_path.read_text())
             except (ValueError, TypeError, KeyError) as err:
                 raise io.InputError(f"{config_path}: {err}") from None
-        if tdata.is_cache(data):
-            cases = tdata.open_cache(data)
+        if len(data) == 1 and tdata.is_cache(data[0]):
+            cases = tdata.open_cache(data[0])
         else:
             cache_dir = cache or output / "cache"
 
             def build_cache() -> list:
+                folders = tdata.find_training_cases(data)
                 with progress_bar(progress) as bar:
-                    task = bar.add_task("caching cases", total=len(io.find_cases(data)))
+                    task = bar.add_task("caching cases", total=len(folders))
                     return tdata.build_cache(data, cache_dir, progress=lambda xs: (
                         bar.advance(task) or x for x in xs))
 
             cases = ttrain.in_turn(build_cache, device)  # rank 0 writes, the others read
-        ids = [c.case_id for c in cases]
+        ids = sorted({c.case_id for c in cases})
         if not resume:
             if fold:
-                i, k = (int(v) for v in fold.split("/"))
-                val = tdata.kfold(ids, i, k, seed)
+                parts = fold.split("/")
+                if len(parts) != 2 or not all(p.isdigit() for p in parts):
+                    raise io.InputError(f"fold {fold!r}: expected I/K, e.g. 0/5")
+                val = tdata.kfold(ids, int(parts[0]), int(parts[1]), seed)
             else:
                 chosen = [v.strip() for v in val_cases.split(",")] if val_cases else ()
                 _, val = tdata.split_cases(ids, chosen, val_fraction, seed)
+            init_sha = ""
+            if init is not None:
+                from tiramisu_brats.infer import file_sha256
+
+                if not init.is_file():
+                    raise io.InputError(f"{init}: weights to start from not found")
+                init_sha = file_sha256(init)
             config = ttrain.TrainConfig(
                 model=TiramisuConfig(growth_rate=growth_rate), epochs=epochs,
                 steps_per_epoch=steps_per_epoch, batch_size=batch_size, patch=tuple(patch),
                 tumor_share=tumor_share, lr=lr, weight_decay=weight_decay, loss=loss,
                 schedule=schedule, minutes=minutes, seed=seed, val_cases=tuple(val),
                 train_cases=tuple(i for i in ids if i not in val), compile=compile,
-                micro_batches=micro_batches or world.size)
-        by_id = {c.case_id: c for c in cases}
-        train_set = [by_id[i] for i in config.train_cases]
-        val_set = [by_id[i] for i in config.val_cases]
+                micro_batches=micro_batches or world.size,
+                planes=tuple(p.strip() for p in planes.split(",")),
+                init=str(init) if init is not None else "", init_sha256=init_sha)
+        by_key = {(c.case_id, c.plane): c for c in cases}
+        missing = sorted({p for p in config.planes if (ids[0], p) not in by_key})
+        if missing:
+            raise io.InputError(f"the cache holds no slices of plane(s) {missing}")
+        train_set = [by_key[i, p] for i in config.train_cases for p in config.planes]
+        val_set = [by_key[i, "axial"] for i in config.val_cases]  # what segment runs by default
         if world.main:
-            console.print(f"training on {len(train_set)} cases, validating on "
+            console.print(f"training on {len(config.train_cases)} cases "
+                          f"({', '.join(config.planes)}), validating on "
                           f"{len(val_set)}: {', '.join(config.val_cases) or '-'}"
                           + (f"; {world.size} processes" if world.size > 1 else ""),
                           highlight=False)

@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 
 from tiramisu_brats import io
-from tiramisu_brats.preprocess import CROP, extract, preprocess
+from tiramisu_brats.preprocess import CROP, PLANES, extract, preprocess, to_plane
 
 log = logging.getLogger(__name__)
 
 QUANT_STEP = 1 / 16
 QUANT_OFFSET = 64  # code of z = 0, the background
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: one set of slices per plane
 LABEL_TO_CLASS = np.array([0, 1, 2, 0, 3], np.uint8)  # BraTS label → class index
 CLASS_TO_LABEL = np.array([0, 1, 2, 4], np.uint8)
 
@@ -43,13 +43,15 @@ def dequantize(codes: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class CachedCase:
-    """One cached case: memory-mapped ``images`` (Z', 4, H, W) uint8 codes and ``classes``
-    (Z', H, W) uint8, with ``tumor_slices`` the indices of slices holding tumor."""
+    """One cached case seen along one plane: memory-mapped ``images`` (Z', 4, H, W) uint8
+    codes and ``classes`` (Z', H, W) uint8, with ``tumor_slices`` the indices of slices holding
+    tumor. ``plane``: one of ``preprocess.PLANES`` (the slices' normal)."""
 
     case_id: str
     images: np.ndarray
     classes: np.ndarray
     tumor_slices: np.ndarray
+    plane: str = "axial"
 
 
 def _fingerprint(files: io.CaseFiles) -> str:
@@ -64,45 +66,80 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
     io.atomic_write(path, lambda tmp: np.save(tmp, array), overwrite=True)
 
 
-def cache_case(files: io.CaseFiles, cache_dir: Path, crop: tuple[int, int] = CROP) -> CachedCase:
-    """Preprocess one labelled case into ``cache_dir`` unless an up-to-date copy is there."""
+def _paths(cache_dir: Path, case_id: str, plane: str) -> tuple[Path, Path]:
+    return (cache_dir / f"{case_id}.{plane}_images.npy",
+            cache_dir / f"{case_id}.{plane}_classes.npy")
+
+
+def cache_case(files: io.CaseFiles, cache_dir: Path, crop: tuple[int, int] = CROP,
+               planes: Sequence[str] = PLANES) -> list[CachedCase]:
+    """Preprocess one labelled case into ``cache_dir``, once per plane of ``planes``, unless an
+    up-to-date copy is there; returns one ``CachedCase`` per plane."""
     if files.seg is None:
         raise io.InputError(f"{files.images[0].parent}: no segmentation (_seg) for training")
     case_id = io.safe_case_id(files.case_id)
     meta_path = cache_dir / f"{case_id}.json"
-    meta = {"version": CACHE_VERSION, "crop": list(crop), "source": _fingerprint(files)}
-    img_path, cls_path = cache_dir / f"{case_id}_images.npy", cache_dir / f"{case_id}_classes.npy"
-    fresh = meta_path.exists() and img_path.exists() and cls_path.exists()
+    meta = {"version": CACHE_VERSION, "crop": list(crop), "source": _fingerprint(files),
+            "planes": list(planes)}
+    fresh = meta_path.exists() and all(p.exists() for plane in planes
+                                       for p in _paths(cache_dir, case_id, plane))
     if fresh and json.loads(meta_path.read_text()) == meta:
         return load_cached(cache_dir, case_id)
+    meta_path.unlink(missing_ok=True)  # the entry is incomplete until the marker is back
     case = io.read_case(files, keep_dtype=True)
     labels, _, _ = io.read_label_map(files.seg)
     if labels.shape != case.shape:
         raise io.InputError(
             f"{files.seg}: shape {labels.shape} differs from the images' {case.shape}")
-    slices, geometry = preprocess(case.image, crop)
-    _save_npy(img_path, quantize(slices))
-    _save_npy(cls_path, LABEL_TO_CLASS[extract(labels, geometry)])
+    for plane in planes:
+        slices, geometry = preprocess(to_plane(case.image, plane), crop)
+        img_path, cls_path = _paths(cache_dir, case_id, plane)
+        _save_npy(img_path, quantize(slices))
+        _save_npy(cls_path, LABEL_TO_CLASS[extract(to_plane(labels, plane), geometry)])
     io.atomic_write_text(meta_path, json.dumps(meta))  # written last: marks the entry complete
     return load_cached(cache_dir, case_id)
 
 
-def load_cached(cache_dir: Path, case_id: str) -> CachedCase:
-    """Open a cached case, memory-mapped."""
-    images = np.load(cache_dir / f"{case_id}_images.npy", mmap_mode="r")
-    classes = np.load(cache_dir / f"{case_id}_classes.npy", mmap_mode="r")
-    tumor = np.flatnonzero(np.asarray(classes).reshape(len(classes), -1).any(axis=1))
-    return CachedCase(case_id, images, classes, tumor)
+def load_cached(cache_dir: Path, case_id: str) -> list[CachedCase]:
+    """Open a cached case, memory-mapped: one ``CachedCase`` per plane it was cached in."""
+    meta = json.loads((Path(cache_dir) / f"{case_id}.json").read_text())
+    if meta.get("version") != CACHE_VERSION:
+        raise io.InputError(f"{cache_dir}: cache of version {meta.get('version')}, this is "
+                            f"version {CACHE_VERSION}: build it anew")
+    out = []
+    for plane in meta["planes"]:
+        img_path, cls_path = _paths(Path(cache_dir), case_id, plane)
+        images = np.load(img_path, mmap_mode="r")
+        classes = np.load(cls_path, mmap_mode="r")
+        tumor = np.flatnonzero(np.asarray(classes).reshape(len(classes), -1).any(axis=1))
+        out.append(CachedCase(case_id, images, classes, tumor, plane))
+    return out
 
 
 def build_cache(
-    data_dir: Path, cache_dir: Path, crop: tuple[int, int] = CROP,
-    progress: Callable[[Iterable], Iterable] = iter,
+    data_dirs: Path | Sequence[Path], cache_dir: Path, crop: tuple[int, int] = CROP,
+    progress: Callable[[Iterable], Iterable] = iter, planes: Sequence[str] = PLANES,
 ) -> list[CachedCase]:
-    """Cache every labelled case below ``data_dir`` (any layout ``io`` reads)."""
+    """Cache every labelled case below the folder(s) ``data_dirs`` (any layout ``io`` reads),
+    in every plane of ``planes``; one ``CachedCase`` per case and plane, by case id."""
     cache_dir.mkdir(parents=True, exist_ok=True)
-    folders = io.find_cases(Path(data_dir))
-    return [cache_case(io.find_case_files(f), cache_dir, crop) for f in progress(folders)]
+    folders = find_training_cases(data_dirs)
+    return [c for f in progress(folders)
+            for c in cache_case(io.find_case_files(f), cache_dir, crop, planes)]
+
+
+def find_training_cases(data_dirs: Path | Sequence[Path]) -> list[Path]:
+    """The case folders below one or several data folders; a case id found twice is an
+    error (the same case would fall on both sides of a split)."""
+    dirs = [Path(data_dirs)] if isinstance(data_dirs, (str, Path)) else [Path(d) for d in data_dirs]
+    folders = [f for d in dirs for f in io.find_cases(d)]
+    seen: dict[str, Path] = {}
+    for f in folders:
+        case_id = io.find_case_files(f).case_id
+        if case_id in seen:
+            raise io.InputError(f"case {case_id} is in both {seen[case_id]} and {f}")
+        seen[case_id] = f
+    return sorted(folders, key=lambda f: io.find_case_files(f).case_id)
 
 
 def split_cases(
@@ -141,11 +178,12 @@ def is_cache(path: Path) -> bool:
 
 
 def open_cache(cache_dir: Path) -> list[CachedCase]:
-    """Every complete entry of a cache folder (those whose JSON marker was written)."""
+    """Every complete entry of a cache folder (those whose JSON marker was written), one
+    ``CachedCase`` per case and plane."""
     ids = sorted(p.stem for p in Path(cache_dir).glob("*.json"))
     if not ids:
         raise io.InputError(f"{cache_dir}: no cached cases")
-    return [load_cached(Path(cache_dir), i) for i in ids]
+    return [c for i in ids for c in load_cached(Path(cache_dir), i)]
 
 
 class PatchSampler:
@@ -190,39 +228,51 @@ class PatchSampler:
         return images, classes
 
 
-def augment(images, classes, generator, *, rotate_deg: float = 10.0, scale: float = 0.1,
-            intensity: float = 0.1):
-    """Augment a batch on its own device, with PyTorch.
-
-    ``images`` (N, C, H, W) float z-scores, ``classes`` (N, H, W) int64. Random left-right and
-    front-back flips, rotation within ±``rotate_deg`` and scaling within ±``scale`` (bilinear
-    for images, nearest for classes), and per-sample, per-modality intensity scale and shift
-    within ±``intensity`` (inside the brain only). Returns new tensors.
-    """
+def augment_matrices(n: int, generator, device=None, *, rotate_deg: float = 10.0,
+                     scale: float = 0.1):
+    """``n`` random affine matrices ``(n, 2, 3)`` for ``affine_grid``: a left-right and a
+    front-back flip (each with probability 1/2), then a rotation within ±``rotate_deg`` and a
+    zoom within ±``scale``: ``R(angle) @ diag(flip_x, flip_y) / zoom``, a scaled orthogonal
+    matrix (never a shear)."""
     import math
 
     import torch
-    import torch.nn.functional as F
-
-    n, c = images.shape[:2]
-    dev = images.device
 
     def uniform(*shape):
-        return torch.rand(*shape, generator=generator, device=dev) * 2 - 1
+        return torch.rand(*shape, generator=generator, device=device) * 2 - 1
 
     angle = uniform(n) * math.radians(rotate_deg)
     zoom = 1 + uniform(n) * scale
     flip_x = torch.where(uniform(n) > 0, 1.0, -1.0)
     flip_y = torch.where(uniform(n) > 0, 1.0, -1.0)
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-    theta = torch.stack([
-        torch.stack([cos * flip_x, -sin, torch.zeros_like(cos)], 1),
-        torch.stack([sin, cos * flip_y, torch.zeros_like(cos)], 1),
+    zero = torch.zeros_like(cos)
+    return torch.stack([
+        torch.stack([cos * flip_x, -sin * flip_y, zero], 1),
+        torch.stack([sin * flip_x, cos * flip_y, zero], 1),
     ], 1)
+
+
+def augment(images, classes, generator, *, rotate_deg: float = 10.0, scale: float = 0.1,
+            intensity: float = 0.1):
+    """Augment a batch on its own device, with PyTorch.
+
+    ``images`` (N, C, H, W) float z-scores, ``classes`` (N, H, W) int64. Random left-right and
+    front-back flips, rotation within ±``rotate_deg`` and scaling within ±``scale``
+    (``augment_matrices``; bilinear for images, nearest for classes), and per-sample,
+    per-modality intensity scale and shift within ±``intensity`` (inside the brain only).
+    Returns new tensors.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    n, c = images.shape[:2]
+    dev = images.device
+    theta = augment_matrices(n, generator, dev, rotate_deg=rotate_deg, scale=scale)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     brain = (images != 0).any(dim=1, keepdim=True).to(images.dtype)
-    gain = 1 + uniform(n, c, 1, 1) * intensity
-    shift = uniform(n, c, 1, 1) * intensity
+    gain = 1 + (torch.rand(n, c, 1, 1, generator=generator, device=dev) * 2 - 1) * intensity
+    shift = (torch.rand(n, c, 1, 1, generator=generator, device=dev) * 2 - 1) * intensity
     images = (images * gain + shift) * brain
     images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros",
                            align_corners=False)

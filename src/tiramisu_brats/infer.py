@@ -300,11 +300,17 @@ class Backend:
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
-    def label_batches(self, batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
-        """Labels ``(N, H, W)`` uint8 in 0/1/2/4, by argmax, of each batch ``(N, C, H, W)``
-        float32 in turn; batches may differ in size and shape."""
+    def logit_batches(self, batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+        """Logits ``(N, K, H, W)`` float32 of each batch ``(N, C, H, W)`` float32 in turn;
+        batches may differ in size and shape."""
         for batch in batches:
-            yield CLASS_TO_LABEL[self(np.ascontiguousarray(batch, dtype=np.float32)).argmax(1)]
+            yield self(np.ascontiguousarray(batch, dtype=np.float32))
+
+    def label_batches(self, batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+        """Labels ``(N, H, W)`` uint8 in 0/1/2/4, by argmax, of each batch, as
+        ``logit_batches``."""
+        for logits in self.logit_batches(batches):
+            yield CLASS_TO_LABEL[logits.argmax(1)]
 
     def predict(self, slices: np.ndarray, batch_size: int | None = None,
                 on_batch: Callable[[int], None] | None = None) -> np.ndarray:
@@ -415,14 +421,22 @@ class OpenVINOBackend(Backend):
         return self.requests[0].infer({0: batch})[0].copy()
 
     def label_batches(self, batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+        return self._pipelined(batches, lambda logits: CLASS_TO_LABEL[logits.argmax(1)])
+
+    def logit_batches(self, batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+        return self._pipelined(batches, np.copy)
+
+    def _pipelined(self, batches: Iterable[np.ndarray],
+                   take: Callable[[np.ndarray], np.ndarray]) -> Iterator[np.ndarray]:
         # One batch in flight per infer request (one per stream): the cores stay busy also
-        # across batches of different shapes.
+        # across batches of different shapes. ``take`` reads a request's output before the
+        # request is reused.
         in_flight: deque = deque()
 
         def collect() -> np.ndarray:
             request, _ = in_flight.popleft()  # the batch rides along: its memory is shared
             request.wait()
-            return CLASS_TO_LABEL[request.get_output_tensor(0).data.argmax(1)]
+            return take(request.get_output_tensor(0).data)
 
         try:
             for j, batch in enumerate(batches):
@@ -513,14 +527,38 @@ def predict_labels(
     return out
 
 
+def predict_probabilities(
+    backend: Backend, slices: np.ndarray, batch_size: int | None = None,
+    on_batch: Callable[[int], None] | None = None,
+    windows: Sequence[tuple[slice, slice] | None] | None = None,
+) -> np.ndarray:
+    """Softmax probabilities ``(Z', K, H, W)`` float32 of every slice of ``(Z', C, H, W)``;
+    with ``windows`` (as in ``predict_labels``) the network runs inside them only and the
+    rest is background with probability 1."""
+    if windows is not None and len(windows) != len(slices):
+        raise ValueError(f"{len(windows)} windows for {len(slices)} slices")
+    out = np.zeros((slices.shape[0], len(CLASS_TO_LABEL), *slices.shape[2:]), np.float32)
+    out[:, 0] = 1
+    _run(backend, slices, range(len(slices)), windows, out, batch_size, on_batch, softmax=True)
+    return out
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    """Softmax over axis 1 of ``(N, K, H, W)``, in float32."""
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    e /= e.sum(axis=1, keepdims=True)
+    return e
+
+
 def _run(
     backend: Backend, slices: np.ndarray, indices: Sequence[int],
     windows: Sequence[tuple[slice, slice] | None] | None, out: np.ndarray,
-    batch_size: int | None, on_batch: Callable[[int], None] | None,
+    batch_size: int | None, on_batch: Callable[[int], None] | None, *, softmax: bool = False,
 ) -> int:
-    """Write into ``out`` the labels of the slices ``indices`` (in their windows, if given),
-    slices of one size batched together, the largest first; returns how many were run (a
-    slice without a window is not)."""
+    """Write into ``out`` the labels (``softmax``: the probabilities, ``out`` (Z', K, H, W))
+    of the slices ``indices`` (in their windows, if given), slices of one size batched
+    together, the largest first; returns how many were run (a slice without a window is
+    not)."""
     batch_size = batch_size or backend.batch_size
     whole = (slice(None), slice(None))
     place = [whole] * len(slices) if windows is None else windows
@@ -537,9 +575,11 @@ def _run(
               for k in range(0, len(by_size[size]), batch_size)]
     batches = (np.stack([slices[i, :, place[i][0], place[i][1]] for i in chunk])
                for chunk in chunks)
-    for chunk, labels in zip(chunks, backend.label_batches(batches), strict=True):
-        for i, slice_labels in zip(chunk, labels, strict=True):
-            out[i, place[i][0], place[i][1]] = slice_labels
+    results = (map(_softmax, backend.logit_batches(batches)) if softmax
+               else backend.label_batches(batches))
+    for chunk, values in zip(chunks, results, strict=True):
+        for i, value in zip(chunk, values, strict=True):
+            out[i, ..., place[i][0], place[i][1]] = value
         if on_batch:
             on_batch(len(chunk))
     return sum(len(chunk) for chunk in chunks)

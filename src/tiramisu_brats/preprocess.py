@@ -19,6 +19,10 @@ import numpy.typing as npt
 
 CROP = (192, 160)
 MULTIPLE = 32
+PLANES = ("axial", "coronal", "sagittal")
+# The volume axes (X, Y, Z) in the order that puts each plane's normal last: the network's
+# slices are always taken along the last axis (BraTS: X left-right, Y front-back, Z up-down).
+_PLANE_AXES = {"axial": (0, 1, 2), "coronal": (0, 2, 1), "sagittal": (1, 2, 0)}
 MARGIN = 8  # pixels of background around each slice's brain window
 
 
@@ -71,6 +75,22 @@ def _any_nonzero(array: np.ndarray, axis: int) -> np.ndarray:
     for part in parts[1:]:
         mask |= part != 0
     return mask
+
+
+def to_plane(volume: np.ndarray, plane: str) -> np.ndarray:
+    """A view of ``volume`` ``(..., X, Y, Z)`` with the normal of ``plane`` (one of ``PLANES``)
+    as its last axis, so that ``preprocess`` of it gives that plane's slices (no copy)."""
+    if plane not in _PLANE_AXES:
+        raise ValueError(f"unknown plane {plane!r}: choose one of {', '.join(PLANES)}")
+    n = volume.ndim - 3
+    return volume.transpose(*range(n), *(n + a for a in _PLANE_AXES[plane]))
+
+
+def from_plane(volume: np.ndarray, plane: str) -> np.ndarray:
+    """The inverse of ``to_plane``: back to ``(..., X, Y, Z)`` (a view)."""
+    n = volume.ndim - 3
+    inverse = np.argsort(_PLANE_AXES[plane])
+    return volume.transpose(*range(n), *(n + int(a) for a in inverse))
 
 
 def compute_geometry(

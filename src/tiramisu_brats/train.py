@@ -26,7 +26,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +46,7 @@ from tiramisu_brats.data import (
 )
 from tiramisu_brats.metrics import Confusion
 from tiramisu_brats.model import REFERENCE, Tiramisu, TiramisuConfig, save_weights
+from tiramisu_brats.preprocess import PLANES
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +74,20 @@ class TrainConfig:
     seed: int = 0
     val_cases: tuple[str, ...] = ()
     train_cases: tuple[str, ...] = ()
-    amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
+    # bf16 autocast on CUDA and on CPUs that compute in bf16 (AVX512-BF16, AMX): on 2 such
+    # cores 2.9x the patches per second of fp32 (docs/benchmarks.md)
+    amp: bool = True
     compile: bool = False  # torch.compile on CUDA; ignored on CPU
     # The global batch runs as this many micro-batches of batch_size / micro_batches patches,
     # each with its own BatchNorm statistics, gradients summed (accumulation); under DDP each
     # of W processes runs micro_batches / W of them. The result does not depend on W.
     micro_batches: int = 1
-    extra: dict = field(default_factory=dict)
+    # Planes the slices are drawn from (one per sample, each plane as likely); the reference
+    # trained on axial slices only.
+    planes: tuple[str, ...] = ("axial",)
+    # Weights the run starts from (fine-tuning), by file name and sha256; "" for a fresh start.
+    init: str = ""
+    init_sha256: str = ""
 
     def __post_init__(self) -> None:
         if self.loss not in ("ce", "dice_ce"):
@@ -100,6 +108,9 @@ class TrainConfig:
         if self.minutes is not None and not (isinstance(self.minutes, (int, float))
                                              and self.minutes > 0):
             raise ValueError(f"minutes={self.minutes!r} must be a positive number")
+        unknown = sorted(set(self.planes) - set(PLANES))
+        if not self.planes or unknown:
+            raise ValueError(f"planes {self.planes!r}: choose from {', '.join(PLANES)}")
         if self.micro_batches < 1 or self.batch_size % self.micro_batches:
             raise ValueError(f"batch_size {self.batch_size} must be a multiple of "
                              f"micro_batches {self.micro_batches}")
@@ -113,6 +124,8 @@ class TrainConfig:
         data = json.loads(text)
         if not isinstance(data, dict):
             raise ValueError("invalid training config: expected a JSON object")
+        if data.get("extra") == {}:  # an always-empty field of runs before planes existed
+            del data["extra"]
         unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ValueError(f"invalid training config: unknown keys {unknown}")
@@ -120,7 +133,41 @@ class TrainConfig:
         data["patch"] = tuple(data["patch"])
         data["val_cases"] = tuple(data["val_cases"])
         data["train_cases"] = tuple(data["train_cases"])
+        if "planes" in data:
+            data["planes"] = tuple(data["planes"])
         return cls(**data)
+
+
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU has bf16 arithmetic (AVX512-BF16 or AMX), read from /proc/cpuinfo
+    (False where there is none to read)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
+                  if line.startswith("flags")), [])
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def keep_freed_memory() -> None:
+    """Let glibc keep freed memory for the next allocation instead of giving it back to the
+    kernel: every training step frees and reallocates the same activations, and memory new
+    to the process is cleared by the kernel page by page first (about 40 % of a CPU step's
+    time went there; docs/benchmarks.md). No effect where the C library is not glibc."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = libc.mallopt if libc is not None else None
+    except (OSError, AttributeError):
+        return
+    if mallopt is not None:
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        mallopt(m_mmap_threshold, 1 << 30)  # large blocks from the heap, not fresh mmaps
+        mallopt(m_trim_threshold, 1 << 30)  # and the heap's top not trimmed after each step
 
 
 def pick_device() -> torch.device:
@@ -260,7 +307,7 @@ def predict_classes(model: Tiramisu, images: np.ndarray, device: torch.device,
     for i in range(0, len(images), batch):
         x = _to_device(dequantize(np.asarray(images[i : i + batch])), device)
         with torch.autocast(device.type, dtype=torch.bfloat16,
-                            enabled=amp and device.type == "cuda"):
+                            enabled=amp and (device.type == "cuda" or cpu_computes_bf16())):
             out[i : i + batch] = model(x).argmax(1).to(torch.uint8).cpu().numpy()
     return out
 
@@ -460,6 +507,24 @@ def train(
                       world)
 
 
+def _load_init(model: Tiramisu, config: TrainConfig) -> None:
+    """Start from the weights ``config.init`` (checked against ``config.init_sha256``)."""
+    from tiramisu_brats.infer import file_sha256
+    from tiramisu_brats.model import load_model
+
+    path = Path(config.init)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: weights to start from not found")
+    if config.init_sha256 and file_sha256(path) != config.init_sha256:
+        raise ValueError(f"{path}: not the weights this run started from (sha256 differs)")
+    source = load_model(path)
+    if source.config != config.model:
+        raise ValueError(f"{path}: a model of another configuration ({source.config}) than "
+                         f"this run's ({config.model})")
+    model.load_state_dict(source.state_dict())
+    log.info("starting from %s", path)
+
+
 def _open_run(run_dir: Path, resume: bool, model, optimizer, rng, gen, rank: int):
     ckpt = run_dir / "checkpoint.safetensors"
     if resume:
@@ -491,10 +556,15 @@ def _train(train_cases, val_cases, run_dir: Path, config: TrainConfig, resume: b
     rng = np.random.default_rng(config.seed)  # sampling: the same in every process
     gen = torch.Generator(device=device).manual_seed(config.seed)  # augmentation: the same
     model = Tiramisu(config.model).to(device)  # the same initial weights in every process
+    if config.init and not (resume and (run_dir / "checkpoint.safetensors").exists()):
+        _load_init(model, config)
     if world.rank:  # dropout differs between processes (rank 0 keeps the single-process one)
         torch.manual_seed(config.seed + world.rank)
-    if cuda:
+    bf16 = config.amp and (cuda or cpu_computes_bf16())
+    if cuda or bf16:
         model = model.to(memory_format=torch.channels_last)
+    if not cuda:
+        keep_freed_memory()
     optimizer = torch.optim.RMSprop(model.parameters(), lr=config.lr, alpha=0.9, eps=1e-7,
                                     weight_decay=config.weight_decay)
     error = None
@@ -532,7 +602,7 @@ def _train(train_cases, val_cases, run_dir: Path, config: TrainConfig, resume: b
     total_steps = config.epochs * config.steps_per_epoch
     elapsed = sum(r["seconds"] for r in rows)
     seen = rows[-1]["slices_seen"] if rows else 0
-    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=config.amp and cuda)
+    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
     budget = None if config.minutes is None else config.minutes * 60
     # The global batch: micro_batches micro-batches of `micro` patches; this process runs
     # `local` of them, the slice `share` of the batch.
@@ -566,7 +636,7 @@ def _train(train_cases, val_cases, run_dir: Path, config: TrainConfig, resume: b
             y = _to_device(classes, device).long()
             x, y = augment(x, y, gen)  # all of the batch: the generator stays shared
             x, y = x[share], y[share]
-            if cuda:
+            if cuda or bf16:
                 x = x.contiguous(memory_format=torch.channels_last)
             optimizer.zero_grad(set_to_none=True)
             before = [b.clone() for b in buffers] if local > 1 else None

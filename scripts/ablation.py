@@ -1,0 +1,117 @@
+"""Score the inference recipes (views, postprocessing rules) and QC scores on labelled cases.
+
+For each case the network's probabilities are computed once per view (axial, coronal,
+sagittal; each also flipped left-right) with ``api.Segmenter.view_probabilities``, then every
+combination of views is fused, postprocessed (with and without the rule that relabels a small
+enhancing region as necrosis) and scored against the expert. Also the QC score candidates:
+the spread of the whole-tumor probability across views inside the predicted tumor.
+
+Usage:
+  python scripts/ablation.py --cases ID,ID,... [--model W] [--data-root ../shared/data]
+                             [--json OUT.json]
+Prints Markdown tables (per case and means).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from scipy.stats import spearmanr
+
+from tiramisu_brats import api, io, metrics
+from tiramisu_brats.data import find_training_cases
+from tiramisu_brats.infer import CLASS_TO_LABEL
+from tiramisu_brats.postprocess import postprocess
+
+VIEWS = [(p, f) for p in ("axial", "coronal", "sagittal") for f in (False, True)]
+COMBOS = {
+    "axial (fast)": [("axial", False)],
+    "axial + flip": [("axial", False), ("axial", True)],
+    "3 planes": [("axial", False), ("coronal", False), ("sagittal", False)],
+    "3 planes + flips (accurate)": VIEWS,
+}
+MIN_ET = (0, 100, 250, 500)
+
+
+def dice3(labels: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+    return {r: metrics.Confusion.from_masks(metrics.region_mask(labels, r),
+                                            metrics.region_mask(ref, r)).dice
+            for r in ("WT", "TC", "ET")}
+
+
+def relabel_small_et(labels: np.ndarray, n: int) -> np.ndarray:
+    if n and 0 < (labels == 4).sum() < n:
+        labels = labels.copy()
+        labels[labels == 4] = 1
+    return labels
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--cases", required=True)
+    parser.add_argument("--model", type=Path, default=None)
+    parser.add_argument("--data-root", type=Path, default=Path("../shared/data"))
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    wanted = [c.strip() for c in args.cases.split(",")]
+    folders = {io.find_case_files(f).case_id: f for f in find_training_cases(
+        [args.data_root / "brats-labeled", args.data_root / "brats-labeled-extra"])}
+    seg = api.Segmenter(args.model)
+    rows = []
+    for case_id in wanted:
+        files = io.find_case_files(folders[case_id])
+        case = io.read_case(files, keep_dtype=True)
+        ref = io.read_label_map(files.seg)[0]
+        t0 = time.perf_counter()
+        probs = {v: seg.view_probabilities(case.image, *v) for v in VIEWS}
+        seconds = time.perf_counter() - t0
+        row = {"case": case_id, "seconds_all_views": seconds}
+        for name, views in COMBOS.items():
+            fused = sum(probs[v] for v in views) / len(views)
+            raw = CLASS_TO_LABEL[fused.argmax(0)]
+            post = postprocess(raw)
+            row[name] = {"raw": dice3(raw, ref), "post": dice3(post, ref),
+                         **{f"post_min_et_{n}": dice3(relabel_small_et(post, n), ref)
+                            for n in MIN_ET if n}}
+            wt = np.stack([1 - probs[v][0] for v in views])  # whole-tumor probability per view
+            inside = post > 0
+            row[name]["wt_ml"] = float(inside.sum() / 1000)
+            row[name]["ref_wt_ml"] = float((ref > 0).sum() / 1000)
+            if len(views) > 1 and inside.any():
+                row[name]["qc_spread"] = float(wt.std(0)[inside].mean())
+            p = fused[1:].sum(0)[inside] if inside.any() else np.ones(1)
+            row[name]["qc_mean_wt_prob"] = float(p.mean())
+        rows.append(row)
+        print(f"{case_id}: {seconds:.1f} s for {len(VIEWS)} views; "
+              + "; ".join(f"{n}: WT {row[n]['post']['WT']:.3f} TC {row[n]['post']['TC']:.3f} "
+                          f"ET {row[n]['post']['ET']:.3f}" for n in COMBOS), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"model": str(seg.weights), "sha256": seg.model_info()
+                                         ["sha256"], "rows": rows}, indent=1))
+    print("\n| recipe | stage | Dice WT | Dice TC | Dice ET | mean |")
+    print("|---|---|---:|---:|---:|---:|")
+    for name in COMBOS:
+        for stage in ("raw", "post", *(f"post_min_et_{n}" for n in MIN_ET if n)):
+            m = {r: float(np.mean([row[name][stage][r] for row in rows]))
+                 for r in ("WT", "TC", "ET")}
+            print(f"| {name} | {stage} | {m['WT']:.3f} | {m['TC']:.3f} | {m['ET']:.3f} | "
+                  f"{np.mean(list(m.values())):.3f} |")
+    print("\nQC (Spearman with Dice WT / with mean Dice, after postprocessing):")
+    for name in COMBOS:
+        dwt = [row[name]["post"]["WT"] for row in rows]
+        dmean = [np.mean(list(row[name]["post"].values())) for row in rows]
+        for key in ("qc_spread", "qc_mean_wt_prob"):
+            vals = [row[name].get(key) for row in rows]
+            if None in vals:
+                continue
+            sign = -1 if key == "qc_spread" else 1  # a large spread means likely wrong
+            print(f"  {name} {key}: {spearmanr(np.multiply(sign, vals), dwt)[0]:.2f} / "
+                  f"{spearmanr(np.multiply(sign, vals), dmean)[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

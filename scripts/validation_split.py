@@ -1,0 +1,32 @@
+"""Print the fixed validation split of the 27 labelled cases (docs/model-card.md).
+
+Drawn once, by seed, before any result of a new recipe was seen, from the 14 cases that the
+shipped fold-0 model never trained on (its 4 held-out cases and the 10 of brats-labeled-extra),
+so that a model fine-tuned from the shipped weights is scored on cases that no weights it
+started from have seen. The other 20 cases are the training split.
+
+Usage: python scripts/validation_split.py [DATA_ROOT]   (default ../shared/data)
+"""
+
+import sys
+from pathlib import Path
+
+from tiramisu_brats import io
+from tiramisu_brats.data import find_training_cases, split_cases
+from tiramisu_brats.infer import default_weights
+from tiramisu_brats.model import read_config
+
+SEED = 20261202
+N_VAL = 7
+
+root = Path(sys.argv[1] if len(sys.argv) > 1 else "../shared/data")
+folders = find_training_cases([root / "brats-labeled", root / "brats-labeled-extra"])
+ids = [io.find_case_files(f).case_id for f in folders]
+_, meta = read_config(default_weights())
+seen = set(meta["trained_on"].split(","))
+unseen = [i for i in ids if i not in seen]
+_, val = split_cases(unseen, val_fraction=N_VAL / len(unseen), seed=SEED)
+train = [i for i in ids if i not in val]
+print(f"{len(ids)} cases; {len(unseen)} never seen by the shipped model; seed {SEED}")
+print("validation:", ",".join(val))
+print("training:  ", ",".join(train))
