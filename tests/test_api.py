@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from tiramisu_brats import api, io
+from tiramisu_brats import api, io, metrics
 from tiramisu_brats.infer import CLASS_TO_LABEL
 from tiramisu_brats.postprocess import postprocess
 from tiramisu_brats.synthetic import make_case
@@ -86,3 +86,121 @@ def test_the_readme_example_runs(real_data, tmp_path, monkeypatch):
     assert summary["volumes_ml"]["WT_ml"] > 50
     rows = api.evaluate(tmp_path / "pred", ".", tmp_path / "report")
     assert [r["case"] for r in rows] == ["BraTS2021_00006"] and rows[0]["dice_WT"] > 0.9
+
+
+def _store(folder, image, seg, affine, ornt, case_id):
+    """Write a case (BraTS 2021 naming, .nii) stored in the axis orientation ``ornt``."""
+    import nibabel as nib
+
+    folder.mkdir(parents=True)
+    for name, volume in zip(("t1", "t1ce", "t2", "flair", "seg"), (*image, seg), strict=True):
+        img = nib.Nifti1Image(np.asarray(volume), affine).as_reoriented(ornt)
+        img.set_qform(img.affine, 1)
+        img.set_sform(img.affine, 1)
+        nib.save(img, folder / f"{case_id}_{name}.nii")
+    return folder
+
+
+def _orientations():
+    import itertools
+
+    for perm in itertools.permutations(range(3)):
+        for flips in itertools.product((1, -1), repeat=3):
+            yield np.array([[perm[i], flips[i]] for i in range(3)], float)
+
+
+def test_any_of_the_48_orientations_gives_the_same_label_map(tmp_path, tiny_weights):
+    import nibabel as nib
+
+    syn = make_case(2, shape=(64, 64, 40))
+    segmenter = api.Segmenter(tiny_weights, "torch", crop=(64, 64))
+    outputs = {}
+    for k, ornt in enumerate(_orientations()):
+        folder = _store(tmp_path / f"o{k}", syn.image, syn.labels, syn.affine, ornt, "c")
+        summary = segmenter.segment_case(io.find_case_files(folder), tmp_path / f"o{k}.nii.gz")
+        labels = nib.load(tmp_path / f"o{k}.nii.gz")
+        stored = nib.load(folder / "c_t1.nii")
+        assert labels.shape == stored.shape
+        np.testing.assert_allclose(labels.affine, stored.affine)
+        # Brought back to the first storage: voxel for voxel the same map.
+        back = labels.as_reoriented(nib.orientations.ornt_transform(
+            nib.orientations.io_orientation(labels.affine),
+            nib.orientations.io_orientation(syn.affine)))
+        outputs[summary["grid"]["axes"]] = np.asarray(back.dataobj)
+    assert len(outputs) == 48
+    first = outputs["LPS"]
+    assert first.any()
+    for axes, labels in outputs.items():
+        np.testing.assert_array_equal(labels, first, err_msg=axes)
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_a_real_case_in_other_orientations_gives_the_same_label_map(real_data, tmp_path):
+    import nibabel as nib
+
+    files = io.find_case_files(real_data / "brats-labeled" / "BraTS2021_00005")
+    case = io.read_case(files, keep_dtype=True)
+    seg = io.read_label_map(files.seg)[0]
+    segmenter = api.Segmenter()
+    as_stored = segmenter.segment_case(files, tmp_path / "stored.nii.gz")
+    reference = np.asarray(nib.load(tmp_path / "stored.nii.gz").dataobj)
+    ras = nib.orientations.ornt_transform(nib.orientations.io_orientation(case.affine),
+                                          nib.orientations.axcodes2ornt("RAS"))
+    slices_first = np.array([[2, 1], [1, 1], [0, 1]], float)  # slices along the first axis
+    for name, ornt in (("RAS", ras), ("slices first", slices_first)):
+        folder = _store(tmp_path / name.replace(" ", "_"), case.image, seg, case.affine, ornt,
+                        "BraTS2021_00005")
+        summary = segmenter.segment_case(io.find_case_files(folder), tmp_path / f"{name}.nii.gz")
+        out = nib.load(tmp_path / f"{name}.nii.gz")
+        back = out.as_reoriented(nib.orientations.ornt_transform(
+            nib.orientations.io_orientation(out.affine),
+            nib.orientations.io_orientation(case.affine)))
+        np.testing.assert_array_equal(np.asarray(back.dataobj), reference, err_msg=name)
+        assert summary["volumes_ml"] == as_stored["volumes_ml"]
+
+
+def _resampled(image, seg, affine, spacing):
+    """The case on a grid of ``spacing`` mm (images linear, labels nearest), same field of
+    view: corner voxels on the 1 mm grid's corners."""
+    from scipy import ndimage
+
+    shape = image.shape[1:]
+    target = [round((n - 1) / z) + 1 for n, z in zip(shape, spacing, strict=True)]
+    factors = [m / n for n, m in zip(shape, target, strict=True)]
+    img = np.stack([ndimage.zoom(m.astype(np.float32), factors, order=1, grid_mode=False)
+                    for m in image]).round().astype(np.int16)
+    lab = ndimage.zoom(seg, factors, order=0, grid_mode=False)
+    new = affine.copy()
+    new[:3, :3] = affine[:3, :3] @ np.diag([(n - 1) / (m - 1) for n, m in
+                                            zip(shape, target, strict=True)])
+    return img, lab, new
+
+
+@pytest.mark.real
+@pytest.mark.slow
+@pytest.mark.parametrize("spacing", [(0.5, 0.5, 1.0), (1.0, 1.0, 3.0)])
+def test_a_real_case_at_another_voxel_size_scores_as_at_1mm(real_data, tmp_path, spacing):
+    files = io.find_case_files(real_data / "brats-labeled" / "BraTS2021_00005")
+    case = io.read_case(files, keep_dtype=True)
+    seg = io.read_label_map(files.seg)[0]
+    segmenter = api.Segmenter()
+    segmenter.segment_case(files, tmp_path / "1mm.nii.gz")
+    dice_1mm = metrics.Confusion.from_masks(io.read_label_map(tmp_path / "1mm.nii.gz")[0] > 0,
+                                            seg > 0).dice
+    image, labels, affine = _resampled(case.image, seg, case.affine, spacing)
+    folder = _store(tmp_path / "case", image, labels, affine, np.array([[0, 1], [1, 1], [2, 1]],
+                                                                      float), "c")
+    summary = segmenter.segment_case(io.find_case_files(folder), tmp_path / "other.nii.gz")
+    assert summary["grid"]["resampled_to_1mm"]
+    pred = io.read_label_map(tmp_path / "other.nii.gz")[0]
+    assert pred.shape == labels.shape
+    dice = metrics.Confusion.from_masks(pred > 0, labels > 0).dice
+    assert dice_1mm > 0.9 and abs(dice - dice_1mm) <= 0.03, (dice, dice_1mm)
+    # Volumes in ml of the input grid: close to the 1 mm result's.
+    voxel_ml = float(np.prod(summary["spacing_mm"])) / 1000
+    assert summary["volumes_ml"]["WT_ml"] == pytest.approx((pred > 0).sum() * voxel_ml,
+                                                           rel=1e-3)
+    no = api.Segmenter(resample=False).segment_case(io.find_case_files(folder),
+                                                   tmp_path / "no.nii.gz")
+    assert not no["grid"]["resampled_to_1mm"]

@@ -57,8 +57,8 @@ RUNS = {"A": {},
 
 
 def _sets(cache_dir: Path, config: TrainConfig):
-    by_id = {c.case_id: c for c in data.open_cache(cache_dir)}
-    return [by_id[i] for i in config.train_cases], [by_id[i] for i in config.val_cases]
+    cases = data.open_cache(cache_dir)
+    return data.select(cases, config.train_cases), data.select(cases, config.val_cases)
 
 
 def _free_ports(n: int) -> list[int]:

@@ -280,13 +280,23 @@ def test_read_case_keep_dtype(tmp_path: Path, ext: str) -> None:
     np.testing.assert_array_equal(mixed.image[2], volume(2) * 2.0)
 
 
-def test_read_case_warns_on_spacing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_read_case_gives_the_spacing_without_a_word(tmp_path: Path,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    # Resampling to 1 mm (or the warning that it is off) is the segmenter's, not reading's.
     affine = np.diag([2.0, 2.0, 3.0, 1.0])
     paths = [save(tmp_path / f"c_{m}.nii", volume(i), affine) for i, m in enumerate(io.MODALITIES)]
     with caplog.at_level(logging.WARNING):
         case = io.read_case(io.case_files_from_paths(*paths))
     assert case.spacing == (2.0, 2.0, 3.0)
-    assert "trained on 1 mm" in caplog.text
+    assert caplog.text == ""
+
+
+def test_a_modality_in_two_namings_is_an_error_naming_both(tmp_path: Path) -> None:
+    for i, m in enumerate(("t1", "t1ce", "t2", "flair")):
+        save(tmp_path / f"case_{m}.nii", volume(i), np.eye(4))
+    save(tmp_path / "case-t1n.nii", volume(0), np.eye(4))
+    with pytest.raises(io.InputError, match=r"several t1 images: case_t1\.nii, case-t1n\.nii"):
+        io.find_case_files(tmp_path)
 
 
 def test_trailing_singleton_axis_accepted(tmp_path: Path) -> None:

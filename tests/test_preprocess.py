@@ -157,3 +157,71 @@ def test_planes_round_trip_and_put_the_plane_normal_last(plane):
 def test_unknown_plane_is_refused():
     with pytest.raises(ValueError, match="unknown plane 'oblique'"):
         pp.to_plane(np.zeros((1, 2, 2, 2)), "oblique")
+
+
+def _reoriented(volume: np.ndarray, affine: np.ndarray, ornt: np.ndarray):
+    """``volume`` (C, X, Y, Z) stored in another axis orientation, as nibabel would."""
+    import nibabel as nib
+
+    img = nib.Nifti1Image(np.moveaxis(volume, 0, -1), affine).as_reoriented(ornt)
+    return np.moveaxis(np.asarray(img.dataobj), -1, 0), img.affine
+
+
+def _all_orientations():
+    import itertools
+
+    for perm in itertools.permutations(range(3)):
+        for flips in itertools.product((1, -1), repeat=3):
+            yield np.array([[perm[i], flips[i]] for i in range(3)], float)
+
+
+def test_every_axis_orientation_gives_the_same_network_grid_and_maps_back_exactly():
+    rng = np.random.default_rng(0)
+    volume = rng.random((2, 5, 6, 7)).astype(np.float32)
+    brats = np.diag([-1.0, -1.0, 1.0, 1.0])
+    reference = pp.to_network(volume, pp.network_grid(brats, (5, 6, 7)))
+    np.testing.assert_array_equal(reference, volume)  # BraTS: already the trained one
+    seen = set()
+    for ornt in _all_orientations():
+        stored, affine = _reoriented(volume, brats, ornt)
+        grid = pp.network_grid(affine, stored.shape[1:])
+        seen.add(grid.axes)
+        np.testing.assert_array_equal(pp.to_network(stored, grid), reference)
+        np.testing.assert_array_equal(pp.to_input(reference[0], grid), stored[0])
+        assert grid.oblique_deg == 0 and not grid.resampled
+    assert len(seen) == 48
+
+
+def test_oblique_affine_uses_the_closest_axes_and_says_how_far():
+    theta = np.radians(12.0)
+    rot = np.array([[np.cos(theta), -np.sin(theta), 0], [np.sin(theta), np.cos(theta), 0],
+                    [0, 0, 1]])
+    affine = np.eye(4)
+    affine[:3, :3] = rot @ np.diag([-1.0, -1.0, 1.0])
+    grid = pp.network_grid(affine, (4, 5, 6))
+    assert grid.axes == ("L", "P", "S") and grid.oblique_deg == pytest.approx(12.0, abs=0.01)
+
+
+def test_anisotropic_voxels_are_resampled_to_1mm_and_labels_come_back_by_nearest():
+    affine = np.diag([-0.5, -0.5, 3.0, 1.0])
+    grid = pp.network_grid(affine, (40, 30, 6))
+    assert grid.resampled and grid.network_shape == (20, 15, 18)
+    assert pp.network_grid(affine, (40, 30, 6), resample=False).network_shape == (40, 30, 6)
+    ramp = np.broadcast_to(np.arange(40, dtype=np.float32)[:, None, None], (40, 30, 6))
+    up = pp.to_network(ramp[None], grid)[0]
+    # Linear along X: the corner voxels coincide, values in between interpolated.
+    np.testing.assert_allclose(up[:, 0, 0], np.linspace(0, 39, 20), atol=1e-4)
+    labels = np.zeros(grid.network_shape, np.uint8)
+    labels[5:15, 3:12, 4:14] = 2
+    back = pp.to_input(labels, grid)
+    assert back.shape == (40, 30, 6)
+    # Each input voxel takes the label of the network voxel nearest to it.
+    ix = np.rint(np.arange(40) * 19 / 39).astype(int)
+    iy = np.rint(np.arange(30) * 14 / 29).astype(int)
+    iz = np.rint(np.arange(6) * 17 / 5).astype(int)
+    np.testing.assert_array_equal(back, labels[np.ix_(ix, iy, iz)])
+
+
+def test_an_affine_that_maps_nothing_is_refused():
+    with pytest.raises(ValueError, match="does not map voxels"):
+        pp.network_grid(np.diag([1.0, 0.0, 1.0, 1.0]), (2, 2, 2))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tiramisu_brats.data import open_cache
+from tiramisu_brats.data import cache_paths, open_cache
 
 parser = argparse.ArgumentParser(description=__doc__)
 parser.add_argument("cache", type=Path)
@@ -27,12 +27,13 @@ for case in open_cache(args.cache):
     tumor = np.zeros(len(case.classes), bool)
     tumor[case.tumor_slices] = True
     keep = tumor | (np.arange(len(tumor)) % args.stride == 0)
-    np.save(args.out / f"{case.case_id}_images.npy", np.asarray(case.images)[keep])
-    np.save(args.out / f"{case.case_id}_classes.npy", np.asarray(case.classes)[keep])
+    images, classes = cache_paths(args.out, case.case_id, case.plane)
+    np.save(images, np.asarray(case.images)[keep])
+    np.save(classes, np.asarray(case.classes)[keep])
     meta = json.loads((args.cache / f"{case.case_id}.json").read_text())
     meta["packed_stride"] = args.stride
     (args.out / f"{case.case_id}.json").write_text(json.dumps(meta))
-    print(case.case_id, int(keep.sum()), "of", len(keep), "slices")
+    print(case.case_id, case.plane, int(keep.sum()), "of", len(keep), "slices")
 subprocess.run(f"tar cf - -C {args.out.parent} {args.out.name} | xz -T2 -6 > {args.out}.tar.xz",
                shell=True, check=True)
 print(f"{args.out}.tar.xz", Path(f"{args.out}.tar.xz").stat().st_size / 2**20, "MiB")

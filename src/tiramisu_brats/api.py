@@ -34,11 +34,16 @@ from tiramisu_brats.postprocess import postprocess as _postprocess
 from tiramisu_brats.preprocess import (
     CROP,
     MARGIN,
+    OBLIQUE_WARNING_DEG,
     PLANES,
     Geometry,
+    Grid,
     brain_windows,
     from_plane,
+    network_grid,
     preprocess,
+    to_input,
+    to_network,
     to_plane,
     uncrop,
 )
@@ -87,19 +92,46 @@ class Segmentation:
 
 @dataclass(frozen=True)
 class PreparedCase:
-    """A case with the network's input made from it: ``slices`` (Z', 4, H, W) float32 and
-    their ``geometry``, as ``preprocess.preprocess(case.image, crop)``."""
+    """A case with the network's input made from it: ``image`` (4, X', Y', Z') on the
+    network's ``grid`` (``preprocess.network_grid``: the trained orientation, 1 mm unless
+    ``resample`` was off), and its axial ``slices`` (Z', 4, H, W) float32 with their
+    ``geometry``, as ``preprocess.preprocess(image, crop)``."""
 
     case: io.Case
+    image: np.ndarray
+    grid: Grid
     slices: np.ndarray
     geometry: Geometry
     crop: tuple[int, int]
+    resample: bool = True
 
 
-def prepare_case(case: io.Case, crop: tuple[int, int] = CROP) -> PreparedCase:
-    """Preprocess a case for the network (e.g. in a reading thread, see ``segment_case``)."""
-    slices, geometry = preprocess(case.image, crop)
-    return PreparedCase(case, slices, geometry, crop)
+def prepare_case(case: io.Case, crop: tuple[int, int] = CROP, resample: bool = True
+                 ) -> PreparedCase:
+    """Bring a case onto the network's grid and preprocess it (e.g. in a reading thread, see
+    ``segment_case``). ``resample=False`` keeps voxels that are not 1 mm as they are."""
+    grid = network_grid(case.affine, case.shape, resample)
+    image = to_network(case.image, grid)
+    slices, geometry = preprocess(image, crop)
+    return PreparedCase(case, image, grid, slices, geometry, crop, resample)
+
+
+def grid_info(grid: Grid, case_id: str = "") -> dict:
+    """What the per-case JSON records of the input's grid; logs what a user should know."""
+    spacing = "x".join(f"{z:g}" for z in grid.spacing)
+    if grid.oblique_deg > OBLIQUE_WARNING_DEG:
+        log.warning("%s: the image axes are %.1f degrees off the scanner axes; the network "
+                    "sees slices tilted that much (trained on axis-aligned BraTS images)",
+                    case_id, grid.oblique_deg)
+    elif grid.oblique_deg > 0.5:
+        log.info("%s: image axes %.1f degrees off the scanner axes", case_id, grid.oblique_deg)
+    if grid.resampled:
+        log.info("%s: voxels of %s mm resampled to 1 mm for the network", case_id, spacing)
+    elif not np.allclose(grid.spacing, 1.0, atol=0.05):
+        log.warning("%s: voxels of %s mm segmented as they are (not resampled); the model was "
+                    "trained on 1 mm images", case_id, spacing)
+    return {"axes": "".join(grid.axes), "oblique_deg": grid.oblique_deg,
+            "resampled_to_1mm": grid.resampled, "network_shape": list(grid.network_shape)}
 
 
 class Segmenter:
@@ -110,7 +142,7 @@ class Segmenter:
         batch_size: int | None = None, threads: int | None = None, precision: str | None = None,
         device: str | None = None, crop: tuple[int, int] = CROP, postprocess: bool = True,
         whole_slices: bool | None = None, tumor_slices: bool | None = None,
-        mode: str = "fast",
+        mode: str = "fast", resample: bool = True,
     ) -> None:
         """``whole_slices``: run the network on whole slices, else on each slice's brain window
         (``preprocess.brain_windows``); default: the backend's (``infer.WHOLE_SLICES``).
@@ -119,10 +151,13 @@ class Segmenter:
         (the postprocessed labels of the 17 labelled cases stay as they are; the raw ones do
         not); default: with ``postprocess``. ``segment_case(save_raw=True)`` runs every slice
         regardless. ``mode``: one of ``MODES``; ``accurate`` runs every slice of every view
-        and averages their probabilities (``tumor_slices`` does not apply)."""
+        and averages their probabilities (``tumor_slices`` does not apply). ``resample``:
+        bring images that are not 1 mm to 1 mm for the network (``segment_case``, and
+        ``segment`` given an affine)."""
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
         self.mode = mode
+        self.resample = resample
         self.weights = Path(model) if model is not None else default_weights()
         self.backend = load_backend(backend, self.weights, threads=threads, precision=precision,
                                     device=device)
@@ -146,12 +181,22 @@ class Segmenter:
 
     def segment(
         self, image: np.ndarray, on_batch: Callable[[int], None] | None = None, *,
-        all_slices: bool = False,
+        all_slices: bool = False, affine: np.ndarray | None = None,
     ) -> Segmentation:
         """Segment one case: ``image`` (4, X, Y, Z) → labels (X, Y, Z) uint8 in 0/1/2/4.
-        ``all_slices``: run every brain slice even with ``tumor_slices`` (a complete ``raw``)."""
+
+        ``affine`` (4, 4), the image's voxel-to-world matrix: the image is brought to the
+        orientation the model was trained in (and to 1 mm, unless ``resample`` is off) and
+        the labels back onto its grid. Without it the image is taken as it is (BraTS
+        orientation, 1 mm). ``all_slices``: run every brain slice even with ``tumor_slices``
+        (a complete ``raw``)."""
         if image.ndim != 4 or image.shape[0] != 4:
             raise ValueError(f"expected an image (4, X, Y, Z), got shape {image.shape}")
+        if affine is not None:
+            grid = network_grid(affine, image.shape[1:], self.resample)
+            seg = self.segment(to_network(image, grid), on_batch, all_slices=all_slices)
+            return Segmentation(to_input(seg.labels, grid), to_input(seg.raw, grid),
+                                seg.timings, seg.slices)
         if self.mode != "fast":
             return self._segment_views(image, on_batch)
         t0 = time.perf_counter()
@@ -254,17 +299,24 @@ class Segmenter:
         t0 = time.perf_counter()
         case = read(files) if read else io.read_case(files, keep_dtype=True)
         t1 = time.perf_counter()
-        if isinstance(case, PreparedCase) and case.crop == self.crop and self.mode == "fast":
-            seg = self._segment(case.slices, case.geometry, on_batch, save_raw, 0.0)
-            case = case.case
+        prepared_s = 0.0
+        if not (isinstance(case, PreparedCase) and case.crop == self.crop
+                and case.resample == self.resample):
+            case = prepare_case(case.case if isinstance(case, PreparedCase) else case,
+                                self.crop, self.resample)
+            prepared_s = time.perf_counter() - t1
+        if self.mode == "fast":
+            seg = self._segment(case.slices, case.geometry, on_batch, save_raw, prepared_s)
         else:
-            case = case.case if isinstance(case, PreparedCase) else case
-            seg = self.segment(case.image, on_batch, all_slices=save_raw)
+            seg = self._segment_views(case.image, on_batch)
+            seg.timings["preprocess"] += prepared_s
+        grid, case = case.grid, case.case
+        labels, raw = to_input(seg.labels, grid), to_input(seg.raw, grid) if save_raw else None
         t2 = time.perf_counter()
-        io.write_label_map(output, seg.labels, case.header, case.affine, convention=convention,
+        io.write_label_map(output, labels, case.header, case.affine, convention=convention,
                            overwrite=overwrite)
         if save_raw:
-            io.write_label_map(raw_path, seg.raw, case.header, case.affine,
+            io.write_label_map(raw_path, raw, case.header, case.affine,
                                convention=convention, overwrite=overwrite)
         t3 = time.perf_counter()
         timings = {"load": t1 - t0, **seg.timings, "save": t3 - t2}
@@ -275,10 +327,11 @@ class Segmenter:
             "label_convention": convention,
             "labels": {"necrosis": 1, "edema": 2, "enhancing": 3 if convention == "brats2023"
                        else 4},
-            "volumes_ml": metrics.volumes_ml(seg.labels, case.spacing),
+            "volumes_ml": metrics.volumes_ml(labels, case.spacing),
             "postprocessed": self.postprocess,
             "shape": list(case.shape),
             "spacing_mm": list(case.spacing),
+            "grid": grid_info(grid, case.case_id),
             "mode": self.mode,
             "model": {**self.model_info(),
                       "tumor_slices": self.tumor_slices and not save_raw and self.mode == "fast"},
@@ -387,9 +440,11 @@ def evaluate(
             if labels.shape != ref_labels.shape:
                 raise io.InputError(f"{path}: shape {labels.shape} differs from the "
                                     f"reference's {ref_labels.shape} ({r.path})")
-            if not np.allclose(affine, ref_affine, atol=1e-3):
+            same_grid = bool(np.allclose(affine, ref_affine, atol=io.AFFINE_ATOL))
+            if not same_grid:
                 log.warning("%s: affine differs from the reference %s", path, r.path)
-            out.append({"case": case_id, **metrics.evaluate_case(labels, ref_labels, spacing)})
+            out.append({"case": case_id, **metrics.evaluate_case(labels, ref_labels, spacing),
+                        "affine_matches": same_grid})
         if on_case:
             on_case(case_id)
     if raw_rows and len(raw_rows) != len(rows):

@@ -123,12 +123,12 @@ def _timing_table(rows: list[dict]) -> Table:
     return table
 
 
-def _read_prepared(files: io.CaseFiles):
+def _read_prepared(files: io.CaseFiles, resample: bool = True):
     """Read a case and preprocess it: what ``segment`` does in its reading thread."""
     case = io.read_case(files, keep_dtype=True)
     from tiramisu_brats.api import prepare_case  # after reading: the main thread imports it
 
-    return prepare_case(case)
+    return prepare_case(case, resample=resample)
 
 
 @app.command()
@@ -155,6 +155,9 @@ def segment(
         "fast: one axial pass (seconds); accurate: the mean of the network's probabilities "
         "over axial, coronal and sagittal slices, each also flipped left-right (every slice "
         "of each; slower, more accurate: docs/model-card.md)."))] = "fast",
+    resample: Annotated[bool, typer.Option(help=(
+        "Resample images that are not 1 mm to 1 mm for the network (the label map is "
+        "written on the input's grid all the same)."))] = True,
     postprocess: Annotated[bool, typer.Option(help="Closing + keep the main tumor.")] = True,
     whole_slices: Annotated[bool | None, typer.Option(
         "--whole-slices/--brain-windows", show_default=False, help=(
@@ -254,13 +257,14 @@ def segment(
             failed(k, name, err)
     # Cases are read and preprocessed in a background thread one ahead: the first while the
     # model and the libraries it needs load.
-    with io.ReadAhead([files for _, files, _, _ in plan], read=_read_prepared) as reader:
+    with io.ReadAhead([files for _, files, _, _ in plan],
+                      read=lambda f: _read_prepared(f, resample)) as reader:
         with user_errors():
             from tiramisu_brats.api import Segmenter
 
             segmenter = Segmenter(model, backend, batch_size=batch_size, threads=threads,
                                   precision=precision, postprocess=postprocess,
-                                  whole_slices=whole_slices, mode=mode,
+                                  whole_slices=whole_slices, mode=mode, resample=resample,
                                   tumor_slices=None if all_slices is None else not all_slices)
             _last_model[:] = [segmenter]
         if cohort:  # only now: a bad model or option leaves no output folder behind
@@ -486,12 +490,8 @@ def train(
                 micro_batches=micro_batches or world.size,
                 planes=tuple(p.strip() for p in planes.split(",")),
                 init=str(init) if init is not None else "", init_sha256=init_sha)
-        by_key = {(c.case_id, c.plane): c for c in cases}
-        missing = sorted({p for p in config.planes if (ids[0], p) not in by_key})
-        if missing:
-            raise io.InputError(f"the cache holds no slices of plane(s) {missing}")
-        train_set = [by_key[i, p] for i in config.train_cases for p in config.planes]
-        val_set = [by_key[i, "axial"] for i in config.val_cases]  # what segment runs by default
+        train_set = tdata.select(cases, config.train_cases, config.planes)
+        val_set = tdata.select(cases, config.val_cases)  # axial: what segment runs by default
         if world.main:
             console.print(f"training on {len(config.train_cases)} cases "
                           f"({', '.join(config.planes)}), validating on "

@@ -20,7 +20,15 @@ from pathlib import Path
 import numpy as np
 
 from tiramisu_brats import io
-from tiramisu_brats.preprocess import CROP, PLANES, extract, preprocess, to_plane
+from tiramisu_brats.preprocess import (
+    CROP,
+    PLANES,
+    extract,
+    network_grid,
+    preprocess,
+    to_network,
+    to_plane,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +74,8 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
     io.atomic_write(path, lambda tmp: np.save(tmp, array), overwrite=True)
 
 
-def _paths(cache_dir: Path, case_id: str, plane: str) -> tuple[Path, Path]:
+def cache_paths(cache_dir: Path, case_id: str, plane: str) -> tuple[Path, Path]:
+    """The two files of a cache entry: images and classes of one case along one plane."""
     return (cache_dir / f"{case_id}.{plane}_images.npy",
             cache_dir / f"{case_id}.{plane}_classes.npy")
 
@@ -82,7 +91,7 @@ def cache_case(files: io.CaseFiles, cache_dir: Path, crop: tuple[int, int] = CRO
     meta = {"version": CACHE_VERSION, "crop": list(crop), "source": _fingerprint(files),
             "planes": list(planes)}
     fresh = meta_path.exists() and all(p.exists() for plane in planes
-                                       for p in _paths(cache_dir, case_id, plane))
+                                       for p in cache_paths(cache_dir, case_id, plane))
     if fresh and json.loads(meta_path.read_text()) == meta:
         return load_cached(cache_dir, case_id)
     meta_path.unlink(missing_ok=True)  # the entry is incomplete until the marker is back
@@ -91,9 +100,13 @@ def cache_case(files: io.CaseFiles, cache_dir: Path, crop: tuple[int, int] = CRO
     if labels.shape != case.shape:
         raise io.InputError(
             f"{files.seg}: shape {labels.shape} differs from the images' {case.shape}")
+    # The orientation segment gives the network (flips and permutations only: the labels
+    # stay exact); voxels that are not 1 mm are trained on as they are.
+    grid = network_grid(case.affine, case.shape, resample=False)
+    image, labels = to_network(case.image, grid), to_network(labels, grid)
     for plane in planes:
-        slices, geometry = preprocess(to_plane(case.image, plane), crop)
-        img_path, cls_path = _paths(cache_dir, case_id, plane)
+        slices, geometry = preprocess(to_plane(image, plane), crop)
+        img_path, cls_path = cache_paths(cache_dir, case_id, plane)
         _save_npy(img_path, quantize(slices))
         _save_npy(cls_path, LABEL_TO_CLASS[extract(to_plane(labels, plane), geometry)])
     io.atomic_write_text(meta_path, json.dumps(meta))  # written last: marks the entry complete
@@ -108,7 +121,7 @@ def load_cached(cache_dir: Path, case_id: str) -> list[CachedCase]:
                             f"version {CACHE_VERSION}: build it anew")
     out = []
     for plane in meta["planes"]:
-        img_path, cls_path = _paths(Path(cache_dir), case_id, plane)
+        img_path, cls_path = cache_paths(Path(cache_dir), case_id, plane)
         images = np.load(img_path, mmap_mode="r")
         classes = np.load(cls_path, mmap_mode="r")
         tumor = np.flatnonzero(np.asarray(classes).reshape(len(classes), -1).any(axis=1))
@@ -140,6 +153,17 @@ def find_training_cases(data_dirs: Path | Sequence[Path]) -> list[Path]:
             raise io.InputError(f"case {case_id} is in both {seen[case_id]} and {f}")
         seen[case_id] = f
     return sorted(folders, key=lambda f: io.find_case_files(f).case_id)
+
+
+def select(cases: Sequence[CachedCase], case_ids: Sequence[str],
+           planes: Sequence[str] = ("axial",)) -> list[CachedCase]:
+    """The cached cases of ``case_ids`` in each of ``planes``, in that order; a case or plane
+    missing from the cache is an error."""
+    by_key = {(c.case_id, c.plane): c for c in cases}
+    missing = [f"{i} ({p})" for i in case_ids for p in planes if (i, p) not in by_key]
+    if missing:
+        raise io.InputError(f"not in the training cache: {', '.join(missing[:5])}")
+    return [by_key[i, p] for i in case_ids for p in planes]
 
 
 def split_cases(

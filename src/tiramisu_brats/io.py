@@ -41,7 +41,7 @@ _LAYOUTS: dict[str, tuple[tuple[str, str, str, str], tuple[str, ...]]] = {
 _NIFTI_EXTS = (".nii.gz", ".nii")
 _MAX_AXIS = 1024
 _MAX_VOXELS = 2**28
-_AFFINE_ATOL = 1e-3  # mm
+AFFINE_ATOL = 1e-3  # mm: affines this close are one grid (rounding in stored headers)
 # OverflowError: numpy.memmap of a header whose vox_offset is absurd (found by fuzzing).
 _READ_ERRORS = (
     ImageFileError, HeaderDataError, OSError, EOFError, zlib.error, ValueError, OverflowError
@@ -145,9 +145,12 @@ def find_case_files(folder: str | os.PathLike[str]) -> CaseFiles:
             raise InputError(
                 f"{folder}: no {modality} image (expected <case>{suffix}.nii.gz, {layout} naming)"
             )
-        if len(found) > 1:
+        others = [p for name, (other, _) in _LAYOUTS.items() if name != layout
+                  for p in matching(other[MODALITIES.index(modality)])]
+        if len(found) > 1 or others:
             raise InputError(
-                f"{folder}: several {modality} images: {', '.join(p.name for p in found)}"
+                f"{folder}: several {modality} images: "
+                f"{', '.join(p.name for p in [*found, *others])}"
             )
         images.append(found[0])
     prefixes = {p.name[: len(stems[p]) - len(s)] for p, s in zip(images, suffixes, strict=True)}
@@ -397,18 +400,9 @@ def read_case(files: CaseFiles, *, keep_dtype: bool = False) -> Case:
     for path, (img, img_shape) in zip(files.images[1:], opened[1:], strict=True):
         if img_shape != shape:
             raise InputError(f"{path}: shape {img_shape} differs from t1's {shape}")
-        if not np.allclose(img.affine, affine, atol=_AFFINE_ATOL):
+        if not np.allclose(img.affine, affine, atol=AFFINE_ATOL):
             diff = np.abs(img.affine - affine).max()
             raise InputError(f"{path}: affine differs from t1's (by up to {diff:.4g})")
-    spacing = tuple(float(z) for z in ref.header.get_zooms()[:3])
-    if not np.allclose(spacing, 1.0, atol=0.05):
-        logger.warning(
-            "%s: voxel spacing %s mm is not 1 mm isotropic; the model was trained on 1 mm data "
-            "(results may be poor unless the case is resampled to 1 mm)",
-            files.case_id,
-            "x".join(f"{z:g}" for z in spacing),
-        )
-
     dtype = np.dtype(np.float32)
     stored = {img.get_data_dtype().newbyteorder("=") for img, _ in opened}
     if keep_dtype and len(stored) == 1 and not any(_scaled(img) for img, _ in opened):
@@ -648,7 +642,7 @@ def write_label_map(
         )
     header = reference_header.copy()
     ref_affine = header.get_best_affine()
-    if not np.allclose(affine, ref_affine, atol=_AFFINE_ATOL):
+    if not np.allclose(affine, ref_affine, atol=AFFINE_ATOL):
         raise ValueError(f"{path}: affine differs from the reference header's")
     data = to_convention(labels, convention)
     header.set_data_dtype(np.uint8)

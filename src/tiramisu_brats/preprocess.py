@@ -77,6 +77,132 @@ def _any_nonzero(array: np.ndarray, axis: int) -> np.ndarray:
     return mask
 
 
+# --------------------------------------------------------------------------------------------
+# The input's grid and the network's: orientation and voxel size
+
+# The orientation the model was trained in, the BraTS one: array axes X, Y, Z run towards
+# left, posterior and superior (nibabel's axis codes name where each axis points).
+TRAINED_AXES = ("L", "P", "S")
+SPACING_TOLERANCE = 0.05  # mm: within this of 1 mm on every axis, no resampling
+# Beyond this angle between the image axes and the closest scanner axes, the slices the
+# network sees are tilted more than its training's in-plane rotations (±10°) covered.
+OBLIQUE_WARNING_DEG = 10.0
+
+
+@dataclass(frozen=True)
+class Grid:
+    """How an input grid of ``shape`` (X, Y, Z) maps onto the network's grid: flips and an axis
+    permutation to ``TRAINED_AXES`` (``transform``, nibabel's ``ornt`` of the input axes), then,
+    where the voxels are not 1 mm, linear resampling to ``network_shape`` at 1 mm.
+
+    ``axes``: the input's axis codes (closest axis orientation); ``oblique_deg``: how far the
+    input axes are from those; ``spacing``: the voxel size in mm along the input axes.
+    """
+
+    shape: tuple[int, int, int]
+    transform: tuple[tuple[int, int], ...]
+    axes: tuple[str, str, str]
+    oblique_deg: float
+    spacing: tuple[float, float, float]
+    network_shape: tuple[int, int, int]
+
+    @property
+    def resampled(self) -> bool:
+        """Whether the network's grid is a resampled one (else only flips and permutations)."""
+        return self._oriented_shape() != self.network_shape
+
+    def _oriented_shape(self) -> tuple[int, int, int]:
+        out = [0, 0, 0]
+        for n, (axis, _) in zip(self.shape, self.transform, strict=True):
+            out[axis] = n
+        return tuple(out)  # type: ignore[return-value]
+
+    def oriented_spacing(self) -> tuple[float, float, float]:
+        out = [0.0, 0.0, 0.0]
+        for z, (axis, _) in zip(self.spacing, self.transform, strict=True):
+            out[axis] = z
+        return tuple(out)  # type: ignore[return-value]
+
+
+def network_grid(affine: np.ndarray, shape: tuple[int, int, int], resample: bool = True
+                 ) -> Grid:
+    """The ``Grid`` of an input of spatial ``shape`` with voxel-to-world ``affine`` (4, 4).
+
+    ``resample=False`` keeps the input's voxels whatever their size (orientation only).
+    """
+    import nibabel.orientations as nio
+
+    affine = np.asarray(affine, dtype=np.float64)
+    linear = affine[:3, :3]
+    spacing = np.sqrt((linear**2).sum(axis=0))
+    if not np.all(np.isfinite(affine)) or np.any(spacing == 0):
+        raise ValueError(f"the affine {affine.tolist()} does not map voxels to space")
+    ornt = nio.io_orientation(affine)
+    axes = tuple(nio.ornt2axcodes(ornt))
+    transform = nio.ornt_transform(ornt, nio.axcodes2ornt(TRAINED_AXES))
+    # Angle between each image axis and the scanner axis it was matched to.
+    cosines = np.abs(linear / spacing)[ornt[:, 0].astype(int), range(3)]
+    oblique = float(np.degrees(np.arccos(np.clip(cosines, -1, 1))).max())
+    grid = Grid(tuple(int(n) for n in shape), tuple((int(a), int(f)) for a, f in transform),
+                axes, round(oblique, 2), tuple(float(z) for z in spacing), (0, 0, 0))
+    oriented = grid._oriented_shape()
+    if resample and not np.allclose(spacing, 1.0, atol=SPACING_TOLERANCE):
+        target = tuple(max(1, round(n * z)) for n, z in zip(oriented,
+                                                            grid.oriented_spacing(),
+                                                            strict=True))
+    else:
+        target = oriented
+    return Grid(grid.shape, grid.transform, axes, grid.oblique_deg, grid.spacing, target)
+
+
+def _apply(volume: np.ndarray, transform) -> np.ndarray:
+    import nibabel.orientations as nio
+
+    spatial = np.moveaxis(volume, (-3, -2, -1), (0, 1, 2))
+    return np.moveaxis(nio.apply_orientation(spatial, np.asarray(transform, float)),
+                       (0, 1, 2), (-3, -2, -1))
+
+
+def to_network(volume: np.ndarray, grid: Grid) -> np.ndarray:
+    """``volume`` ``(..., X, Y, Z)`` on the input grid → on the network's grid: a view
+    (flips and a permutation), or where ``grid.resampled`` a new float32 array, linearly
+    interpolated (scipy.ndimage.zoom; the grids' corner voxels coincide)."""
+    if volume.shape[-3:] != grid.shape:
+        raise ValueError(f"volume shape {volume.shape[-3:]} does not match the grid's "
+                         f"{grid.shape}")
+    oriented = _apply(volume, grid.transform)
+    if not grid.resampled:
+        return oriented
+    from scipy import ndimage
+
+    lead = oriented.shape[:-3]
+    # zoom gives round(n * m / n) = m voxels, with its corner voxels on the input's corners
+    factors = [m / n for n, m in zip(oriented.shape[-3:], grid.network_shape, strict=True)]
+    flat = oriented.reshape(-1, *oriented.shape[-3:])
+    out = np.empty((len(flat), *grid.network_shape), np.float32)
+    for i, channel in enumerate(flat):
+        out[i] = ndimage.zoom(channel.astype(np.float32), factors, order=1, grid_mode=False)
+    return out.reshape(*lead, *grid.network_shape)
+
+
+def to_input(labels: np.ndarray, grid: Grid) -> np.ndarray:
+    """The inverse of ``to_network`` for a map ``(..., X', Y', Z')`` on the network's grid:
+    back on the input grid ``(..., X, Y, Z)``, each input voxel taking the value of the
+    nearest network voxel (exact for flips and permutations)."""
+    if labels.shape[-3:] != grid.network_shape:
+        raise ValueError(f"map shape {labels.shape[-3:]} does not match the network grid's "
+                         f"{grid.network_shape}")
+    if grid.resampled:
+        oriented = grid._oriented_shape()
+        index = [np.clip(np.rint(np.arange(n) * ((m - 1) / (n - 1) if n > 1 else 0)), 0, m - 1)
+                 .astype(np.intp) for n, m in zip(oriented, grid.network_shape, strict=True)]
+        labels = labels[(..., *np.ix_(*index))]
+    back = [(0, 0)] * 3
+    for axis, (new, flip) in enumerate(grid.transform):
+        back[new] = (axis, flip)
+    return np.ascontiguousarray(_apply(labels, back))
+
+
 def to_plane(volume: np.ndarray, plane: str) -> np.ndarray:
     """A view of ``volume`` ``(..., X, Y, Z)`` with the normal of ``plane`` (one of ``PLANES``)
     as its last axis, so that ``preprocess`` of it gives that plane's slices (no copy)."""
