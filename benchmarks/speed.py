@@ -49,19 +49,24 @@ from tiramisu_brats.api import label_stem
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CASE = ROOT.parent / "shared" / "data" / "brats-labeled" / "BraTS2021_00006"
 DOC = ROOT / "docs" / "benchmarks.md"
-# (backend, precision, whole slices, tumor slices): precision None is the backend's default.
-# The reference, PyTorch eager in fp32 on every whole slice, is what the paper's pipeline did.
-Config = tuple[str, "str | None", bool, bool]
-REFERENCE: Config = ("torch", "fp32", True, False)
-DEFAULT: Config = (infer.DEFAULT_BACKEND, None, False, True)
-CONFIGS: list[Config] = [REFERENCE, ("torch", "bf16", True, False),
-                         ("openvino", "fp32", True, False), ("openvino", "bf16", True, False),
-                         ("openvino", "bf16", False, False), DEFAULT,
-                         ("openvino", "int8", False, True), ("onnxruntime", "fp32", False, True),
-                         ("onnxruntime", "int8", False, True)]
-ACCURACY_CONFIGS: list[Config] = [REFERENCE, ("openvino", "bf16", True, False),
-                                  ("openvino", "bf16", False, False), DEFAULT,
-                                  ("openvino", "int8", False, True)]
+# (backend, precision, whole slices, tumor slices, mode): precision None is the backend's
+# default. The reference, PyTorch eager in fp32 on every whole slice, is what the paper's
+# pipeline did.
+Config = tuple[str, "str | None", bool, bool, str]
+REFERENCE: Config = ("torch", "fp32", True, False, "fast")
+DEFAULT: Config = (infer.DEFAULT_BACKEND, None, False, True, "fast")
+ACCURATE: Config = (infer.DEFAULT_BACKEND, None, False, False, "accurate")
+CONFIGS: list[Config] = [REFERENCE, ("torch", "bf16", True, False, "fast"),
+                         ("openvino", "fp32", True, False, "fast"),
+                         ("openvino", "bf16", True, False, "fast"),
+                         ("openvino", "bf16", False, False, "fast"), DEFAULT,
+                         ("openvino", "int8", False, True, "fast"),
+                         ("onnxruntime", "fp32", False, True, "fast"),
+                         ("onnxruntime", "int8", False, True, "fast"), ACCURATE]
+ACCURACY_CONFIGS: list[Config] = [REFERENCE, ("openvino", "bf16", True, False, "fast"),
+                                  ("openvino", "bf16", False, False, "fast"), DEFAULT,
+                                  ("openvino", "int8", False, True, "fast")]
+ISA = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 STAGES = ("load", "preprocess", "infer", "postprocess", "save")
 REGIONS = tuple(metrics.REGIONS)
 INTRO = ("Seconds per patient on the CPU for each inference backend and precision, written by "
@@ -69,10 +74,15 @@ INTRO = ("Seconds per patient on the CPU for each inference backend and precisio
 
 
 def cpu_name() -> str:
+    """The CPU's model and which of the instruction sets in ``ISA`` it has."""
+    name, flags = platform.processor() or "unknown CPU", set()
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
+            name = line.split(":", 1)[1].strip()
+        elif line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+    has = [f for f in ISA if f in flags]
+    return f"{name} with {', '.join(has) or 'none'} (of {', '.join(ISA)})"
 
 
 def load_average() -> str:
@@ -104,18 +114,21 @@ def run_child(cmd: list[str], log: Path) -> tuple[float, float, float]:
 
 
 def label(config: Config) -> str:
-    backend, precision, whole, tumor = config
+    backend, precision, whole, tumor, mode = config
     text = f"{backend} {precision or infer.DEFAULT_PRECISION[backend]}"
     text += ", whole slices" if whole else ", brain windows"
-    text += ", tumor slices" if tumor else ", all slices"
+    if mode == "fast":
+        text += ", tumor slices" if tumor else ", all slices"
+    else:
+        text = f"`--mode {mode}`: {text}, every slice of 3 planes x 2 flips"
     return text + (" (**default**)" if config == DEFAULT else "")
 
 
 def segment_options(config: Config) -> list[str]:
-    backend, precision, whole, tumor = config
+    backend, precision, whole, tumor, mode = config
     return ["--backend", backend, *(["--precision", precision] if precision else []),
             "--whole-slices" if whole else "--brain-windows",
-            "--tumor-slices" if tumor else "--all-slices"]
+            "--tumor-slices" if tumor else "--all-slices", "--mode", mode]
 
 
 def dices(a: np.ndarray, b: np.ndarray) -> list[float]:
@@ -170,7 +183,7 @@ def accuracy(folder: Path, weights: Path) -> list[dict]:
 
     configs = ACCURACY_CONFIGS
     segmenters = {c: Segmenter(weights, c[0], precision=c[1], whole_slices=c[2],
-                               tumor_slices=c[3]) for c in configs}
+                               tumor_slices=c[3], mode=c[4]) for c in configs}
     rows = []
     for case in io.find_cases(folder):
         files = io.find_case_files(case)
@@ -343,12 +356,15 @@ def parse_configs(text: str) -> list[Config]:
         parts = item.split(":")
         backend, precision = parts[0], parts[1] if len(parts) > 1 else "default"
         flags = parts[2:]
-        if (len(parts) < 2 or not set(flags) <= {"whole", "all"} or len(set(flags)) < len(flags)
+        if (len(parts) < 2 or not set(flags) <= {"whole", "all", "accurate"}
+                or len(set(flags)) < len(flags)
                 or backend not in infer.SUPPORTED
                 or precision not in (*infer.SUPPORTED[backend], "default")):
-            raise argparse.ArgumentTypeError(f"{item}: not backend:precision[:whole][:all]")
+            raise argparse.ArgumentTypeError(
+                f"{item}: not backend:precision[:whole][:all][:accurate]")
         configs.append((backend, None if precision == "default" else precision,
-                        "whole" in flags, "all" not in flags))
+                        "whole" in flags, "all" not in flags and "accurate" not in flags,
+                        "accurate" if "accurate" in flags else "fast"))
     return [REFERENCE] + [c for c in configs if c != REFERENCE]
 
 
@@ -359,9 +375,10 @@ def main() -> None:
     parser.add_argument("--model", type=Path, help="weights (default: the shipped model)")
     parser.add_argument("--threads", type=int, help="passed on to segment (default: all cores)")
     parser.add_argument("--configs", type=parse_configs, default=CONFIGS, help=(
-        "backend:precision[:whole][:all], comma-separated, e.g. "
+        "backend:precision[:whole][:all][:accurate], comma-separated, e.g. "
         "openvino:default,torch:bf16:whole:all (whole slices rather than brain windows, all "
-        "slices rather than tumor slices; torch:fp32:whole:all, the reference, is always run)"))
+        "slices rather than tumor slices, --mode accurate; torch:fp32:whole:all, the "
+        "reference, is always run)"))
     parser.add_argument("--accuracy-cases", type=Path, help="folder of labelled cases")
     parser.add_argument("--cohort", type=Path, help="folder of cases: seconds per case")
     parser.add_argument("--no-speed", action="store_true", help=(

@@ -83,6 +83,11 @@ def main() -> None:
             row[name]["ref_wt_ml"] = float((ref > 0).sum() / 1000)
             if len(views) > 1 and inside.any():
                 row[name]["qc_spread"] = float(wt.std(0)[inside].mean())
+                union = (wt > 0.5).any(0)
+                row[name]["qc_spread_union"] = float(wt.std(0)[union].mean())
+                row[name]["qc_volume_agreement"] = float(inside.sum() / max(union.sum(), 1))
+                row[name]["qc_view_dice"] = float(np.mean([
+                    metrics.Confusion.from_masks(w > 0.5, inside).dice for w in wt]))
             p = fused[1:].sum(0)[inside] if inside.any() else np.ones(1)
             row[name]["qc_mean_wt_prob"] = float(p.mean())
         rows.append(row)
@@ -104,11 +109,12 @@ def main() -> None:
     for name in COMBOS:
         dwt = [row[name]["post"]["WT"] for row in rows]
         dmean = [np.mean(list(row[name]["post"].values())) for row in rows]
-        for key in ("qc_spread", "qc_mean_wt_prob"):
+        for key in ("qc_spread", "qc_spread_union", "qc_volume_agreement", "qc_view_dice",
+                    "qc_mean_wt_prob"):
             vals = [row[name].get(key) for row in rows]
             if None in vals:
                 continue
-            sign = -1 if key == "qc_spread" else 1  # a large spread means likely wrong
+            sign = -1 if key.startswith("qc_spread") else 1  # a large spread: likely wrong
             print(f"  {name} {key}: {spearmanr(np.multiply(sign, vals), dwt)[0]:.2f} / "
                   f"{spearmanr(np.multiply(sign, vals), dmean)[0]:.2f}")
 

@@ -204,3 +204,28 @@ def test_a_real_case_at_another_voxel_size_scores_as_at_1mm(real_data, tmp_path,
     no = api.Segmenter(resample=False).segment_case(io.find_case_files(folder),
                                                    tmp_path / "no.nii.gz")
     assert not no["grid"]["resampled_to_1mm"]
+
+
+def test_evaluate_says_in_metrics_csv_whether_the_affines_match(tmp_path, caplog):
+    import csv
+    import logging
+
+    import nibabel as nib
+
+    labels = np.zeros((20, 20, 10), np.uint8)
+    labels[5:12, 5:12, 3:7] = 2
+    labels[7:10, 7:10, 4:6] = 4
+    (tmp_path / "pred").mkdir()
+    (tmp_path / "ref").mkdir()
+    for name, shift in (("a", 0.0), ("b", 2.0)):
+        affine = np.diag([-1.0, -1.0, 1.0, 1.0])
+        nib.save(nib.Nifti1Image(labels, affine), tmp_path / "ref" / f"{name}_seg.nii.gz")
+        affine[0, 3] = shift
+        nib.save(nib.Nifti1Image(labels, affine), tmp_path / "pred" / f"{name}.nii.gz")
+    with caplog.at_level(logging.WARNING, logger="tiramisu_brats"):
+        rows = api.evaluate(tmp_path / "pred", tmp_path / "ref", tmp_path / "report")
+    assert [(r["case"], r["affine_matches"], r["dice_WT"]) for r in rows] == [
+        ("a", True, 1.0), ("b", False, 1.0)]
+    assert "b.nii.gz: affine differs from the reference" in caplog.text
+    with open(tmp_path / "report" / "metrics.csv", newline="") as f:
+        assert [r["affine_matches"] for r in csv.DictReader(f)] == ["True", "False"]

@@ -127,6 +127,11 @@ def _duplicate(folder: Path) -> tuple[Path, str]:
     return folder, r"several t1 images: C1_t1\.nii, C1_t1\.nii\.gz"
 
 
+def _two_namings(folder: Path) -> tuple[Path, str]:
+    shutil.copy(image_path(folder, "t1"), folder / "C1-t1n.nii.gz")  # BraTS 2023 naming too
+    return folder, r"several t1 images: C1_t1\.nii\.gz, C1-t1n\.nii\.gz"
+
+
 def _t1_prefix_of_t1ce(folder: Path) -> tuple[Path, str]:
     image_path(folder, "t1").unlink()  # C1_t1ce.nii.gz ends in "_t1ce", not "_t1": no match
     return folder, r"no t1 image \(expected <case>_t1\.nii\.gz, BraTS 2017-2021 naming\)"
@@ -186,6 +191,7 @@ def _all_zero(folder: Path) -> tuple[Path, str]:
 BAD_CASES: dict[str, Callable[[Path], tuple[Path, str]]] = {
     "missing modality": _missing,
     "two files for one modality": _duplicate,
+    "one modality in two namings": _two_namings,
     "t1 missing, t1ce not taken for it": _t1_prefix_of_t1ce,
     "shapes differ": _shape,
     "affines differ": _affine,

@@ -631,24 +631,43 @@ def write_label_map(
     Shape, qform/sform and their codes come from ``reference_header`` (normally ``Case.header``);
     ``affine`` must agree with it (ValueError otherwise, as for a shape mismatch).
     """
+    data = to_convention(np.asarray(labels), convention)
+    return _write_on_grid(path, data, reference_header, affine, np.uint8, overwrite)
+
+
+def write_float_map(
+    path: str | os.PathLike[str],
+    values: np.ndarray,
+    reference_header: nib.Nifti1Header,
+    affine: np.ndarray,
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``values`` ((X, Y, Z), e.g. an uncertainty map) as a float32 NIfTI on the grid of
+    ``reference_header``, as ``write_label_map`` does for labels."""
+    return _write_on_grid(path, np.asarray(values, np.float32), reference_header, affine,
+                          np.float32, overwrite)
+
+
+def _write_on_grid(path: str | os.PathLike[str], data: np.ndarray,
+                   reference_header: nib.Nifti1Header, affine: np.ndarray, dtype: type,
+                   overwrite: bool) -> Path:
     path = Path(path)
     if _nifti_stem(path.name) is None:
         raise InputError(f"{path}: output file name must end in .nii.gz or .nii")
-    labels = np.asarray(labels)
     ref_shape = tuple(int(n) for n in reference_header.get_data_shape())
-    if labels.shape != ref_shape[:3] or any(n != 1 for n in ref_shape[3:]):
+    if data.shape != ref_shape[:3] or any(n != 1 for n in ref_shape[3:]):
         raise ValueError(
-            f"{path}: label map shape {labels.shape} differs from reference {ref_shape}"
+            f"{path}: map shape {data.shape} differs from reference {ref_shape}"
         )
     header = reference_header.copy()
     ref_affine = header.get_best_affine()
     if not np.allclose(affine, ref_affine, atol=AFFINE_ATOL):
         raise ValueError(f"{path}: affine differs from the reference header's")
-    data = to_convention(labels, convention)
-    header.set_data_dtype(np.uint8)
+    header.set_data_dtype(dtype)
     header.set_slope_inter(1, 0)
     header["cal_min"], header["cal_max"] = 0, 0
     klass = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
     # The reference's own best affine leaves the header's qform/sform and codes untouched.
-    img = klass(data, ref_affine, header, dtype=np.uint8)
+    img = klass(data, ref_affine, header, dtype=dtype)
     return atomic_write(path, lambda tmp: nib.save(img, tmp), overwrite=overwrite)
