@@ -229,3 +229,44 @@ def test_evaluate_says_in_metrics_csv_whether_the_affines_match(tmp_path, caplog
     assert "b.nii.gz: affine differs from the reference" in caplog.text
     with open(tmp_path / "report" / "metrics.csv", newline="") as f:
         assert [r["affine_matches"] for r in csv.DictReader(f)] == ["True", "False"]
+
+
+def test_quality_score_from_the_spread_inside_the_tumor():
+    labels = np.zeros((10, 10, 10), np.uint8)
+    labels[2:6, 2:6, 2:6] = 2
+    spread = np.zeros(labels.shape, np.float32)
+    spread[labels > 0] = 0.03
+    spread[8:, 8:, 8:] = 0.9  # outside the tumor: does not count
+    qc = api.quality(spread, labels)
+    assert qc["spread"] == pytest.approx(0.03) and not qc["review"]
+    assert qc["score"] == pytest.approx(1 - 0.03 / (2 * api.QC_SPREAD_REVIEW), abs=1e-4)
+    spread[labels > 0] = api.QC_SPREAD_REVIEW + 0.01
+    qc = api.quality(spread, labels)
+    assert qc["review"] and qc["score"] < 0.5 and "disagree" in qc["why"]
+    empty = api.quality(spread, np.zeros_like(labels))
+    assert empty == {"score": 0.0, "review": True, "spread": None,
+                     "why": "no tumor found: check that the case holds none"}
+
+
+def test_accurate_mode_writes_qc_and_an_uncertainty_map(tmp_path, tiny_weights):
+    from tiramisu_brats.synthetic import write_case
+
+    folder = write_case(make_case(3, shape=(64, 64, 40), case_id="syn-3"), tmp_path)
+    files = io.find_case_files(folder)
+    seg = api.Segmenter(tiny_weights, "torch", mode="accurate", crop=(64, 64))
+    summary = seg.segment_case(files, tmp_path / "out.nii.gz", uncertainty=True)
+    qc = json.loads((tmp_path / "out.json").read_text())["qc"]
+    assert qc == summary["qc"] and 0 <= qc["score"] <= 1 and isinstance(qc["review"], bool)
+    spread, _, header = io.read_label_map(tmp_path / "out.nii.gz")  # the label map's grid
+    import nibabel as nib
+
+    img = nib.load(tmp_path / "out_uncertainty.nii.gz")
+    assert img.get_data_dtype() == np.float32 and img.shape == spread.shape
+    values = np.asarray(img.dataobj)
+    assert values.min() >= 0 and values.max() <= 0.5  # a standard deviation of probabilities
+    if qc["spread"] is not None:
+        assert values[spread > 0].mean() == pytest.approx(qc["spread"], abs=1e-3)
+    fast = api.Segmenter(tiny_weights, "torch", crop=(64, 64))
+    with pytest.raises(ValueError, match="needs several views"):
+        fast.segment_case(files, tmp_path / "fast.nii.gz", uncertainty=True)
+    assert "qc" not in fast.segment_case(files, tmp_path / "fast.nii.gz")

@@ -521,7 +521,7 @@ def test_write_label_map_checks(tmp_path: Path) -> None:
     assert not out.exists()
 
     io.write_label_map(out, np.zeros(SHAPE, np.uint8), case.header, case.affine)
-    with pytest.raises(FileExistsError, match="--overwrite"):
+    with pytest.raises(FileExistsError, match="overwriting was not asked for"):
         io.write_label_map(out, np.ones(SHAPE, np.uint8), case.header, case.affine)
     assert not io.read_label_map(out)[0].any()
     io.write_label_map(out, np.ones(SHAPE, np.uint8), case.header, case.affine, overwrite=True)
@@ -554,7 +554,7 @@ def test_atomic_write_text_and_bytes(tmp_path: Path) -> None:
     assert path.read_text() == "second"
     io.atomic_write_bytes(tmp_path / "b.bin", b"\x00\x01")
     assert (tmp_path / "b.bin").read_bytes() == b"\x00\x01"
-    with pytest.raises(FileExistsError, match="--overwrite"):
+    with pytest.raises(FileExistsError, match="overwriting was not asked for"):
         io.atomic_write_bytes(tmp_path / "b.bin", b"x", overwrite=False)
     assert sorted(os.listdir(tmp_path)) == ["a.json", "b.bin"]
     mode = (tmp_path / "b.bin").stat().st_mode & 0o777

@@ -82,12 +82,16 @@ def read_case(
 class Segmentation:
     """``labels`` (X, Y, Z) uint8 0/1/2/4 after postprocessing (or raw when it was off),
     ``raw`` before postprocessing (0 in slices that ``tumor_slices`` left out), seconds per
-    stage, and ``slices``: how many axial slices hold brain and how many of them were run."""
+    stage, and ``slices``: how many axial slices hold brain and how many of them were run.
+    With several views (``--mode accurate``): ``uncertainty`` (X, Y, Z) float32, the standard
+    deviation of the whole tumor's probability across the views, and ``qc`` (``quality``)."""
 
     labels: np.ndarray
     raw: np.ndarray
     timings: dict[str, float] = field(default_factory=dict)
     slices: dict[str, int] = field(default_factory=dict)
+    uncertainty: np.ndarray | None = None
+    qc: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,36 @@ def prepare_case(case: io.Case, crop: tuple[int, int] = CROP, resample: bool = T
     image = to_network(case.image, grid)
     slices, geometry = preprocess(image, crop)
     return PreparedCase(case, image, grid, slices, geometry, crop, resample)
+
+
+# QC: the spread (standard deviation across the views) of the whole tumor's probability,
+# averaged inside the predicted tumor, ranked the validation cases by Dice best of the
+# candidates tried (docs/model-card.md, "Quality score"); a case is flagged for review above
+# QC_SPREAD_REVIEW, the threshold chosen on the validation split.
+QC_SPREAD_REVIEW = 0.09
+
+
+def quality(spread: np.ndarray, labels: np.ndarray) -> dict:
+    """The quality score of one case from ``spread`` (X, Y, Z), the standard deviation of the
+    whole-tumor probability across views, and the predicted ``labels`` (X, Y, Z).
+
+    ``score`` in [0, 1], higher = more likely right: 1 - mean spread / (2 *
+    ``QC_SPREAD_REVIEW``), so that ``review`` (score below 0.5) is a spread above the
+    threshold; no tumor found is score 0 and a review.
+    """
+    tumor = labels > 0
+    if not tumor.any():
+        return {"score": 0.0, "review": True, "spread": None,
+                "why": "no tumor found: check that the case holds none"}
+    value = float(spread[tumor].mean())
+    score = float(np.clip(1 - value / (2 * QC_SPREAD_REVIEW), 0, 1))
+    review = value > QC_SPREAD_REVIEW
+    why = (f"the views disagree on the whole tumor (mean spread {value:.3f} inside it, above "
+           f"{QC_SPREAD_REVIEW})" if review else
+           f"the views agree on the whole tumor (mean spread {value:.3f} inside it, at most "
+           f"{QC_SPREAD_REVIEW})")
+    return {"score": round(score, 4), "review": bool(review), "spread": round(value, 4),
+            "why": why}
 
 
 def grid_info(grid: Grid, case_id: str = "") -> dict:
@@ -210,7 +244,7 @@ class Segmenter:
     ) -> np.ndarray:
         """The network's softmax probabilities ``(K, X, Y, Z)`` float32 for ``image``
         ``(4, X, Y, Z)`` seen along ``plane``, flipped left-right first with ``flip`` (and the
-        result flipped back), every brain slice run; 0 outside the crop window.
+        result flipped back), every brain slice run; background 1 outside the crop window.
 
         ``stats``, if given, gets ``preprocess`` and ``infer`` seconds and ``brain`` slices
         added to what it holds.
@@ -221,7 +255,9 @@ class Segmenter:
         windows = None if self.margin is None else brain_windows(slices, self.margin)
         t1 = time.perf_counter()
         probs = predict_probabilities(self.backend, slices, self.batch_size, on_batch, windows)
+        probs[:, 0] -= 1  # uncrop pads with 0: background is then 1 outside the crop window
         volume = from_plane(uncrop(probs, geometry), plane)
+        volume[0] += 1
         if stats is not None:
             for key, value in (("preprocess", t1 - t0), ("infer", time.perf_counter() - t1),
                                ("brain", len(slices))):
@@ -232,20 +268,27 @@ class Segmenter:
                        on_batch: Callable[[int], None] | None) -> Segmentation:
         """Every view of ``MODES[self.mode]``: the mean of their softmax probabilities."""
         stats: dict = {}
-        fused = None
-        for plane, flip in MODES[self.mode]:
+        fused = wt_sum = wt_squares = None
+        views = MODES[self.mode]
+        for plane, flip in views:
             volume = self.view_probabilities(image, plane, flip, on_batch, stats)
+            wt = 1 - volume[0]  # the whole tumor's probability in this view
             if fused is None:
-                fused = np.array(volume)
+                fused, wt_sum, wt_squares = np.array(volume), wt, wt * wt
             else:
                 fused += volume
+                wt_sum += wt
+                wt_squares += wt * wt
         t2 = time.perf_counter()
         raw = CLASS_TO_LABEL[fused.argmax(0)]
         labels = _postprocess(raw) if self.postprocess else raw
+        mean = wt_sum / len(views)
+        spread = np.sqrt(np.clip(wt_squares / len(views) - mean * mean, 0, None))
         timings = {"preprocess": stats["preprocess"], "infer": stats["infer"],
                    "postprocess": time.perf_counter() - t2}
         return Segmentation(labels, raw, timings, {"brain": stats["brain"],
-                                                   "run": stats["brain"]})
+                                                   "run": stats["brain"]},
+                            uncertainty=spread, qc=quality(spread, labels))
 
     def _segment(
         self, slices: np.ndarray, geometry: Geometry, on_batch: Callable[[int], None] | None,
@@ -266,14 +309,17 @@ class Segmenter:
 
     def segment_case(
         self, files: io.CaseFiles, output: PathLike, *, convention: str = "brats",
-        overwrite: bool = False, save_raw: bool = False,
+        overwrite: bool = False, save_raw: bool = False, uncertainty: bool = False,
         on_batch: Callable[[int], None] | None = None,
         read: Callable[[io.CaseFiles], io.Case | PreparedCase] | None = None,
     ) -> dict:
         """Read, segment and write one case; returns the summary also written as JSON.
 
         Writes ``output`` (a .nii.gz label map on the input's grid), ``<output stem>.json``
-        (volumes in ml, model, timings) and with ``save_raw`` ``<output stem>_raw.nii.gz``.
+        (volumes in ml, model, timings; with several views the quality score ``qc``), with
+        ``save_raw`` ``<output stem>_raw.nii.gz`` and with ``uncertainty`` (a mode of several
+        views) ``<output stem>_uncertainty.nii.gz``: the spread of the whole tumor's
+        probability across the views, float32 on the input's grid.
         ``read``: how the case is read (default ``io.read_case``, keeping the files' integer
         type), e.g. ``io.ReadAhead.read`` (then the ``load`` time is the wait for it); it may
         return the case already prepared (``prepare_case``), e.g. in the reading thread, and
@@ -283,8 +329,12 @@ class Segmenter:
         stem = label_stem(output)
         sidecar = output.with_name(stem + ".json")
         raw_path = output.with_name(stem + "_raw.nii.gz")
+        spread_path = output.with_name(stem + "_uncertainty.nii.gz")
+        if uncertainty and len(MODES[self.mode]) == 1:
+            raise ValueError(f"an uncertainty map needs several views; mode {self.mode!r} "
+                             "has one (mode 'accurate' has six)")
         inputs = {Path(p).resolve() for p in (*files.images, files.seg) if p is not None}
-        for target in (output, sidecar, raw_path):
+        for target in (output, sidecar, raw_path, spread_path):
             if target.resolve() in inputs:
                 raise io.InputError(f"{target}: the output would overwrite an input file")
         # Checked before the (long) inference; atomic_write checks again when writing.
@@ -293,9 +343,11 @@ class Segmenter:
         if not os.access(output.parent, os.W_OK | os.X_OK):
             raise io.InputError(f"{output}: output folder {output.parent} is not writable")
         if not overwrite:
-            for target in (output, sidecar, *((raw_path,) if save_raw else ())):
+            for target in (output, sidecar, *((raw_path,) if save_raw else ()),
+                           *((spread_path,) if uncertainty else ())):
                 if target.exists():
-                    raise FileExistsError(f"{target}: exists; pass --overwrite to replace it")
+                    raise FileExistsError(f"{target}: exists (and overwriting was not asked "
+                                          "for)")
         t0 = time.perf_counter()
         case = read(files) if read else io.read_case(files, keep_dtype=True)
         t1 = time.perf_counter()
@@ -318,6 +370,9 @@ class Segmenter:
         if save_raw:
             io.write_label_map(raw_path, raw, case.header, case.affine,
                                convention=convention, overwrite=overwrite)
+        if uncertainty:
+            io.write_float_map(spread_path, to_input(seg.uncertainty, grid), case.header,
+                               case.affine, overwrite=overwrite)
         t3 = time.perf_counter()
         timings = {"load": t1 - t0, **seg.timings, "save": t3 - t2}
         timings["total"] = sum(timings.values())
@@ -336,6 +391,7 @@ class Segmenter:
             "model": {**self.model_info(),
                       "tumor_slices": self.tumor_slices and not save_raw and self.mode == "fast"},
             "slices": seg.slices,
+            **({"qc": seg.qc} if seg.qc is not None else {}),
             "timings_s": timings,
         }
         io.atomic_write_text(sidecar, json.dumps(summary, indent=2), overwrite=True)
@@ -482,7 +538,7 @@ def _check_report_dir(report_dir: Path, overwrite: bool, inputs: list[Path]) -> 
         if not report_dir.is_dir():
             raise io.InputError(f"{report_dir}: not a folder")
         if any(report_dir.iterdir()) and not overwrite:
-            raise FileExistsError(f"{report_dir}: not empty; pass --overwrite to replace it")
+            raise FileExistsError(f"{report_dir}: not empty (and overwriting was not asked for)")
         return
     existing = next(p for p in report_dir.parents if p.exists())
     if not existing.is_dir():

@@ -61,6 +61,8 @@ def user_errors():
     """Turn the errors a user can cause into one line and exit status 2."""
     try:
         yield
+    except FileExistsError as err:  # the library says what is wrong; the CLI says which flag
+        raise fail(f"{one_line(err)}; pass --overwrite to replace it") from None
     except (ValueError, OSError) as err:
         raise fail(one_line(err)) from None
 
@@ -172,6 +174,9 @@ def segment(
             "every slice with --no-postprocess; --save-raw runs every slice."))] = None,
     save_raw: Annotated[bool, typer.Option(help=(
         "Also write <name>_raw.nii.gz, before postprocessing."))] = False,
+    uncertainty: Annotated[bool, typer.Option(help=(
+        "Also write <name>_uncertainty.nii.gz: how much the views disagree on the whole "
+        "tumor, voxel by voxel (float32; needs --mode accurate)."))] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
     skip_existing: Annotated[bool, typer.Option(help=(
         "In a folder of cases, skip cases whose output exists."))] = False,
@@ -277,7 +282,7 @@ def segment(
                 try:
                     summary = segmenter.segment_case(
                         files, target, convention=label_convention, overwrite=replace,
-                        save_raw=save_raw, read=reader.read,
+                        save_raw=save_raw, uncertainty=uncertainty, read=reader.read,
                         on_batch=lambda n, t=slices: bar.advance(t, n))
                     results.append(summary)
                     console.print(f"wrote {target}", highlight=False)
@@ -368,7 +373,7 @@ def demo(
     start = time.perf_counter()
     with user_errors():
         if output.exists() and any(output.iterdir()) and not overwrite:
-            raise FileExistsError(f"{output}: not empty; pass --overwrite or another -o")
+            raise FileExistsError(f"{output}: not empty (give another -o)")
         output.mkdir(parents=True, exist_ok=True)
         if case is None:
             synthetic = make_case(seed=seed, case_id=f"synthetic-{seed:03d}")

@@ -581,7 +581,7 @@ def atomic_write(
     if not os.access(folder, os.W_OK | os.X_OK):
         raise InputError(f"{path}: output folder {folder} is not writable")
     if (path.exists() or path.is_symlink()) and not overwrite:
-        raise FileExistsError(f"{path}: already exists (pass --overwrite to replace it)")
+        raise FileExistsError(f"{path}: already exists (and overwriting was not asked for)")
     tmp = folder / f".{path.name}.tmp-{secrets.token_hex(4)}{_extension(path.name)}"
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # reserve the name
     try:
