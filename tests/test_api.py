@@ -257,15 +257,15 @@ def test_accurate_mode_writes_qc_and_an_uncertainty_map(tmp_path, tiny_weights):
     summary = seg.segment_case(files, tmp_path / "out.nii.gz", uncertainty=True)
     qc = json.loads((tmp_path / "out.json").read_text())["qc"]
     assert qc == summary["qc"] and 0 <= qc["score"] <= 1 and isinstance(qc["review"], bool)
-    spread, _, header = io.read_label_map(tmp_path / "out.nii.gz")  # the label map's grid
+    labels = io.read_label_map(tmp_path / "out.nii.gz")[0]
     import nibabel as nib
 
     img = nib.load(tmp_path / "out_uncertainty.nii.gz")
-    assert img.get_data_dtype() == np.float32 and img.shape == spread.shape
+    assert img.get_data_dtype() == np.float32 and img.shape == labels.shape
     values = np.asarray(img.dataobj)
     assert values.min() >= 0 and values.max() <= 0.5  # a standard deviation of probabilities
     if qc["spread"] is not None:
-        assert values[spread > 0].mean() == pytest.approx(qc["spread"], abs=1e-3)
+        assert values[labels > 0].mean() == pytest.approx(qc["spread"], abs=1e-3)
     fast = api.Segmenter(tiny_weights, "torch", crop=(64, 64))
     with pytest.raises(ValueError, match="needs several views"):
         fast.segment_case(files, tmp_path / "fast.nii.gz", uncertainty=True)
