@@ -24,7 +24,6 @@ from scipy.stats import spearmanr
 
 from tiramisu_brats import api, io, metrics
 from tiramisu_brats.data import find_training_cases
-from tiramisu_brats.infer import CLASS_TO_LABEL
 from tiramisu_brats.postprocess import postprocess
 
 VIEWS = [(p, f) for p in ("axial", "coronal", "sagittal") for f in (False, True)]
@@ -72,7 +71,7 @@ def main() -> None:
         row = {"case": case_id, "seconds_all_views": seconds}
         for name, views in COMBOS.items():
             fused = sum(probs[v] for v in views) / len(views)
-            raw = CLASS_TO_LABEL[fused.argmax(0)]
+            raw = io.CLASS_TO_LABEL[fused.argmax(0)]
             post = postprocess(raw)
             row[name] = {"raw": dice3(raw, ref), "post": dice3(post, ref),
                          **{f"post_min_et_{n}": dice3(relabel_small_et(post, n), ref)

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from tiramisu_brats import api, io, metrics
-from tiramisu_brats.infer import CLASS_TO_LABEL
 from tiramisu_brats.postprocess import postprocess
 from tiramisu_brats.synthetic import make_case
 
@@ -29,7 +28,7 @@ def test_accurate_mode_is_the_mean_of_every_views_probabilities(case, accurate):
              for plane, flip in api.MODES["accurate"]]
     assert len(views) == 6 and all(v.shape == (4, 64, 64, 40) for v in views)
     mean = np.mean(views, axis=0)
-    np.testing.assert_array_equal(seg.raw, CLASS_TO_LABEL[mean.argmax(0)])
+    np.testing.assert_array_equal(seg.raw, io.CLASS_TO_LABEL[mean.argmax(0)])
     np.testing.assert_array_equal(seg.labels, postprocess(seg.raw))
     assert seg.slices["brain"] == 2 * sum(
         len(np.flatnonzero((case.image != 0).any(axis=(0, *(a for a in (1, 2, 3) if a != k)))))

@@ -115,7 +115,7 @@ def test_probabilities_are_the_softmax_of_the_logits_in_their_windows(tiny, name
     expected /= expected.sum(1, keepdims=True)
     np.testing.assert_allclose(probs, expected, atol=2e-4)
     np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
-    np.testing.assert_array_equal(infer.CLASS_TO_LABEL[probs.argmax(1)], backend.predict(x))
+    np.testing.assert_array_equal(io.CLASS_TO_LABEL[probs.argmax(1)], backend.predict(x))
     n = len(x)
     windows = [(slice(0, 32), slice(32, 64)), None] * (n // 2) + [None] * (n % 2)
     inside = infer.predict_probabilities(backend, x, windows=windows)

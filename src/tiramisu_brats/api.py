@@ -22,7 +22,6 @@ import numpy as np
 
 from tiramisu_brats import io, metrics, report
 from tiramisu_brats.infer import (
-    CLASS_TO_LABEL,
     WHOLE_SLICES,
     default_weights,
     file_sha256,
@@ -280,7 +279,7 @@ class Segmenter:
                 wt_sum += wt
                 wt_squares += wt * wt
         t2 = time.perf_counter()
-        raw = CLASS_TO_LABEL[fused.argmax(0)]
+        raw = io.CLASS_TO_LABEL[fused.argmax(0)]
         labels = _postprocess(raw) if self.postprocess else raw
         mean = wt_sum / len(views)
         spread = np.sqrt(np.clip(wt_squares / len(views) - mean * mean, 0, None))
@@ -407,10 +406,7 @@ def segment(image: np.ndarray, model: PathLike | None = None, backend: str = "op
 def label_stem(path: PathLike) -> str:
     """A label file's name without ``.nii``/``.nii.gz``."""
     name = Path(path).name
-    for ext in (".nii.gz", ".nii"):
-        if name.lower().endswith(ext):
-            return name[: -len(ext)]
-    return name
+    return io.nifti_stem(name) or name
 
 
 def _label_id(path: Path) -> str:
@@ -489,7 +485,7 @@ def evaluate(
     for case_id in common:
         p, r = preds[case_id], refs[case_id]
         ref_labels, ref_affine, ref_header = io.read_label_map(r.path)
-        spacing = tuple(float(z) for z in ref_header.get_zooms()[:3])
+        spacing = io.header_spacing(ref_header)
         stages = [(p.path, rows)] + ([(p.raw, raw_rows)] if p.raw is not None else [])
         for path, out in stages:
             labels, affine, _ = io.read_label_map(path)
@@ -519,7 +515,7 @@ def evaluate(
             ref_labels, _, ref_header = io.read_label_map(r.path)
             report.overlay_png(image[3], image[1], io.read_label_map(p.path)[0], ref_labels,
                                report_dir / f"overlay_{io.safe_case_id(case_id)}.png", case_id,
-                               tuple(float(z) for z in ref_header.get_zooms()[:3]))
+                               io.header_spacing(ref_header))
         except ValueError as err:  # the metrics stand without the picture
             log.warning("%s: no overlay: %s", case_id, err)
     report.write_report(report_dir, rows, raw_rows=raw_rows or None,

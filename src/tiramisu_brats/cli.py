@@ -225,7 +225,7 @@ def segment(
                 jobs = [(io.find_case_files(input), output)]
         if not cohort and shard is not None:
             raise ValueError("--shard splits a folder of cases; INPUT is one case")
-        if not cohort and not output.name.lower().endswith((".nii.gz", ".nii")):
+        if not cohort and io.nifti_stem(output.name) is None:
             raise ValueError(f"{output}: the output of one case must end in .nii.gz or .nii")
         if not cohort and output.parent != Path() and not output.parent.is_dir():
             problem = "not a folder" if output.parent.exists() else "output folder does not exist"

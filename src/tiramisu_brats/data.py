@@ -35,8 +35,6 @@ log = logging.getLogger(__name__)
 QUANT_STEP = 1 / 16
 QUANT_OFFSET = 64  # code of z = 0, the background
 CACHE_VERSION = 2  # 2: one set of slices per plane
-LABEL_TO_CLASS = np.array([0, 1, 2, 0, 3], np.uint8)  # BraTS label → class index
-CLASS_TO_LABEL = np.array([0, 1, 2, 4], np.uint8)
 
 
 def quantize(z: np.ndarray) -> np.ndarray:
@@ -108,7 +106,7 @@ def cache_case(files: io.CaseFiles, cache_dir: Path, crop: tuple[int, int] = CRO
         slices, geometry = preprocess(to_plane(image, plane), crop)
         img_path, cls_path = cache_paths(cache_dir, case_id, plane)
         _save_npy(img_path, quantize(slices))
-        _save_npy(cls_path, LABEL_TO_CLASS[extract(to_plane(labels, plane), geometry)])
+        _save_npy(cls_path, io.LABEL_TO_CLASS[extract(to_plane(labels, plane), geometry)])
     io.atomic_write_text(meta_path, json.dumps(meta))  # written last: marks the entry complete
     return load_cached(cache_dir, case_id)
 

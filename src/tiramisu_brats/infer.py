@@ -48,7 +48,6 @@ _OV_TYPES = {"bf16": "bf16", "f32": "fp32", "f16": "fp16"}
 # on the CPU keeps about 250 MB per new input shape (2.6 GB peak on a BraTS case, against 1.5 GB
 # on whole slices): it is the reference and the GPU backend, not the fast CPU path.
 WHOLE_SLICES = {"openvino": False, "onnxruntime": False, "torch": True}
-CLASS_TO_LABEL = np.array([0, 1, 2, 4], np.uint8)
 # predict_labels(tumor_slices=True) first runs every TUMOR_STRIDE-th slice: tumor fewer slices
 # thick than this, cut off from the rest, can go unseen. Then the slices up to TUMOR_REACH away
 # from tumor found: postprocessing's closing (radius 1) bridges gaps of up to 2 slices, so
@@ -310,7 +309,7 @@ class Backend:
         """Labels ``(N, H, W)`` uint8 in 0/1/2/4, by argmax, of each batch, as
         ``logit_batches``."""
         for logits in self.logit_batches(batches):
-            yield CLASS_TO_LABEL[logits.argmax(1)]
+            yield io.CLASS_TO_LABEL[logits.argmax(1)]
 
     def predict(self, slices: np.ndarray, batch_size: int | None = None,
                 on_batch: Callable[[int], None] | None = None) -> np.ndarray:
@@ -421,7 +420,7 @@ class OpenVINOBackend(Backend):
         return self.requests[0].infer({0: batch})[0].copy()
 
     def label_batches(self, batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
-        return self._pipelined(batches, lambda logits: CLASS_TO_LABEL[logits.argmax(1)])
+        return self._pipelined(batches, lambda logits: io.CLASS_TO_LABEL[logits.argmax(1)])
 
     def logit_batches(self, batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
         return self._pipelined(batches, np.copy)
@@ -537,7 +536,7 @@ def predict_probabilities(
     rest is background with probability 1."""
     if windows is not None and len(windows) != len(slices):
         raise ValueError(f"{len(windows)} windows for {len(slices)} slices")
-    out = np.zeros((slices.shape[0], len(CLASS_TO_LABEL), *slices.shape[2:]), np.float32)
+    out = np.zeros((slices.shape[0], len(io.CLASS_TO_LABEL), *slices.shape[2:]), np.float32)
     out[:, 0] = 1
     _run(backend, slices, range(len(slices)), windows, out, batch_size, on_batch, softmax=True)
     return out

@@ -30,6 +30,10 @@ T = TypeVar("T")
 
 MODALITIES = ("t1", "t1ce", "t2", "flair")
 LABEL_CONVENTIONS = ("brats", "brats2023")
+# The network's class indices (0 background, 1 necrosis, 2 edema, 3 enhancing) and the BraTS
+# labels 0/1/2/4, both ways (a BraTS 2023 label 3 is read as 4 before this).
+CLASS_TO_LABEL = np.array([0, 1, 2, 4], np.uint8)
+LABEL_TO_CLASS = np.array([0, 1, 2, 0, 3], np.uint8)
 
 # File-name suffixes (before .nii/.nii.gz) of the four modalities, in MODALITIES order, and of
 # the segmentation, per naming scheme. Matched case-insensitively against the end of the stem.
@@ -84,7 +88,7 @@ class Case:
     @property
     def spacing(self) -> tuple[float, float, float]:
         """Voxel size in mm along X, Y, Z (from the header zooms)."""
-        return tuple(float(z) for z in self.header.get_zooms()[:3])  # type: ignore[return-value]
+        return header_spacing(self.header)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -96,7 +100,12 @@ class Case:
 # Finding files
 
 
-def _nifti_stem(name: str) -> str | None:
+def header_spacing(header: nib.Nifti1Header) -> tuple[float, float, float]:
+    """Voxel size in mm along the first three axes, from a NIfTI header's zooms."""
+    return tuple(float(z) for z in header.get_zooms()[:3])  # type: ignore[return-value]
+
+
+def nifti_stem(name: str) -> str | None:
     """``name`` without ``.nii``/``.nii.gz`` (any case), or None if it is not a NIfTI name."""
     lower = name.lower()
     for ext in _NIFTI_EXTS:
@@ -122,7 +131,7 @@ def find_case_files(folder: str | os.PathLike[str]) -> CaseFiles:
     stems = {
         p: stem.lower()
         for p in sorted(folder.iterdir())
-        if not p.name.startswith(".") and (stem := _nifti_stem(p.name)) and p.is_file()
+        if not p.name.startswith(".") and (stem := nifti_stem(p.name)) and p.is_file()
     }
     if not stems:
         raise InputError(f"{folder}: no NIfTI files (.nii or .nii.gz)")
@@ -177,10 +186,10 @@ def case_files_from_paths(
     for path in paths:
         if not path.is_file():
             raise InputError(f"{path}: no such file")
-        if _nifti_stem(path.name) is None:
+        if nifti_stem(path.name) is None:
             raise InputError(f"{path}: not a NIfTI file name (expected .nii or .nii.gz)")
     if case_id is None:
-        case_id = _nifti_stem(paths[0].name) or paths[0].name
+        case_id = nifti_stem(paths[0].name) or paths[0].name
         for suffixes, _ in _LAYOUTS.values():
             if case_id.lower().endswith(suffixes[0]) and len(case_id) > len(suffixes[0]):
                 case_id = case_id[: -len(suffixes[0])]
@@ -200,7 +209,7 @@ def is_case_folder(path: str | os.PathLike[str]) -> bool:
 def _holds_nifti(folder: Path) -> bool:
     """Whether ``folder`` holds a (non-hidden) NIfTI file directly."""
     return any(
-        not p.name.startswith(".") and _nifti_stem(p.name) is not None for p in folder.iterdir()
+        not p.name.startswith(".") and nifti_stem(p.name) is not None for p in folder.iterdir()
     )
 
 
@@ -653,7 +662,7 @@ def _write_on_grid(path: str | os.PathLike[str], data: np.ndarray,
                    reference_header: nib.Nifti1Header, affine: np.ndarray, dtype: type,
                    overwrite: bool) -> Path:
     path = Path(path)
-    if _nifti_stem(path.name) is None:
+    if nifti_stem(path.name) is None:
         raise InputError(f"{path}: output file name must end in .nii.gz or .nii")
     ref_shape = tuple(int(n) for n in reference_header.get_data_shape())
     if data.shape != ref_shape[:3] or any(n != 1 for n in ref_shape[3:]):

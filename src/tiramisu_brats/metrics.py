@@ -169,13 +169,7 @@ def surface_voxels(mask: np.ndarray) -> np.ndarray:
 
 def _bbox_crop(pred: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Crop both masks to the bounding box of their union, padded by one background voxel."""
-    union = pred | ref
-    slices = []
-    for axis in range(union.ndim):
-        other = tuple(a for a in range(union.ndim) if a != axis)
-        idx = np.flatnonzero(np.any(union, axis=other))
-        slices.append(slice(int(idx[0]), int(idx[-1]) + 1))
-    sl = tuple(slices)
+    sl = ndimage.find_objects((pred | ref).view(np.uint8))[0]
     return np.pad(pred[sl], 1), np.pad(ref[sl], 1)
 
 

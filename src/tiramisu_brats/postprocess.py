@@ -51,14 +51,9 @@ def _check_labels(labels: np.ndarray) -> None:
 
 def _bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
     """Slices of the bounding box of ``mask`` (which must hold a voxel) grown by ``margin``."""
-    box = []
-    for axis in range(mask.ndim):
-        other = tuple(a for a in range(mask.ndim) if a != axis)
-        idx = np.flatnonzero(mask.any(axis=other))
-        lo = max(int(idx[0]) - margin, 0)
-        hi = min(int(idx[-1]) + 1 + margin, mask.shape[axis])
-        box.append(slice(lo, hi))
-    return tuple(box)
+    box = ndi.find_objects(mask.view(np.uint8))[0]  # bool seen as 0/1 labels, no copy
+    return tuple(slice(max(s.start - margin, 0), min(s.stop + margin, n))
+                 for s, n in zip(box, mask.shape, strict=True))
 
 
 def _binary_closing(mask: np.ndarray, structure: np.ndarray) -> np.ndarray:

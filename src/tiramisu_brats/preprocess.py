@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
+from scipy import ndimage
 
 CROP = (192, 160)
 MULTIPLE = 32
@@ -173,8 +174,6 @@ def to_network(volume: np.ndarray, grid: Grid) -> np.ndarray:
     oriented = _apply(volume, grid.transform)
     if not grid.resampled:
         return oriented
-    from scipy import ndimage
-
     lead = oriented.shape[:-3]
     # zoom gives round(n * m / n) = m voxels, with its corner voxels on the input's corners
     factors = [m / n for n, m in zip(oriented.shape[-3:], grid.network_shape, strict=True)]
@@ -234,12 +233,8 @@ def compute_geometry(
     shape = tuple(int(s) for s in mask.shape)
     if not mask.any():
         raise ValueError("the volume holds no brain: every voxel is 0 in every modality")
-    lo, hi = [], []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        idx = np.flatnonzero(mask.any(axis=other))
-        lo.append(int(idx[0]))
-        hi.append(int(idx[-1]) + 1)
+    box = ndimage.find_objects(mask.view(np.uint8))[0]
+    lo, hi = [s.start for s in box], [s.stop for s in box]
     ext_x, ext_y = hi[0] - lo[0], hi[1] - lo[1]
     h_is_x = ext_x > ext_y
     long, short = crop

@@ -312,13 +312,13 @@ def _window(img2d: np.ndarray) -> np.ndarray:
 
 def _crop_box(mask2d: np.ndarray, margin: int) -> tuple[slice, slice]:
     """Bounding box of a 2-D mask grown by ``margin`` (the whole slice if the mask is empty)."""
+    from scipy import ndimage
+
     if not mask2d.any():
         return (slice(None), slice(None))
-    box = []
-    for axis in (0, 1):
-        idx = np.flatnonzero(mask2d.any(axis=1 - axis))
-        box.append(slice(max(int(idx[0]) - margin, 0), int(idx[-1]) + 1 + margin))
-    return (box[0], box[1])
+    rows, cols = ndimage.find_objects(np.asarray(mask2d, bool).view(np.uint8))[0]
+    return (slice(max(rows.start - margin, 0), rows.stop + margin),
+            slice(max(cols.start - margin, 0), cols.stop + margin))
 
 
 def _label_rgba(labels2d: np.ndarray) -> np.ndarray:

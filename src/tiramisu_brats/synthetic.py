@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
-MODALITIES = ("t1", "t1ce", "t2", "flair")
+from tiramisu_brats.io import MODALITIES
+
 """Modality order of ``SyntheticCase.image`` (the package's order everywhere)."""
 
 BRATS_SHAPE = (240, 240, 155)
