@@ -180,7 +180,7 @@ def test_export_is_cached_beside_the_weights(tmp_path, monkeypatch):
     weights = _weights(tmp_path)
     path = infer.model_file(weights)
     assert path == tmp_path / "tiny.onnx"
-    assert infer.onnx_metadata(path)[infer.SHA_KEY] == infer.file_sha256(weights)
+    assert infer.recorded(path) == {"weights_sha256": infer.file_sha256(weights)}
     mtime = path.stat().st_mtime_ns
 
     def no_export(*args):
@@ -195,10 +195,11 @@ def test_export_is_cached_beside_the_weights(tmp_path, monkeypatch):
 def test_stale_export_is_replaced(tmp_path, tiny):
     weights = shutil.copy(tiny, tmp_path / "tiny.safetensors")
     shutil.copy(tiny.with_suffix(".onnx"), tmp_path / "tiny.onnx")
+    shutil.copy(infer.sidecar(tiny.with_suffix(".onnx")), infer.sidecar(tmp_path / "tiny.onnx"))
     assert infer.model_file(weights) == tmp_path / "tiny.onnx"  # same weights: reused
     _weights(tmp_path, seed=1)  # retrained: the export beside is stale
     path = infer.model_file(weights)
-    assert infer.onnx_metadata(path)[infer.SHA_KEY] == infer.file_sha256(weights)
+    assert infer.recorded(path) == {"weights_sha256": infer.file_sha256(weights)}
 
 
 def test_cache_dir_when_weights_folder_is_not_writable(tmp_path, tiny, monkeypatch):
@@ -218,13 +219,31 @@ def test_cache_dir_env(tmp_path, monkeypatch):
     assert infer.cache_dir() == tmp_path / "mine"
 
 
-def test_onnx_metadata_reader_agrees_with_onnx(tiny):
+def test_export_has_dynamic_shapes_and_a_record_of_its_weights(tiny):
     onnx = pytest.importorskip("onnx")
     model = onnx.load(str(tiny.with_suffix(".onnx")))
-    assert infer.onnx_metadata(tiny.with_suffix(".onnx")) == {
-        p.key: p.value for p in model.metadata_props}
     dims = [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
     assert dims == ["n", 4, "h", "w"]
+    assert infer.recorded(tiny.with_suffix(".onnx")) == {
+        "weights_sha256": infer.file_sha256(tiny)}
+
+
+def test_a_model_file_without_its_record_is_made_again(tmp_path, tiny):
+    weights = shutil.copy(tiny, tmp_path / "tiny.safetensors")
+    shutil.copy(tiny.with_suffix(".onnx"), tmp_path / "tiny.onnx")  # no sidecar: unknown
+    before = (tmp_path / "tiny.onnx").stat().st_mtime_ns
+    assert infer.model_file(weights) == tmp_path / "tiny.onnx"
+    assert (tmp_path / "tiny.onnx").stat().st_mtime_ns != before
+    assert infer.recorded(tmp_path / "tiny.onnx")["weights_sha256"] == infer.file_sha256(tiny)
+    infer.sidecar(tmp_path / "tiny.onnx").write_text("not json")
+    assert infer.model_file(weights) == tmp_path / "tiny.onnx"  # unreadable record: made again
+    assert infer.recorded(tmp_path / "tiny.onnx")["weights_sha256"] == infer.file_sha256(tiny)
+
+
+def test_the_shipped_export_belongs_to_the_shipped_weights():
+    weights = infer.default_weights()
+    assert infer.recorded(weights.with_suffix(".onnx")) == {
+        "weights_sha256": infer.file_sha256(weights)}
 
 
 def _python(code: str, **env: str) -> subprocess.CompletedProcess:
@@ -298,12 +317,13 @@ needs_nncf = pytest.mark.skipif(importlib.util.find_spec("nncf") is None,
 def test_int8_agrees_with_fp32(tmp_path, tiny, name, synthetic_slices, monkeypatch):
     weights = shutil.copy(tiny, tmp_path / "tiny.safetensors")
     shutil.copy(tiny.with_suffix(".onnx"), tmp_path / "tiny.onnx")
+    shutil.copy(infer.sidecar(tiny.with_suffix(".onnx")), infer.sidecar(tmp_path / "tiny.onnx"))
     calibration = preprocess(make_case(4, shape=(64, 64, 48)).image, crop=(64, 64))[0]
     backend = infer.load_backend(name, weights, precision="int8", calibration=calibration)
     ref = infer.load_backend("torch", weights).predict(synthetic_slices)
     assert (backend.predict(synthetic_slices) == ref).mean() >= 0.99
     made = tmp_path / ("tiny.int8.xml" if name == "openvino" else "tiny.int8.onnx")
-    assert infer.recorded(made)[infer.SHA_KEY] == infer.file_sha256(weights)
+    assert infer.recorded(made)["weights_sha256"] == infer.file_sha256(weights)
 
     def no_quantize(*args):
         raise AssertionError("quantized again")

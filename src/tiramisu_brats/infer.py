@@ -6,9 +6,9 @@ A backend is a callable ``(N, C, H, W)`` float32 → logits ``(N, K, H, W)`` flo
 Backends: ``openvino`` (the default: fastest on CPU), ``onnxruntime`` and ``torch`` (eager; the
 one for CUDA). The first two run an ONNX export of the weights: ``<stem>.onnx`` beside the
 ``.safetensors`` (shipped with the package), else one exported once with PyTorch and cached
-(beside the weights when that folder is writable, else in ``cache_dir()``), each recording the
-sha256 of the weights it came from in its ONNX ``metadata_props``, so a stale export is never
-used. Precisions: ``fp32``; ``bf16`` (openvino, torch; faster on CPUs with AVX512-BF16 or
+(beside the weights when that folder is writable, else in ``cache_dir()``), each with a JSON
+beside it (``sidecar``) giving the sha256 of the weights it came from, so a stale export is
+never used. Precisions: ``fp32``; ``bf16`` (openvino, torch; faster on CPUs with AVX512-BF16 or
 AMX, and openvino's default: on other CPUs OpenVINO computes in fp32 and the backend says so);
 ``int8`` (openvino, onnxruntime): a model quantized once with NNCF and cached the same way
 (``<stem>.int8.xml`` for openvino, ``<stem>.int8.onnx`` for onnxruntime). With these files at
@@ -20,10 +20,9 @@ Every import of torch, openvino, onnxruntime and nncf happens inside functions.
 from __future__ import annotations
 
 import hashlib
-import html
+import json
 import logging
 import os
-import re
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -55,8 +54,6 @@ WHOLE_SLICES = {"openvino": False, "onnxruntime": False, "torch": True}
 TUMOR_STRIDE = 4
 TUMOR_REACH = 2
 OPSET = 18
-SHA_KEY = "tiramisu_brats.weights_sha256"
-CALIBRATION_KEY = "tiramisu_brats.calibration"
 SYNTHETIC_CALIBRATION = "synthetic:seeds=0,1:every=4"
 
 
@@ -89,60 +86,32 @@ def file_sha256(path: Path) -> str:
 # ONNX files: export, quantization, the cache
 
 
-def _varint(buf: bytes, i: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = buf[i]
-        value |= (byte & 0x7F) << shift
-        i, shift = i + 1, shift + 7
-        if byte < 0x80:
-            return value, i
-
-
-def _fields(buf: bytes):
-    """(field number, payload) of each length-delimited field of a protobuf message."""
-    i = 0
-    while i < len(buf):
-        tag, i = _varint(buf, i)
-        wire = tag & 7
-        if wire == 0:
-            _, i = _varint(buf, i)
-        elif wire in (1, 5):
-            i += 8 if wire == 1 else 4
-        elif wire == 2:
-            n, i = _varint(buf, i)
-            yield tag >> 3, buf[i : i + n]
-            i += n
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
-
-
-def onnx_metadata(path: Path) -> dict[str, str]:
-    """The ``metadata_props`` of an ONNX file, read without the onnx package."""
-    props = {}
-    for field, entry in _fields(memoryview(Path(path).read_bytes())):
-        if field == 14:  # ModelProto.metadata_props: StringStringEntryProto {key = 1, value = 2}
-            kv = {k: bytes(v).decode() for k, v in _fields(entry)}
-            props[kv.get(1, "")] = kv.get(2, "")
-    return props
+def sidecar(path: Path) -> Path:
+    """The JSON beside a made model file that says what it was made from
+    (``{"weights_sha256": ..., "calibration": ...}``)."""
+    return Path(path).with_name(Path(path).name + ".json")
 
 
 def recorded(path: Path) -> dict[str, str]:
-    """What a model file records: an ONNX file's ``metadata_props``; of an OpenVINO IR's
-    ``rt_info``, our keys (read as text: ten times faster than through OpenVINO)."""
-    if path.suffix != ".xml":
-        return onnx_metadata(path)
-    entries = re.findall(r'<(tiramisu_brats\.\w+) value="([^"]*)"', path.read_text("utf-8"))
-    return {key: html.unescape(value) for key, value in entries}
+    """What a made model file was made from, from its ``sidecar``."""
+    return json.loads(sidecar(path).read_text())
+
+
+def _record(path: Path, **facts: str) -> Path:
+    """Write ``path``'s sidecar: after the model file, so that it marks the file complete."""
+    io.atomic_write_text(sidecar(path), json.dumps(facts, sort_keys=True), overwrite=True)
+    return path
 
 
 def _matches(path: Path, expected: dict[str, str]) -> bool:
     try:
         meta = recorded(path)
-    except (OSError, RuntimeError, ValueError, IndexError, UnicodeDecodeError) as err:
-        log.warning("%s: unreadable model file (%s); ignoring it", path, err)
+    except FileNotFoundError:
         return False
-    return all(meta.get(k) == v for k, v in expected.items())
+    except (OSError, ValueError) as err:
+        log.warning("%s: unreadable record of a model file (%s); ignoring it", path, err)
+        return False
+    return isinstance(meta, dict) and all(meta.get(k) == v for k, v in expected.items())
 
 
 def export_onnx(weights: Path, path: Path) -> Path:
@@ -174,8 +143,8 @@ def export_onnx(weights: Path, path: Path) -> Path:
         for axis, name in ((0, "n"), (2, "h"), (3, "w")):
             dims[axis].dim_param = name
     del proto.graph.value_info[:]  # intermediate shapes of the trace's size
-    proto.metadata_props.add(key=SHA_KEY, value=file_sha256(weights))
-    return io.atomic_write_bytes(path, proto.SerializeToString())
+    io.atomic_write_bytes(path, proto.SerializeToString(), overwrite=True)
+    return _record(path, weights_sha256=file_sha256(weights))
 
 
 def synthetic_calibration(seeds: tuple[int, ...] = (0, 1), every: int = 4) -> np.ndarray:
@@ -201,15 +170,15 @@ def quantize(source: Path, path: Path, calibration: np.ndarray | None = None) ->
     openvino backend runs: on a QDQ ONNX of the same network, OpenVINO's logits were ten times
     further from fp32), else a QDQ ONNX (for onnxruntime). ``calibration``: slices ``(N, C, H, W)``
     float32 that look like the real input; default ``synthetic_calibration()``. The result
-    records the weights' sha256 and the calibration used.
+    records (``sidecar``) the weights' sha256 and the calibration used.
     """
     try:
         import nncf
     except ImportError:
         raise io.InputError(f"{source}: int8 needs NNCF: pip install 'tiramisu-brats[int8]'") \
             from None
-    props = {SHA_KEY: onnx_metadata(source)[SHA_KEY],
-             CALIBRATION_KEY: _calibration_id(calibration)}
+    props = {"weights_sha256": recorded(source)["weights_sha256"],
+             "calibration": _calibration_id(calibration)}
     if calibration is None:
         calibration = synthetic_calibration()
     items = [np.ascontiguousarray(s[None], np.float32) for s in calibration]
@@ -219,8 +188,6 @@ def quantize(source: Path, path: Path, calibration: np.ndarray | None = None) ->
 
         model = nncf.quantize(ov.Core().read_model(source), nncf.Dataset(items),
                               subset_size=len(items))
-        for key, value in props.items():
-            model.set_rt_info(value, [key])
         # The IR is two files: write both under temporary names, then rename (.bin first).
         tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.xml")
         try:
@@ -230,13 +197,13 @@ def quantize(source: Path, path: Path, calibration: np.ndarray | None = None) ->
         finally:
             tmp.unlink(missing_ok=True)
             tmp.with_suffix(".bin").unlink(missing_ok=True)
-        return path
+        return _record(path, **props)
     import onnx
 
     model = nncf.quantize(onnx.load(str(source)), nncf.Dataset([{"slices": x} for x in items]),
                           subset_size=len(items))
-    onnx.helper.set_model_props(model, props)
-    return io.atomic_write_bytes(path, model.SerializeToString())
+    io.atomic_write_bytes(path, model.SerializeToString(), overwrite=True)
+    return _record(path, **props)
 
 
 def model_file(weights: Path, precision: str = "fp32", backend: str = DEFAULT_BACKEND,
@@ -256,9 +223,9 @@ def model_file(weights: Path, precision: str = "fp32", backend: str = DEFAULT_BA
     if precision == "int8":
         suffix = ".int8.xml" if backend == "openvino" else ".int8.onnx"
     sha = file_sha256(weights)
-    expected = {SHA_KEY: sha}
+    expected = {"weights_sha256": sha}
     if calibration is not None:
-        expected[CALIBRATION_KEY] = _calibration_id(calibration)
+        expected["calibration"] = _calibration_id(calibration)
     beside = weights.with_name(weights.stem + suffix)
     cached = cache_dir() / f"{weights.stem}-{sha[:16]}{suffix}"
     for path in (beside, cached):
