@@ -57,24 +57,12 @@ def _bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
 
 
 def _binary_closing(mask: np.ndarray, structure: np.ndarray) -> np.ndarray:
-    """Closing of ``mask`` by the symmetric odd-sized ``structure``, as on an infinite grid.
-
-    The dilation may spill over the array's edge (it is computed on a grid grown by the
-    structure's radius), so tumor touching the border is not eroded away. Returns a new bool
-    array of ``mask``'s shape. Implemented as ORs/ANDs of shifted views: several times faster
-    than ``scipy.ndimage.binary_closing`` for small structuring elements.
-    """
+    """Closing of ``mask`` by the symmetric odd-sized ``structure``, as on an infinite grid:
+    on a copy padded by twice the structure's radius, so that tumor touching the border is
+    not eroded away. Returns a new bool array of ``mask``'s shape."""
     r = structure.shape[0] // 2
-    offsets = np.argwhere(structure)
-    padded = np.pad(mask, 2 * r)
-    grown = tuple(s + 2 * r for s in mask.shape)  # covers mask's grid +- r
-    dilated = np.zeros(grown, dtype=bool)
-    for i, j, k in offsets:
-        dilated |= padded[i : i + grown[0], j : j + grown[1], k : k + grown[2]]
-    closed = np.ones(mask.shape, dtype=bool)
-    for i, j, k in offsets:
-        closed &= dilated[i : i + mask.shape[0], j : j + mask.shape[1], k : k + mask.shape[2]]
-    return closed
+    closed = ndi.binary_closing(np.pad(mask, 2 * r), structure)
+    return closed[tuple(slice(2 * r, n + 2 * r) for n in mask.shape)]
 
 
 def _nearest_labels(
