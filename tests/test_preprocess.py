@@ -225,3 +225,13 @@ def test_anisotropic_voxels_are_resampled_to_1mm_and_labels_come_back_by_nearest
 def test_an_affine_that_maps_nothing_is_refused():
     with pytest.raises(ValueError, match="does not map voxels"):
         pp.network_grid(np.diag([1.0, 0.0, 1.0, 1.0]), (2, 2, 2))
+
+
+def test_probabilities_come_back_to_a_resampled_input_grid_linearly():
+    grid = pp.network_grid(np.diag([-0.5, -0.5, 3.0, 1.0]), (40, 30, 6))
+    ramp = np.broadcast_to(np.linspace(0, 1, 20, dtype=np.float32)[:, None, None],
+                           grid.network_shape)
+    back = pp.to_input(np.stack([ramp, 1 - ramp]), grid, linear=True)
+    assert back.shape == (2, 40, 30, 6) and back.dtype == np.float32
+    np.testing.assert_allclose(back[0, :, 0, 0], np.linspace(0, 1, 40), atol=1e-5)
+    np.testing.assert_allclose(back.sum(0), 1, atol=1e-5)

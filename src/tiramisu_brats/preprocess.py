@@ -184,14 +184,23 @@ def to_network(volume: np.ndarray, grid: Grid) -> np.ndarray:
     return out.reshape(*lead, *grid.network_shape)
 
 
-def to_input(labels: np.ndarray, grid: Grid) -> np.ndarray:
+def to_input(labels: np.ndarray, grid: Grid, linear: bool = False) -> np.ndarray:
     """The inverse of ``to_network`` for a map ``(..., X', Y', Z')`` on the network's grid:
     back on the input grid ``(..., X, Y, Z)``, each input voxel taking the value of the
-    nearest network voxel (exact for flips and permutations)."""
+    nearest network voxel (exact for flips and permutations), or with ``linear`` (for
+    probabilities) linearly interpolated, as float32."""
     if labels.shape[-3:] != grid.network_shape:
         raise ValueError(f"map shape {labels.shape[-3:]} does not match the network grid's "
                          f"{grid.network_shape}")
-    if grid.resampled:
+    if grid.resampled and linear:
+        oriented = grid._oriented_shape()
+        factors = [n / m for n, m in zip(oriented, grid.network_shape, strict=True)]
+        flat = labels.reshape(-1, *labels.shape[-3:])
+        out = np.empty((len(flat), *oriented), np.float32)
+        for i, channel in enumerate(flat):
+            out[i] = ndimage.zoom(channel.astype(np.float32), factors, order=1, grid_mode=False)
+        labels = out.reshape(*labels.shape[:-3], *oriented)
+    elif grid.resampled:
         oriented = grid._oriented_shape()
         index = [np.clip(np.rint(np.arange(n) * ((m - 1) / (n - 1) if n > 1 else 0)), 0, m - 1)
                  .astype(np.intp) for n, m in zip(oriented, grid.network_shape, strict=True)]
