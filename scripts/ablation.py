@@ -34,6 +34,7 @@ COMBOS = {
     "3 planes + flips (accurate)": VIEWS,
 }
 MIN_ET = (0, 100, 250, 500)
+KEEP = (0.5, 1.0)  # postprocess keeps components of this share of the largest (default 0.1)
 
 
 def dice3(labels: np.ndarray, ref: np.ndarray) -> dict[str, float]:
@@ -75,7 +76,9 @@ def main() -> None:
             post = postprocess(raw)
             row[name] = {"raw": dice3(raw, ref), "post": dice3(post, ref),
                          **{f"post_min_et_{n}": dice3(relabel_small_et(post, n), ref)
-                            for n in MIN_ET if n}}
+                            for n in MIN_ET if n},
+                         **{f"post_keep_{k}": dice3(postprocess(raw, keep_fraction=k), ref)
+                            for k in KEEP}}
             wt = np.stack([1 - probs[v][0] for v in views])  # whole-tumor probability per view
             inside = post > 0
             row[name]["wt_ml"] = float(inside.sum() / 1000)
@@ -99,7 +102,8 @@ def main() -> None:
     print("\n| recipe | stage | Dice WT | Dice TC | Dice ET | mean |")
     print("|---|---|---:|---:|---:|---:|")
     for name in COMBOS:
-        for stage in ("raw", "post", *(f"post_min_et_{n}" for n in MIN_ET if n)):
+        for stage in ("raw", "post", *(f"post_min_et_{n}" for n in MIN_ET if n),
+                      *(f"post_keep_{k}" for k in KEEP)):
             m = {r: float(np.mean([row[name][stage][r] for row in rows]))
                  for r in ("WT", "TC", "ET")}
             print(f"| {name} | {stage} | {m['WT']:.3f} | {m['TC']:.3f} | {m['ET']:.3f} | "
