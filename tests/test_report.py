@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
+from tiramisu_brats import report
 from tiramisu_brats.metrics import METRIC_COLUMNS, evaluate_case
 from tiramisu_brats.report import (
     box_plots,
@@ -188,3 +189,32 @@ def test_write_report(tmp_path):
     # Rerunning into the same folder replaces the files.
     assert len(write_report(tmp_path / "r2", [post_row, raw_row])) == 3
     assert len((tmp_path / "r2" / "metrics.csv").read_text().splitlines()) == 3
+
+
+def test_planes_png_draws_three_planes_through_the_tumor(tmp_path):
+    from tiramisu_brats.synthetic import make_case
+
+    case = make_case(1, shape=(64, 64, 40))
+    path = report.planes_png(case.image[3], case.image[1], case.labels, tmp_path / "p.png",
+                             "syn", (1.0, 1.0, 1.0))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    pixels = imread(path)[..., :3]
+    # Edema (#2adf2a) drawn at 45 % over grey: pixels far greener than grey, in all 6 panels.
+    greenish = (pixels[..., 1] - pixels[..., [0, 2]].max(-1)) > 0.15
+    assert greenish.sum() > 500
+    with pytest.raises(ValueError, match="expected 3-D"):
+        report.planes_png(case.image[3][..., 0], case.image[1], case.labels, tmp_path / "q.png",
+                          "syn")
+
+
+def test_index_html_lists_every_case_review_first_and_needs_no_network(tmp_path):
+    rows = [{"case": "good", "review": False, "qc_score": 0.9, "WT_ml": 40.25, "image": "a.png"},
+            {"case": "bad <1>", "review": True, "qc_score": 0.2, "qc_why": "views disagree",
+             "WT_ml": 3.0, "dice_WT": 0.41},
+            {"case": "mid", "review": False, "qc_score": 0.6, "WT_ml": 20.0}]
+    page = report.write_index_html(tmp_path, rows, "Cohort").read_text()
+    body = page[page.index("<tbody>"):]
+    assert body.index("bad &lt;1&gt;") < body.index("mid") < body.index("good")
+    assert page.count("<tr>") == 4 and "Dice WT" in page and "40.2" in page
+    assert "http" not in page.replace("http-equiv", "")  # nothing to fetch
+    assert '<img src="a.png"' in page and "1 to review" in page

@@ -34,7 +34,9 @@ __all__ = [
     "LABEL_NAMES",
     "box_plots",
     "overlay_png",
+    "planes_png",
     "summarize",
+    "write_index_html",
     "write_metrics_csv",
     "write_report",
     "write_summary_json",
@@ -425,6 +427,164 @@ def overlay_png(
     _save_figure(fig, path, overwrite)
     logger.info("wrote %s", path)
     return path
+
+
+def planes_png(
+    flair: np.ndarray,
+    t1ce: np.ndarray,
+    labels: np.ndarray,
+    path: str | Path,
+    case_id: str,
+    spacing: Sequence[float] | None = None,
+    *,
+    overwrite: bool = True,
+) -> Path:
+    """PNG of the three planes (axial, coronal, sagittal) through the tumor's centre, the
+    labels over FLAIR (top row) and T1ce (bottom row), with a legend of the label colours.
+
+    The centre is the whole tumor's centre of mass (the brain's where no tumor was found).
+    ``flair``, ``t1ce``: ``(X, Y, Z)`` intensities; ``labels`` ``(X, Y, Z)`` 0/1/2/4 in the
+    BraTS orientation (X left-right, Y front-back, Z up); ``spacing`` in mm sets the pixel
+    aspect ratio of each plane.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+    from scipy import ndimage
+
+    path = Path(path)
+    for name, arr in (("flair", flair), ("t1ce", t1ce)):
+        if np.shape(arr) != np.shape(labels) or np.ndim(arr) != 3:
+            raise ValueError(f"planes_png: {name} has shape {np.shape(arr)}, expected 3-D "
+                             f"{np.shape(labels)}")
+    labels = np.asarray(labels)
+    tumor = labels > 0
+    basis = tumor if tumor.any() else np.asarray(flair) != 0
+    if not basis.any():
+        raise ValueError(f"planes_png: {case_id}: the image is empty")
+    centre = [round(c) for c in ndimage.center_of_mass(basis)]
+    sx, sy, sz = (float(z) for z in spacing) if spacing is not None else (1.0, 1.0, 1.0)
+    # (name, index along the normal, slicer, pixel height / width after rot90)
+    planes = [("axial", f"z = {centre[2]}", (slice(None), slice(None), centre[2]), sy / sx),
+              ("coronal", f"y = {centre[1]}", (slice(None), centre[1], slice(None)), sz / sx),
+              ("sagittal", f"x = {centre[0]}", (centre[0], slice(None), slice(None)), sz / sy)]
+    fig = Figure(figsize=(10.5, 8.0), layout="constrained")
+    axes = fig.subplots(2, 3, squeeze=False)
+    for j, (name, where, cut, aspect) in enumerate(planes):
+        lab = labels[cut]
+        crop = _crop_box((np.asarray(flair)[cut] != 0) | (lab != 0), margin=4)
+        for i, (row, volume) in enumerate((("FLAIR", flair), ("T1ce", t1ce))):
+            ax = axes[i, j]
+            _show(ax, _window(np.asarray(volume)[cut][crop]), aspect)
+            ax.imshow(np.rot90(_label_rgba(lab[crop])), aspect=aspect, interpolation="nearest")
+            if i == 0:
+                ax.set_title(f"{name} ({where})")
+            if j == 0:
+                ax.set_ylabel(row, fontsize="large")
+    handles = [Patch(facecolor=LABEL_COLORS[v], label=LABEL_NAMES[v]) for v in LABEL_NAMES]
+    fig.legend(handles=handles, loc="outside lower center", ncols=3, frameon=False)
+    fig.suptitle(f"{case_id}: planes through the "
+                 + ("tumor's centre" if tumor.any() else "brain's centre (no tumor found)"))
+    _save_figure(fig, path, overwrite)
+    return path
+
+
+_HTML_COLUMNS = (("case", "case"), ("review", "review"), ("qc_score", "QC score"),
+                 ("WT_ml", "WT ml"), ("TC_ml", "TC ml"), ("ET_ml", "ET ml"),
+                 ("dice_WT", "Dice WT"), ("dice_TC", "Dice TC"), ("dice_ET", "Dice ET"))
+
+
+def write_index_html(
+    folder: str | Path, rows: Sequence[Mapping[str, Any]], title: str, *,
+    overwrite: bool = True,
+) -> Path:
+    """Write ``folder/index.html``: one table row per case, cases to review first, sortable by
+    any column (a click on its header), each row with the case's picture (``image``: a file
+    name in ``folder``) and an optional ``link`` (e.g. to a viewer). Needs no network: the
+    page holds its own script and style, the pictures lie beside it.
+
+    Row keys used: ``case``; optional ``review`` (bool), ``qc_score``, ``qc_why``,
+    ``WT_ml``/``TC_ml``/``ET_ml``, ``dice_WT``/``dice_TC``/``dice_ET``, ``image``, ``link``.
+    Columns that no row has are left out.
+    """
+    import html
+
+    folder = Path(folder)
+    columns = [(k, name) for k, name in _HTML_COLUMNS if any(k in r for r in rows)]
+    ordered = sorted(rows, key=lambda r: (not r.get("review", False),
+                                          r.get("qc_score", 1.0) if r.get("qc_score")
+                                          is not None else 1.0, str(r["case"])))
+
+    def cell(row: Mapping[str, Any], key: str) -> str:
+        value = row.get(key)
+        if key == "review":
+            text = "" if value is None else ("review" if value else "ok")
+            sort = "" if value is None else int(bool(value))
+            cls = ' class="flag"' if value else ""
+            return f'<td data-sort="{sort}"{cls}>{text}</td>'
+        if key == "case":
+            return f'<td data-sort="{html.escape(str(value))}">{html.escape(str(value))}</td>'
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return '<td data-sort=""></td>'
+        digits = 1 if key.endswith("_ml") else 3
+        return f'<td data-sort="{float(value)}">{float(value):.{digits}f}</td>'
+
+    body = []
+    for row in ordered:
+        cells = "".join(cell(row, k) for k, _ in columns)
+        extra = []
+        if row.get("qc_why"):
+            extra.append(f'<div class="why">{html.escape(str(row["qc_why"]))}</div>')
+        if row.get("image"):
+            src = html.escape(str(row["image"]))
+            extra.append(f'<a href="{src}"><img src="{src}" alt="{html.escape(str(row["case"]))}'
+                         f' planes" loading="lazy"></a>')
+        if row.get("link"):
+            extra.append(f'<a class="view" href="{html.escape(str(row["link"]))}">open in the '
+                         "viewer</a>")
+        body.append(f"<tr>{cells}<td>{''.join(extra)}</td></tr>")
+    header = "".join(f'<th data-col="{i}">{html.escape(name)}</th>'
+                     for i, (_, name) in enumerate(columns))
+    n_review = sum(bool(r.get("review")) for r in rows)
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<title>{html.escape(title)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }}
+table {{ border-collapse: collapse; }}
+th, td {{ border-bottom: 1px solid #ddd; padding: 4px 8px; text-align: right;
+         vertical-align: top; }}
+th {{ cursor: pointer; background: #f3f3f3; position: sticky; top: 0; }}
+td:first-child, th:first-child {{ text-align: left; }}
+td.flag {{ color: #b00; font-weight: bold; }}
+img {{ max-width: 640px; display: block; margin: 4px 0; }}
+.why {{ text-align: left; color: #555; max-width: 640px; }}
+</style></head><body>
+<h1>{html.escape(title)}</h1>
+<p id="summary">{len(rows)} cases; {n_review} to review (listed first). Click a column's header
+to sort by it. Research use only; not for clinical decisions.</p>
+<table id="cases"><thead><tr>{header}<th>pictures</th></tr></thead>
+<tbody>
+{chr(10).join(body)}
+</tbody></table>
+<script>
+document.querySelectorAll("#cases th[data-col]").forEach(function (th) {{
+  th.addEventListener("click", function () {{
+    var col = +th.dataset.col, body = document.querySelector("#cases tbody");
+    var up = th.dataset.dir !== "up"; th.dataset.dir = up ? "up" : "down";
+    var rows = Array.prototype.slice.call(body.rows);
+    rows.sort(function (a, b) {{
+      var x = a.cells[col].dataset.sort, y = b.cells[col].dataset.sort;
+      var nx = parseFloat(x), ny = parseFloat(y);
+      var c = (isNaN(nx) || isNaN(ny)) ? x.localeCompare(y) : nx - ny;
+      return up ? c : -c;
+    }});
+    rows.forEach(function (r) {{ body.appendChild(r); }});
+  }});
+}});
+</script>
+</body></html>
+"""
+    return atomic_write_text(folder / "index.html", page, overwrite=overwrite)
 
 
 # --------------------------------------------------------------------------- report
