@@ -537,7 +537,7 @@ def write_index_html(
         if row.get("image"):
             src = html.escape(str(row["image"]))
             extra.append(f'<a href="{src}"><img src="{src}" alt="{html.escape(str(row["case"]))}'
-                         f' planes" loading="lazy"></a>')
+                         ' planes"></a>')
         if row.get("link"):
             extra.append(f'<a class="view" href="{html.escape(str(row["link"]))}">open in the '
                          "viewer</a>")
@@ -580,6 +580,15 @@ document.querySelectorAll("#cases th[data-col]").forEach(function (th) {{
     }});
     rows.forEach(function (r) {{ body.appendChild(r); }});
   }});
+}});
+window.addEventListener("load", function () {{
+  var images = Array.prototype.slice.call(document.images);
+  var shown = images.filter(function (i) {{ return i.complete && i.naturalWidth > 0; }});
+  document.body.dataset.imagesShown = shown.length;
+  if (shown.length < images.length) {{
+    document.getElementById("summary").textContent +=
+      " " + (images.length - shown.length) + " picture(s) could not be loaded.";
+  }}
 }});
 </script>
 </body></html>

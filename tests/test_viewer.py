@@ -1,0 +1,115 @@
+"""The NiiVue viewer and the HTML report, also in a real headless browser (Chromium with
+SwiftShader's software WebGL), skipped where no Chromium can be had."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from matplotlib.image import imread
+
+from tiramisu_brats import io, report, viewer
+from tiramisu_brats.synthetic import make_case, write_case
+
+CHROMIUM = next((p for p in (shutil.which(n) for n in ("chromium", "chromium-browser",
+                                                       "google-chrome")) if p), None)
+needs_browser = pytest.mark.skipif(CHROMIUM is None, reason=(
+    "no Chromium on this machine (apt-get install chromium; .ci/run installs it)"))
+# No network at all (every host name fails to resolve), and software WebGL: Chromium 144 and
+# later no longer fall back to it by themselves.
+FLAGS = ["--headless", "--no-sandbox", "--use-angle=swiftshader", "--enable-unsafe-swiftshader",
+         "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1", "--enable-logging=stderr",
+         "--v=0", "--virtual-time-budget=20000"]
+
+
+def browser(url: str, *args: str) -> tuple[str, str]:
+    """(stdout, console lines) of one headless Chromium run on ``url``."""
+    done = subprocess.run([CHROMIUM, *FLAGS, *args, url], capture_output=True, text=True,
+                          timeout=180)
+    console = [line for line in done.stderr.splitlines() if ":CONSOLE" in line]
+    return done.stdout, "\n".join(console)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("view")
+    folder = write_case(make_case(0, shape=(96, 96, 64), case_id="v"), root)
+    files = io.find_case_files(folder)
+    server = viewer.serve(files, files.seg)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server, files
+    server.shutdown()
+
+
+def _get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as err:
+        return err.code, b""
+
+
+def test_the_viewer_serves_its_page_niivue_and_the_case_files_only(served):
+    server, files = served
+    assert server.server_address[0] == "127.0.0.1" and server.url.startswith("http://127.0.0.1:")
+    status, page = _get(server.url)
+    assert status == 200 and b'<script src="niivue.umd.js">' in page
+    assert b"http" not in page.replace(b"http-equiv", b"")  # nothing from the network
+    status, js = _get(server.url + "niivue.umd.js")
+    assert status == 200 and len(js) > 1_000_000
+    assert _get(server.url + "flair.nii.gz") == (200, files.images[3].read_bytes())
+    assert _get(server.url + "labels.nii.gz")[1] == files.seg.read_bytes()
+    assert _get(server.url + "../../etc/passwd")[0] == 404
+    assert _get(server.url + "v_t1.nii.gz")[0] == 404  # only the names the page uses
+
+
+def test_a_missing_label_map_is_a_clear_error(tmp_path):
+    folder = write_case(make_case(1, shape=(48, 40, 24), case_id="w"), tmp_path)
+    with pytest.raises(io.InputError, match="no such label map"):
+        viewer.serve(io.find_case_files(folder), tmp_path / "nothing.nii.gz")
+
+
+@needs_browser
+@pytest.mark.slow
+def test_the_viewer_draws_the_labels_in_a_real_browser(served, tmp_path):
+    server, _ = served
+    dom, console = browser(server.url, "--dump-dom")
+    assert 'data-ready="1"' in dom and "data-error" not in dom, console
+    assert not re.search(r"Uncaught|ERROR:CONSOLE|error:", console), console
+    shot = tmp_path / "shot.png"
+    browser(server.url, f"--screenshot={shot}", "--window-size=1200,800")
+    pixels = imread(shot)[60:, :, :3]  # below the tool bar: the canvas
+    r, g, b = pixels[..., 0], pixels[..., 1], pixels[..., 2]
+    edema = (g - np.maximum(r, b)) > 0.2  # the green of edema over grey
+    enhancing = (r > 0.5) & (g > 0.5) & (b < r - 0.25)  # the yellow of enhancing tumor
+    assert edema.sum() > 500 and enhancing.sum() > 50, (edema.sum(), enhancing.sum())
+    assert (pixels.max(-1) > 0.3).mean() > 0.05  # a drawn brain, not a lost WebGL context
+
+
+@needs_browser
+@pytest.mark.slow
+def test_the_report_opens_offline_with_every_case_and_picture(tmp_path):
+    rows = []
+    for seed in range(3):
+        case = make_case(seed, shape=(64, 64, 40))
+        name = f"planes_c{seed}.png"
+        report.planes_png(case.image[3], case.image[1], case.labels, tmp_path / name,
+                          f"c{seed}")
+        rows.append({"case": f"c{seed}", "review": seed == 1, "qc_score": 0.3 + 0.2 * seed,
+                     "WT_ml": float((case.labels > 0).sum() / 1000), "image": name})
+    page = report.write_index_html(tmp_path, rows, "Cohort")
+    dom, console = browser(page.as_uri(), "--dump-dom")
+    assert 'data-images-shown="3"' in dom, console
+    assert dom.count("<tr>") == 4 and not re.search(r"Uncaught|ERROR:CONSOLE", console)
+    summary = dom[dom.index('id="summary"'):dom.index("</p>")]
+    assert "could not be loaded" not in summary and "1 to review" in summary
+    body = dom[dom.index("<tbody>"):]
+    assert body.index(">c1<") < body.index(">c0<")  # to review first
