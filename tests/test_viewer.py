@@ -9,7 +9,6 @@ import subprocess
 import threading
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
