@@ -120,3 +120,29 @@ def test_config_of_runs_before_planes_still_reads():
     assert '"planes"' not in old and '"init"' not in old
     old = old[:-1] + ', "extra": {}}'
     assert TrainConfig.from_json(old) == _config()
+
+
+def test_soft_dice_loss_is_0_for_a_perfect_prediction_and_near_1_for_a_wrong_one():
+    from tiramisu_brats.train import soft_dice_loss
+
+    target = torch.zeros(2, 8, 8, dtype=torch.long)
+    target[:, 2:6, 2:6] = 2
+    target[:, 3:5, 3:5] = 3
+    perfect = torch.nn.functional.one_hot(target, 4).permute(0, 3, 1, 2).float() * 50
+    assert soft_dice_loss(perfect, target).item() == pytest.approx(0, abs=1e-6)
+    wrong = torch.nn.functional.one_hot((target + 1) % 4, 4).permute(0, 3, 1, 2).float() * 50
+    assert soft_dice_loss(wrong, target).item() > 0.9
+    # Classes absent from both prediction and target count as matched (the +1 smoothing).
+    none = torch.zeros(1, 8, 8, dtype=torch.long)
+    background = torch.nn.functional.one_hot(none, 4).permute(0, 3, 1, 2).float() * 50
+    assert soft_dice_loss(background, none).item() == pytest.approx(0, abs=1e-6)
+
+
+def test_dice_ce_and_the_cosine_schedule(cache, tmp_path):
+    rows = train(cache[:2], [], tmp_path, _config(epochs=4, steps_per_epoch=2, loss="dice_ce",
+                                                  schedule="cosine", lr=1e-3),
+                 device=torch.device("cpu"))
+    # The lr logged is the last step's: step 2k+1 of 8, progress (2k+1)/8.
+    expected = [1e-3 * 0.5 * (1 + np.cos(np.pi * (2 * k + 1) / 8)) for k in range(4)]
+    np.testing.assert_allclose([r["lr"] for r in rows], expected, rtol=1e-9)
+    assert all(np.isfinite(r["train_loss"]) and r["train_loss"] > 0 for r in rows)
