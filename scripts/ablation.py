@@ -108,6 +108,15 @@ def main() -> None:
                  for r in ("WT", "TC", "ET")}
             print(f"| {name} | {stage} | {m['WT']:.3f} | {m['TC']:.3f} | {m['ET']:.3f} | "
                   f"{np.mean(list(m.values())):.3f} |")
+    print("\n| case | fast: Dice WT / TC / ET | accurate: Dice WT / TC / ET | QC spread "
+          "(accurate) | predicted / expert WT ml |")
+    print("|---|---|---|---:|---|")
+    for row in rows:
+        fast, acc = row["axial (fast)"], row["3 planes + flips (accurate)"]
+        print(f"| {row['case']} | " + " / ".join(f"{fast['post'][r]:.3f}" for r in fast["post"])
+              + " | " + " / ".join(f"{acc['post'][r]:.3f}" for r in acc["post"])
+              + f" | {acc.get('qc_spread', float('nan')):.3f} | {acc['wt_ml']:.1f} / "
+              f"{acc['ref_wt_ml']:.1f} |")
     print("\nQC (Spearman with Dice WT / with mean Dice, after postprocessing):")
     for name in COMBOS:
         dwt = [row[name]["post"]["WT"] for row in rows]
