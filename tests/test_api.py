@@ -269,3 +269,154 @@ def test_accurate_mode_writes_qc_and_an_uncertainty_map(tmp_path, tiny_weights):
     with pytest.raises(ValueError, match="needs several views"):
         fast.segment_case(files, tmp_path / "fast.nii.gz", uncertainty=True)
     assert "qc" not in fast.segment_case(files, tmp_path / "fast.nii.gz")
+
+
+# ------------------------------------------------------------ a folder of cases: segment_cohort
+
+
+@pytest.fixture()
+def cohort(tmp_path):
+    """A folder of three small cases: two complete (c0, c1), one without its FLAIR (c2)."""
+    from tiramisu_brats.synthetic import write_case
+
+    root = tmp_path / "cohort"
+    for seed in range(3):
+        write_case(make_case(seed, shape=(64, 64, 40), case_id=f"c{seed}"), root)
+    (root / "c2" / "c2_flair.nii.gz").unlink()
+    return root
+
+
+@pytest.fixture(scope="module")
+def small_segmenter(tiny_weights):
+    return api.Segmenter(tiny_weights, "torch", crop=(64, 64))
+
+
+def _failures_csv(path):
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+def test_segment_cohort_returns_results_and_failures_and_reports_progress(
+        cohort, tmp_path, small_segmenter):
+    out = tmp_path / "out"
+    events = []
+    run = api.segment_cohort(cohort, out, segmenter=small_segmenter,
+                             on_event=lambda *event: events.append(event))
+    assert run.cohort and run.segmenter is small_segmenter
+    assert [r["case"] for r in run.results] == ["c0", "c1"]
+    reason = (f"{cohort / 'c2'}: no flair image (expected <case>_flair.nii.gz, BraTS 2017-2021 "
+              "naming)")
+    assert run.failures == [("c2", reason)]
+    assert run.failures_csv == out / "failures.csv"
+    assert _failures_csv(out / "failures.csv") == [["case", "reason"], ["c2", reason]]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "c0.json", "c0.nii.gz", "c1.json", "c1.nii.gz", "failures.csv"]
+    for summary in run.results:
+        written = json.loads((out / f"{summary['case']}.json").read_text())
+        assert written["case"] == summary["case"] and written["timings_s"]
+        assert io.read_label_map(out / f"{summary['case']}.nii.gz")[0].shape == (64, 64, 40)
+    # Progress, in order: the failure found from the file names, the model, then case by case.
+    kinds = [kind for kind, _, _ in events if kind != "slices"]
+    assert kinds == ["failed", "model", "cases", "case", "wrote", "case", "wrote"]
+    assert events[0] == ("failed", "c2", reason)
+    assert events[1] == ("model", "", small_segmenter) and events[2] == ("cases", "", 2)
+    for summary in run.results:
+        case_id = summary["case"]
+        assert ("case", case_id, out / f"{case_id}.nii.gz") in events
+        assert ("wrote", case_id, out / f"{case_id}.nii.gz") in events
+        slices = sum(n for kind, c, n in events if kind == "slices" and c == case_id)
+        assert slices == summary["slices"]["brain"] > 0
+
+
+def test_segment_cohort_skips_finished_cases_and_redoes_unfinished_ones(
+        cohort, tmp_path, small_segmenter):
+    out = tmp_path / "out"
+    first = api.segment_cohort(cohort, out, segmenter=small_segmenter)
+    assert len(first.results) == 2 and len(first.failures) == 1
+    done = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    (out / "c1.json").unlink()  # a run killed after c1's label map, before its summary
+    again = api.segment_cohort(cohort, out, segmenter=small_segmenter, skip_existing=True)
+    assert [r["case"] for r in again.results] == ["c1"]  # c0 left as it was, c1 redone
+    assert (out / "c0.nii.gz").stat().st_mtime_ns == done["c0.nii.gz"]
+    assert (out / "c1.nii.gz").stat().st_mtime_ns != done["c1.nii.gz"]
+    assert [c for c, _ in again.failures] == ["c2"]
+    # Without skip_existing (nor overwrite) a case whose output exists fails.
+    refused = api.segment_cohort(cohort, out, segmenter=small_segmenter)
+    assert refused.results == [] and [c for c, _ in refused.failures] == ["c0", "c1", "c2"]
+    assert "overwriting was not asked for" in refused.failures[0][1]
+    # Every case done: nothing to segment, and the old list of failures is removed.
+    import shutil
+
+    shutil.rmtree(cohort / "c2")
+    last = api.segment_cohort(cohort, out, segmenter=small_segmenter, skip_existing=True)
+    assert (last.results, last.failures, last.failures_csv) == ([], [], None)
+    assert not (out / "failures.csv").exists()
+
+
+def test_segment_cohort_reports_a_broken_case_and_a_case_id_found_twice(
+        cohort, tmp_path, small_segmenter):
+    import shutil
+
+    import nibabel as nib
+
+    t2 = cohort / "c1" / "c1_t2.nii.gz"
+    img = nib.load(t2)
+    nib.save(nib.Nifti1Image(np.zeros(img.shape, np.int16), img.affine), t2)  # all zero
+    shutil.copytree(cohort / "c0", cohort / "d0")  # the files say c0 too
+    out = tmp_path / "out"
+    run = api.segment_cohort(cohort, out, segmenter=small_segmenter)
+    assert [r["case"] for r in run.results] == ["c0"]
+    assert [c for c, _ in run.failures] == ["c1", "c2", "d0"]  # in the folder's order
+    reasons = dict(run.failures)
+    assert reasons["c1"] == f"{t2}: all voxels are zero"
+    assert reasons["d0"] == (f"{cohort / 'd0'}: case id 'c0' is also the one of "
+                             f"{cohort / 'c0'}")
+    assert [row[0] for row in _failures_csv(run.failures_csv)] == ["case", "c1", "c2", "d0"]
+
+
+def test_segment_cohort_of_one_case_raises_its_error(tmp_path, tiny_weights):
+    from tiramisu_brats.synthetic import write_case
+
+    folder = write_case(make_case(5, shape=(64, 64, 40), case_id="one"), tmp_path / "in")
+    files = io.find_case_files(folder)
+    events = []
+    run = api.segment_cohort(None, tmp_path / "one.nii.gz", t1=files.images[0],
+                             t1ce=files.images[1], t2=files.images[2], flair=files.images[3],
+                             model=tiny_weights, backend="torch", save_raw=True,
+                             on_event=lambda *event: events.append(event[0]))
+    assert not run.cohort and run.failures == [] and run.failures_csv is None
+    assert [r["case"] for r in run.results] == ["one"]
+    assert run.segmenter.backend.name == "torch" and run.segmenter.weights == tiny_weights
+    assert (tmp_path / "one_raw.nii.gz").exists() and "cases" not in events
+    with pytest.raises(FileExistsError, match="overwriting was not asked for"):
+        api.segment_cohort(folder, tmp_path / "one.nii.gz", segmenter=run.segmenter)
+    (folder / "one_t2.nii.gz").unlink()
+    with pytest.raises(io.InputError, match="no t2 image"):
+        api.segment_cohort(folder, tmp_path / "two.nii.gz", segmenter=run.segmenter)
+    assert not (tmp_path / "two.nii.gz").exists()
+
+
+def test_segment_cohort_shards_and_refuses_bad_options_saying_what_is_wrong(
+        cohort, tmp_path, small_segmenter):
+    out = tmp_path / "out"
+    run = api.segment_cohort(cohort, out, segmenter=small_segmenter, shard=(1, 3))
+    assert [r["case"] for r in run.results] == ["c1"] and run.failures == []
+    run = api.segment_cohort(cohort, out, segmenter=small_segmenter, shard=(2, 3))
+    assert run.results == [] and run.failures_csv == out / "failures-shard-2-of-3.csv"
+    assert not (out / "failures.csv").exists()
+    bad = {
+        "shard": dict(input=cohort, output=out, shard=(3, 3)),
+        "one case": dict(input=cohort / "c0", output=tmp_path / "x.nii.gz", shard=(0, 2)),
+        "convention": dict(input=cohort, output=out, convention="nnunet"),
+        "no input": dict(input=None, output=tmp_path / "x.nii.gz"),
+        "not a label map name": dict(input=cohort / "c0", output=tmp_path / "x.txt"),
+        "missing": dict(input=tmp_path / "nope", output=out),
+    }
+    for name, kwargs in bad.items():
+        with pytest.raises(ValueError) as err:
+            api.segment_cohort(**kwargs, segmenter=small_segmenter)
+        assert "--" not in str(err.value), (name, err.value)  # what is wrong, not which flag
+    assert sorted(p.name for p in out.iterdir()) == ["c1.json", "c1.nii.gz",
+                                                     "failures-shard-2-of-3.csv"]

@@ -4,12 +4,15 @@
 >>> case = api.read_case("BraTS2021_00006/")            # (4, X, Y, Z) float32 + affine
 >>> seg = api.segment(case.image)                        # labels (X, Y, Z) uint8, 0/1/2/4
 >>> rows = api.evaluate("predictions/", "BraTS2021/", "report/")
+>>> run = api.segment_cohort("BraTS2021/", "predictions/")  # every case; failures listed
 
 The CLI is a thin layer over these.
 """
 
 from __future__ import annotations
 
+import csv
+import io as _io
 import json
 import logging
 import os
@@ -20,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tiramisu_brats import io, metrics, report
+from tiramisu_brats import io
 from tiramisu_brats.infer import (
     WHOLE_SLICES,
     default_weights,
@@ -29,7 +32,6 @@ from tiramisu_brats.infer import (
     predict_labels,
     predict_probabilities,
 )
-from tiramisu_brats.postprocess import postprocess as _postprocess
 from tiramisu_brats.preprocess import (
     CROP,
     MARGIN,
@@ -50,6 +52,9 @@ from tiramisu_brats.preprocess import (
 log = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike[str]
+# metrics, postprocess and report (which import scipy.ndimage, 0.2 s) are imported where they
+# are used: `segment` imports this module while the reading thread reads the first case, and
+# the reading thread's preprocessing imports scipy in parallel.
 # The views the network sees a case in, per mode: (plane, flipped left-right). "fast" is one
 # axial pass; "accurate" averages the softmax probabilities of every view.
 MODES: dict[str, tuple[tuple[str, bool], ...]] = {
@@ -147,6 +152,19 @@ def quality(spread: np.ndarray, labels: np.ndarray) -> dict:
            f"{QC_SPREAD_REVIEW})")
     return {"score": round(score, 4), "review": bool(review), "spread": round(value, 4),
             "why": why}
+
+
+def _volumes_ml(labels: np.ndarray, spacing) -> dict[str, float]:
+    from tiramisu_brats.metrics import volumes_ml
+
+    return volumes_ml(labels, spacing)
+
+
+def _postprocess(labels: np.ndarray) -> np.ndarray:
+    """``postprocess.postprocess`` with its defaults (imported on first use)."""
+    from tiramisu_brats.postprocess import postprocess as run
+
+    return run(labels)
 
 
 def grid_info(grid: Grid, case_id: str = "") -> dict:
@@ -396,7 +414,7 @@ class Segmenter:
             "label_convention": convention,
             "labels": {"necrosis": 1, "edema": 2, "enhancing": 3 if convention == "brats2023"
                        else 4},
-            "volumes_ml": metrics.volumes_ml(labels, case.spacing),
+            "volumes_ml": _volumes_ml(labels, case.spacing),
             "postprocessed": self.postprocess,
             "shape": list(case.shape),
             "spacing_mm": list(case.spacing),
@@ -423,6 +441,227 @@ def label_stem(path: PathLike) -> str:
     """A label file's name without ``.nii``/``.nii.gz``."""
     name = Path(path).name
     return io.nifti_stem(name) or name
+
+
+def one_line(err: BaseException) -> str:
+    """An error as one line naming the file: ``OSError``s as ``<file>: <problem>``; an error
+    other than ``ValueError`` and ``OSError`` (unexpected) with its type's name."""
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        text = f"{err.filename}: {err.strerror}"
+    else:
+        text = str(err)
+        if not isinstance(err, (ValueError, OSError)):  # unexpected: say what it was
+            text = f"{type(err).__name__}: {text}"
+    return " ".join(text.split()) or type(err).__name__
+
+
+@dataclass(frozen=True)
+class CohortRun:
+    """What ``segment_cohort`` did. ``results``: the summary of each case segmented (as
+    ``Segmenter.segment_case`` returns it), in the order they were done; ``failures``:
+    ``(case, reason)`` of each case of a folder of cases that failed, in the folder's order
+    (``case`` is the folder's name when its files were not found); ``cohort``: whether the
+    input was a folder of cases; ``failures_csv``: the list of failures written (a folder of
+    cases with failures), else None; ``segmenter``: the model used."""
+
+    results: list[dict]
+    failures: list[tuple[str, str]]
+    cohort: bool
+    failures_csv: Path | None
+    segmenter: Segmenter
+
+
+# What ``segment_cohort`` tells ``on_event(kind, case_id, value)``, in the order it happens.
+COHORT_EVENTS = {
+    "model": "the model is loaded (value: the Segmenter; case_id '')",
+    "cases": "a folder of cases: segmenting begins (value: the number of cases to segment)",
+    "case": "a case begins (value: its label map's path)",
+    "slices": "slices of the case went through the network (value: how many)",
+    "wrote": "a case is done (value: its label map's path)",
+    "failed": "a case of a folder of cases failed (value: the reason, one line)",
+}
+
+
+def segment_cohort(
+    input: PathLike | None, output: PathLike, *, t1: PathLike | None = None,
+    t1ce: PathLike | None = None, t2: PathLike | None = None, flair: PathLike | None = None,
+    model: PathLike | None = None, backend: str = "openvino", precision: str | None = None,
+    mode: str = "fast", resample: bool = True, postprocess: bool = True,
+    whole_slices: bool | None = None, tumor_slices: bool | None = None,
+    batch_size: int | None = None, threads: int | None = None, convention: str = "brats",
+    save_raw: bool = False, uncertainty: bool = False, overwrite: bool = False,
+    skip_existing: bool = False, shard: tuple[int, int] | None = None,
+    segmenter: Segmenter | None = None,
+    on_event: Callable[[str, str, object], None] | None = None,
+) -> CohortRun:
+    """Segment a case folder, a folder of case folders, or four files (``t1`` .. ``flair``,
+    with ``input`` None) into label maps (``Segmenter.segment_case``: beside each its JSON).
+
+    One case: ``output`` is its .nii.gz; any error is raised. A folder of cases: ``output`` is
+    a folder (made), with ``<case id>.nii.gz`` for each case; a case that fails (its files
+    incomplete, unreadable, a case id found twice, ...) is reported and the others go on:
+    the list is written to ``output/failures.csv`` (case, reason), which a run without
+    failures removes. ``shard=(i, n)``: of the sorted case folders only every ``n``-th from
+    the ``i``-th (``n`` jobs with ``i = 0 .. n-1`` cover the folder once), its list of
+    failures ``failures-shard-<i>-of-<n>.csv``. ``skip_existing``: cases whose outputs an
+    earlier run wrote completely are left as they are (those it left incomplete are redone).
+
+    The model: ``segmenter``, or one made from ``model`` .. ``threads`` (see ``Segmenter``)
+    while the first case is read. ``convention``, ``save_raw``, ``uncertainty`` and
+    ``overwrite``: as ``Segmenter.segment_case``. Cases are read and preprocessed in a
+    background thread one case ahead. ``on_event(kind, case_id, value)``: progress, kinds
+    as ``COHORT_EVENTS`` says. Nothing is printed.
+    """
+    if convention not in io.LABEL_CONVENTIONS:
+        raise ValueError(f"unknown label convention {convention!r} (use one of "
+                         f"{io.LABEL_CONVENTIONS})")
+    output = Path(output)
+    jobs, cohort = _cohort_jobs(input, output, (t1, t1ce, t2, flair), shard)
+    emit = on_event or (lambda kind, case_id, value: None)
+    failures: list[tuple[int, str, str]] = []  # (job number, case, reason)
+
+    def failed(k: int, name: str, err: Exception) -> None:
+        log.debug("%s failed", name, exc_info=True)
+        failures.append((k, name, one_line(err)))
+        emit("failed", name, failures[-1][2])
+
+    plan = _plan_cases(jobs, output, overwrite, skip_existing, save_raw,
+                       failed if cohort else None)
+    crop, resample = (CROP, resample) if segmenter is None else (segmenter.crop,
+                                                                  segmenter.resample)
+    results: list[dict] = []
+    # The first case is read and preprocessed while the model and the libraries it needs load.
+    with io.ReadAhead([files for _, files, _, _ in plan],
+                      read=lambda f: _read_prepared(f, crop, resample)) as reader:
+        if segmenter is None:
+            segmenter = Segmenter(model, backend, batch_size=batch_size, threads=threads,
+                                  precision=precision, postprocess=postprocess,
+                                  whole_slices=whole_slices, mode=mode, resample=resample,
+                                  tumor_slices=tumor_slices)
+        emit("model", "", segmenter)
+        if cohort:  # only now: a bad model or option leaves no output folder behind
+            output.mkdir(parents=True, exist_ok=True)
+            emit("cases", "", len(plan))
+        for k, files, target, replace in plan:
+            emit("case", files.case_id, target)
+            try:
+                results.append(segmenter.segment_case(
+                    files, target, convention=convention, overwrite=replace, save_raw=save_raw,
+                    uncertainty=uncertainty, read=reader.read,
+                    on_batch=lambda n, case_id=files.case_id: emit("slices", case_id, n)))
+            except Exception as err:  # in a folder of cases, any failure of one is reported
+                if not cohort:
+                    raise
+                failed(k, files.case_id, err)
+            else:
+                emit("wrote", files.case_id, target)
+    failures.sort()
+    csv_path = _write_failures(output, failures, shard) if cohort else None
+    return CohortRun(results, [(name, reason) for _, name, reason in failures], cohort,
+                     csv_path, segmenter)
+
+
+def _cohort_jobs(
+    input: PathLike | None, output: Path, explicit: tuple, shard: tuple[int, int] | None,
+) -> tuple[list[tuple[Path | io.CaseFiles, Path | None]], bool]:
+    """What ``segment_cohort`` is to segment: ``(case folder or files, output or None for
+    one in the output folder)`` for each case, and whether it is a folder of cases."""
+    if shard is not None and not 0 <= shard[0] < shard[1]:
+        raise ValueError(f"shard {shard[0]} of {shard[1]}: expected i of n with 0 <= i < n")
+    if input is None:
+        if not all(explicit):
+            raise ValueError("give a case folder (or a folder of cases) or all four files: "
+                             "t1, t1ce, t2 and flair")
+        jobs: list = [(io.case_files_from_paths(*explicit), output)]
+        cohort = False
+    elif any(explicit):
+        raise ValueError("give a case folder or the four modality files, not both")
+    else:
+        input = Path(input)
+        if not input.exists():
+            raise io.InputError(f"{input}: no such file or folder")
+        cohort = not io.is_case_folder(input)
+        if cohort:
+            # Subfolders with images that are not complete cases are reported as failures.
+            folders = io.find_cases(input, incomplete=True)
+            if shard is not None:  # sorted folders: the same split in every job
+                folders = folders[shard[0]::shard[1]]
+            jobs = [(f, None) for f in folders]
+            if output.exists() and not output.is_dir():
+                raise io.InputError(f"{output}: not a folder (the output for a folder of "
+                                    "cases is a folder)")
+        else:
+            jobs = [(io.find_case_files(input), output)]
+    if not cohort and shard is not None:
+        raise ValueError(f"a shard is a part of a folder of cases; "
+                         f"{input if input is not None else 'the four files'} is one case")
+    if not cohort and io.nifti_stem(output.name) is None:
+        raise ValueError(f"{output}: the output of one case must end in .nii.gz or .nii")
+    if not cohort and output.parent != Path() and not output.parent.is_dir():
+        problem = "not a folder" if output.parent.exists() else "output folder does not exist"
+        raise io.InputError(f"{output.parent}: {problem}")
+    return jobs, cohort
+
+
+def _plan_cases(jobs: list, output: Path, overwrite: bool, skip_existing: bool,
+                save_raw: bool, failed: Callable[[int, str, Exception], None] | None
+                ) -> list[tuple[int, io.CaseFiles, Path, bool]]:
+    """From file names only, what to do for each case: ``(job number, files, label map,
+    overwrite)``; a case that cannot be done goes to ``failed`` (without it, is raised)."""
+    sources: dict[str, Path] = {}
+    plan = []
+    for k, (job, target) in enumerate(jobs):
+        name = job.name if isinstance(job, Path) else job.case_id
+        try:
+            files = io.find_case_files(job) if isinstance(job, Path) else job
+            if target is None:
+                target = output / f"{io.safe_case_id(files.case_id)}.nii.gz"
+                if files.case_id in sources:
+                    raise io.InputError(f"{job}: case id {files.case_id!r} is also the one "
+                                        f"of {sources[files.case_id]}")
+                sources[files.case_id] = job
+            replace = overwrite
+            if skip_existing and target.exists():
+                if _finished(target, save_raw):
+                    continue
+                replace = True  # a run stopped while writing this case: redo it
+            plan.append((k, files, target, replace))
+        except Exception as err:
+            if failed is None:
+                raise
+            failed(k, name, err)
+    return plan
+
+
+def _finished(target: Path, save_raw: bool) -> bool:
+    """Whether an earlier run wrote every output of a case: the JSON summary is written last,
+    so a label map without it is what a killed run left and is redone."""
+    stem = label_stem(target)
+    needed = [target, target.with_name(stem + ".json")]
+    if save_raw:
+        needed.append(target.with_name(stem + "_raw.nii.gz"))
+    return all(p.exists() for p in needed)
+
+
+def _read_prepared(files: io.CaseFiles, crop: tuple[int, int] = CROP,
+                   resample: bool = True) -> PreparedCase:
+    """Read a case and preprocess it: what ``segment_cohort`` does in its reading thread."""
+    return prepare_case(io.read_case(files, keep_dtype=True), crop, resample)
+
+
+def _write_failures(output: Path, failures: list[tuple[int, str, str]],
+                    shard: tuple[int, int] | None) -> Path | None:
+    """Write the failures of a folder of cases (one list per shard) to ``output``, or remove
+    the list an earlier run left when there are none; returns the list's path if written."""
+    name = "failures.csv" if shard is None else f"failures-shard-{shard[0]}-of-{shard[1]}.csv"
+    path = output / name
+    if not failures:  # a resumed run that succeeded: the last run's list no longer holds
+        path.unlink(missing_ok=True)
+        return None
+    buf = _io.StringIO()
+    csv.writer(buf).writerows([("case", "reason"), *(row[1:] for row in failures)])
+    io.atomic_write_text(path, buf.getvalue())
+    return path
 
 
 def _label_id(path: Path) -> str:
@@ -482,6 +721,8 @@ def evaluate(
     ``pred`` and ``ref`` are each a label file or a folder (cases matched by id; either label
     convention). With ``report_dir``: metrics.csv, summary.json, box plots and overlays.
     """
+    from tiramisu_brats import metrics, report
+
     preds, refs = find_label_maps(pred), find_label_maps(ref)
     if len(preds) == 1 and len(refs) == 1 and Path(pred).is_file() and Path(ref).is_file():
         (p,), (r,) = preds.values(), refs.values()

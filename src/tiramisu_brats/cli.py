@@ -10,22 +10,30 @@ import os
 # (0.25 s of CPU at every start on 2 cores). A user's own setting stands.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import csv
-import io as _io
 import logging
 import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from tiramisu_brats import __version__, io
+
+if TYPE_CHECKING:
+    from tiramisu_brats.train import FolderRun
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Brain tumor segmentation in multi-modal MRI with a 2D FC-DenseNet.")
@@ -40,17 +48,6 @@ INPUT_HELP = (
 )
 
 
-def one_line(err: BaseException) -> str:
-    """The error as one line naming the file: ``OSError``s as ``<file>: <problem>``."""
-    if isinstance(err, OSError) and err.filename is not None and err.strerror:
-        text = f"{err.filename}: {err.strerror}"
-    else:
-        text = str(err)
-        if not isinstance(err, (ValueError, OSError)):  # unexpected: say what it was
-            text = f"{type(err).__name__}: {text}"
-    return " ".join(text.split()) or type(err).__name__
-
-
 def fail(message: str, code: int = 2) -> typer.Exit:
     console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
@@ -62,14 +59,35 @@ def user_errors():
     try:
         yield
     except FileExistsError as err:  # the library says what is wrong; the CLI says which flag
+        from tiramisu_brats.api import one_line
+
         raise fail(f"{one_line(err)}; pass --overwrite to replace it") from None
     except (ValueError, OSError) as err:
+        from tiramisu_brats.api import one_line
+
         raise fail(one_line(err)) from None
 
 
-def progress_bar(enabled: bool) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=console, disable=not enabled, transient=True)
+class Bars(Progress):
+    """Progress bars on stderr, shown from the first bar added on: nothing at all (not even
+    the blank line a stopped display leaves off a terminal) where none is added, such as
+    before the model is loaded or in a torchrun process other than rank 0."""
+
+    def __enter__(self) -> Bars:
+        return self
+
+    def add_task(self, *args, **kwargs) -> TaskID:
+        self.start()
+        return super().add_task(*args, **kwargs)
+
+    def stop(self) -> None:
+        if self.live.is_started:
+            super().stop()
+
+
+def progress_bar(enabled: bool) -> Bars:
+    return Bars(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TimeElapsedColumn(), console=console, disable=not enabled, transient=True)
 
 
 # The last model ``segment`` loaded, held past the command's return (and replaced by the next):
@@ -125,12 +143,47 @@ def _timing_table(rows: list[dict]) -> Table:
     return table
 
 
-def _read_prepared(files: io.CaseFiles, resample: bool = True):
-    """Read a case and preprocess it: what ``segment`` does in its reading thread."""
-    case = io.read_case(files, keep_dtype=True)
-    from tiramisu_brats.api import prepare_case  # after reading: the main thread imports it
+class SegmentProgress:
+    """``segment``'s view of ``api.segment_cohort``'s events: a bar of cases (a folder of
+    cases), one of slices for the case being done, a line for each case written or failed;
+    the model is kept in ``_last_model``."""
 
-    return prepare_case(case, resample=resample)
+    def __init__(self, bar: Progress) -> None:
+        self.bar = bar
+        self.cases: TaskID | None = None
+        self.slices: TaskID | None = None
+
+    def __call__(self, kind: str, case_id: str, value: Any) -> None:
+        if kind == "model":
+            _last_model[:] = [value]
+        elif kind == "cases":
+            self.cases = self.bar.add_task("cases", total=value)
+        elif kind == "case":
+            self.slices = self.bar.add_task(f"{case_id}", total=None)
+        elif kind == "slices" and self.slices is not None:
+            self.bar.advance(self.slices, value)
+        elif kind in ("wrote", "failed"):
+            if kind == "wrote":
+                console.print(f"wrote {value}", highlight=False)
+            else:
+                console.print(f"[red]failed[/red] {escape(case_id)}: {escape(value)}",
+                              highlight=False)
+            if self.slices is not None:  # the end of the case begun (not a failure before)
+                self.bar.remove_task(self.slices)
+                self.slices = None
+                if self.cases is not None:
+                    self.bar.advance(self.cases)
+
+
+def parse_shard(shard: str | None) -> tuple[int, int] | None:
+    """``--shard I/N`` as ``(I, N)``."""
+    if shard is None:
+        return None
+    parts = [p.strip() for p in shard.split("/")]
+    if len(parts) != 2 or not all(p.isdigit() for p in parts) or (
+            int(parts[0]) >= int(parts[1])):
+        raise ValueError(f"--shard {shard}: expected I/N with 0 <= I < N, such as 0/4")
+    return int(parts[0]), int(parts[1])
 
 
 @app.command()
@@ -189,137 +242,25 @@ def segment(
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Segment a case (or a folder of cases) into a tumor label map NIfTI."""
-    with user_errors():
-        if label_convention not in io.LABEL_CONVENTIONS:
-            raise ValueError(f"--label-convention must be one of {io.LABEL_CONVENTIONS}")
-        failures_name = "failures.csv"
-        if shard is not None:
-            parts = [p.strip() for p in shard.split("/")]
-            if len(parts) != 2 or not all(p.isdigit() for p in parts) or (
-                    int(parts[0]) >= int(parts[1])):
-                raise ValueError(f"--shard {shard}: expected I/N with 0 <= I < N, such as 0/4")
-            shard_i, shard_n = int(parts[0]), int(parts[1])
-            failures_name = f"failures-shard-{shard_i}-of-{shard_n}.csv"  # one per job
-        explicit = (t1, t1ce, t2, flair)
-        if input is None:
-            if not all(explicit):
-                raise ValueError("give INPUT (a case folder) or all of --t1 --t1ce --t2 --flair")
-            jobs = [(io.case_files_from_paths(t1, t1ce, t2, flair), output)]
-            cohort = False
-        elif any(explicit):
-            raise ValueError("give INPUT or the four modality files, not both")
-        else:
-            if not input.exists():
-                raise io.InputError(f"{input}: no such file or folder")
-            cohort = not io.is_case_folder(input)
-            if cohort:
-                # Subfolders with images that are not complete cases are reported as failures.
-                folders = io.find_cases(input, incomplete=True)
-                if shard is not None:  # sorted folders: the same split in every job
-                    folders = folders[shard_i::shard_n]
-                jobs = [(f, None) for f in folders]
-                if output.exists() and not output.is_dir():
-                    raise io.InputError(f"{output}: not a folder (the output for a folder of "
-                                        "cases is a folder)")
-            else:
-                jobs = [(io.find_case_files(input), output)]
-        if not cohort and shard is not None:
-            raise ValueError("--shard splits a folder of cases; INPUT is one case")
-        if not cohort and io.nifti_stem(output.name) is None:
-            raise ValueError(f"{output}: the output of one case must end in .nii.gz or .nii")
-        if not cohort and output.parent != Path() and not output.parent.is_dir():
-            problem = "not a folder" if output.parent.exists() else "output folder does not exist"
-            raise io.InputError(f"{output.parent}: {problem}")
-    results, failures, sources, plan = [], [], {}, []
+    from tiramisu_brats import api
 
-    def failed(k: int, name: str, err: Exception) -> None:  # in a cohort, any failure of one
-        if not cohort and not isinstance(err, (ValueError, OSError)):  # case is reported
-            raise err
-        if not cohort:
-            raise fail(one_line(err)) from None
-        logging.getLogger(__name__).debug("%s failed", name, exc_info=True)
-        failures.append((k, name, one_line(err)))
-        console.print(f"[red]failed[/red] {escape(name)}: {escape(failures[-1][2])}",
+    with user_errors(), progress_bar(progress) as bar:
+        run = api.segment_cohort(
+            input, output, t1=t1, t1ce=t1ce, t2=t2, flair=flair, model=model, backend=backend,
+            precision=precision, mode=mode, resample=resample, postprocess=postprocess,
+            whole_slices=whole_slices, tumor_slices=None if all_slices is None else not all_slices,
+            batch_size=batch_size, threads=threads, convention=label_convention,
+            save_raw=save_raw, uncertainty=uncertainty, overwrite=overwrite,
+            skip_existing=skip_existing, shard=parse_shard(shard),
+            on_event=SegmentProgress(bar))
+    if run.results:
+        console.print(_timing_table(run.results))
+    if run.cohort:
+        console.print(f"{len(run.results)} segmented, {len(run.failures)} failed",
                       highlight=False)
-
-    for k, (job, target) in enumerate(jobs):  # file names only: what to do for each case
-        name = job.name if isinstance(job, Path) else job.case_id
-        try:
-            files = io.find_case_files(job) if isinstance(job, Path) else job
-            if target is None:
-                target = output / f"{io.safe_case_id(files.case_id)}.nii.gz"
-                if files.case_id in sources:
-                    raise io.InputError(f"{job}: case id {files.case_id!r} is also the one "
-                                        f"of {sources[files.case_id]}")
-                sources[files.case_id] = job
-            replace = overwrite
-            if skip_existing and target.exists():
-                if _finished(target, save_raw):
-                    continue
-                replace = True  # a run stopped while writing this case: redo it
-            plan.append((k, files, target, replace))
-        except Exception as err:
-            failed(k, name, err)
-    # Cases are read and preprocessed in a background thread one ahead: the first while the
-    # model and the libraries it needs load.
-    with io.ReadAhead([files for _, files, _, _ in plan],
-                      read=lambda f: _read_prepared(f, resample)) as reader:
-        with user_errors():
-            from tiramisu_brats.api import Segmenter
-
-            segmenter = Segmenter(model, backend, batch_size=batch_size, threads=threads,
-                                  precision=precision, postprocess=postprocess,
-                                  whole_slices=whole_slices, mode=mode, resample=resample,
-                                  tumor_slices=None if all_slices is None else not all_slices)
-            _last_model[:] = [segmenter]
-        if cohort:  # only now: a bad model or option leaves no output folder behind
-            with user_errors():
-                output.mkdir(parents=True, exist_ok=True)
-        with progress_bar(progress) as bar:
-            cases_task = bar.add_task("cases", total=len(plan)) if cohort else None
-            for k, files, target, replace in plan:
-                slices = bar.add_task(f"{files.case_id}", total=None)
-                try:
-                    summary = segmenter.segment_case(
-                        files, target, convention=label_convention, overwrite=replace,
-                        save_raw=save_raw, uncertainty=uncertainty, read=reader.read,
-                        on_batch=lambda n, t=slices: bar.advance(t, n))
-                    results.append(summary)
-                    console.print(f"wrote {target}", highlight=False)
-                except Exception as err:
-                    failed(k, files.case_id, err)
-                finally:
-                    bar.remove_task(slices)
-                    if cases_task is not None:
-                        bar.advance(cases_task)
-    if results:
-        console.print(_timing_table(results))
-    if cohort:
-        console.print(f"{len(results)} segmented, {len(failures)} failed", highlight=False)
-        with user_errors():
-            if failures:
-                buf = _io.StringIO()
-                csv.writer(buf).writerows([("case", "reason"),
-                                           *(row[1:] for row in sorted(failures))])
-                io.atomic_write_text(output / failures_name, buf.getvalue())
-            else:  # a resumed run that succeeded: the last run's list no longer holds
-                (output / failures_name).unlink(missing_ok=True)
-        if failures:
-            console.print(f"failed cases and reasons: {output / failures_name}",
-                          highlight=False)
-            raise typer.Exit(1)
-
-
-def _finished(target: Path, save_raw: bool) -> bool:
-    """Whether an earlier run wrote every output of a case: the JSON summary is written last,
-    so a label map without it is what a killed run left and is redone."""
-    from tiramisu_brats.api import label_stem
-
-    stem = label_stem(target)
-    needed = [target, target.with_name(stem + ".json")]
-    if save_raw:
-        needed.append(target.with_name(stem + "_raw.nii.gz"))
-    return all(p.exists() for p in needed)
+    if run.failures_csv is not None:
+        console.print(f"failed cases and reasons: {run.failures_csv}", highlight=False)
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -404,6 +345,42 @@ def demo(
     console.print(f"done in {time.perf_counter() - start:.1f} s", highlight=False)
 
 
+def parse_fold(fold: str | None) -> tuple[int, int] | None:
+    """``--fold I/K`` as ``(I, K)``."""
+    if not fold:
+        return None
+    parts = fold.split("/")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        raise io.InputError(f"fold {fold!r}: expected I/K, e.g. 0/5")
+    return int(parts[0]), int(parts[1])
+
+
+class TrainProgress:
+    """``train``'s view of a run (rank 0's): what it trains on, a bar of the epoch's steps."""
+
+    def __init__(self, bar: Progress) -> None:
+        self.bar = bar
+        self.task: TaskID | None = None
+        self.epochs = 0
+
+    def start(self, run: FolderRun) -> None:
+        for task in self.bar.task_ids:  # caching is done
+            self.bar.remove_task(task)
+        config, world = run.config, run.world
+        console.print(f"training on {len(config.train_cases)} cases "
+                      f"({', '.join(config.planes)}), validating on "
+                      f"{len(run.val_set)}: {', '.join(config.val_cases) or '-'}"
+                      + (f"; {world.size} processes" if world.size > 1 else ""),
+                      highlight=False)
+        self.epochs = config.epochs
+        self.task = self.bar.add_task("epoch 1", total=config.steps_per_epoch)
+
+    def step(self, epoch: int, step: int, value: float) -> None:
+        if self.task is not None:
+            self.bar.update(self.task, completed=step + 1,
+                            description=f"epoch {epoch}/{self.epochs} loss {value:.3f}")
+
+
 @app.command()
 def train(
     data: Annotated[list[Path], typer.Argument(help=(
@@ -444,78 +421,26 @@ def train(
 
     Under torchrun: data-parallel over all its processes (docs/distributed.md).
     """
-    from tiramisu_brats import data as tdata
     from tiramisu_brats import train as ttrain
     from tiramisu_brats.model import TiramisuConfig
 
-    with user_errors(), ttrain.distributed() as (world, device):
-        progress = progress and world.main  # only rank 0 shows progress and prints
-        if resume:
-            config_path = output / "train_config.json"
-            try:
-                config = ttrain.TrainConfig.from_json(config_path.read_text())
-            except (ValueError, TypeError, KeyError) as err:
-                raise io.InputError(f"{config_path}: {err}") from None
-        if len(data) == 1 and tdata.is_cache(data[0]):
-            cases = tdata.open_cache(data[0])
-        else:
-            cache_dir = cache or output / "cache"
-
-            def build_cache() -> list:
-                folders = tdata.find_training_cases(data)
-                with progress_bar(progress) as bar:
-                    task = bar.add_task("caching cases", total=len(folders))
-                    return tdata.build_cache(data, cache_dir, progress=lambda xs: (
-                        bar.advance(task) or x for x in xs))
-
-            cases = ttrain.in_turn(build_cache, device)  # rank 0 writes, the others read
-        ids = sorted({c.case_id for c in cases})
-        if not resume:
-            if fold:
-                parts = fold.split("/")
-                if len(parts) != 2 or not all(p.isdigit() for p in parts):
-                    raise io.InputError(f"fold {fold!r}: expected I/K, e.g. 0/5")
-                val = tdata.kfold(ids, int(parts[0]), int(parts[1]), seed)
-            else:
-                chosen = [v.strip() for v in val_cases.split(",")] if val_cases else ()
-                _, val = tdata.split_cases(ids, chosen, val_fraction, seed)
-            init_sha = ""
-            if init is not None:
-                from tiramisu_brats.infer import file_sha256
-
-                if not init.is_file():
-                    raise io.InputError(f"{init}: weights to start from not found")
-                init_sha = file_sha256(init)
-            config = ttrain.TrainConfig(
-                model=TiramisuConfig(growth_rate=growth_rate), epochs=epochs,
-                steps_per_epoch=steps_per_epoch, batch_size=batch_size, patch=tuple(patch),
-                tumor_share=tumor_share, lr=lr, weight_decay=weight_decay, loss=loss,
-                schedule=schedule, minutes=minutes, seed=seed, val_cases=tuple(val),
-                train_cases=tuple(i for i in ids if i not in val), compile=compile,
-                micro_batches=micro_batches or world.size,
-                planes=tuple(p.strip() for p in planes.split(",")),
-                init=str(init) if init is not None else "", init_sha256=init_sha)
-        train_set = tdata.select(cases, config.train_cases, config.planes)
-        val_set = tdata.select(cases, config.val_cases)  # axial: what segment runs by default
-        if world.main:
-            console.print(f"training on {len(config.train_cases)} cases "
-                          f"({', '.join(config.planes)}), validating on "
-                          f"{len(val_set)}: {', '.join(config.val_cases) or '-'}"
-                          + (f"; {world.size} processes" if world.size > 1 else ""),
-                          highlight=False)
-        with progress_bar(progress) as bar:
-            task = bar.add_task("epoch 1", total=config.steps_per_epoch)
-
-            def on_step(epoch: int, step: int, value: float) -> None:
-                bar.update(task, completed=step + 1,
-                           description=f"epoch {epoch}/{config.epochs} loss {value:.3f}")
-
-            rows = ttrain.train(train_set, val_set, output, config, resume=resume,
-                                device=device, on_step=on_step)
-    if not world.main:
+    with user_errors(), progress_bar(progress) as bar:
+        steps = TrainProgress(bar)
+        run = ttrain.run_from_folders(
+            data, output, cache=cache, resume=resume, fold=parse_fold(fold),
+            val_cases=[v.strip() for v in val_cases.split(",")] if val_cases else (),
+            val_fraction=val_fraction, init=init,
+            on_cache=lambda folders: bar.track(folders, description="caching cases"),
+            on_start=steps.start, on_step=steps.step,
+            model=TiramisuConfig(growth_rate=growth_rate), epochs=epochs,
+            steps_per_epoch=steps_per_epoch, batch_size=batch_size, patch=patch,
+            tumor_share=tumor_share, lr=lr, weight_decay=weight_decay, loss=loss,
+            schedule=schedule, minutes=minutes, seed=seed, compile=compile,
+            micro_batches=micro_batches, planes=[p.strip() for p in planes.split(",")])
+    if not run.world.main:  # only rank 0 prints
         return
-    if rows:
-        last = rows[-1]
+    if run.rows:
+        last = run.rows[-1]
         out.print(f"epoch {last['epoch']}: loss {last['train_loss']:.4f}, validation Dice WT "
                   f"{last['val_dice_WT']:.3f} TC {last['val_dice_TC']:.3f} ET "
                   f"{last['val_dice_ET']:.3f}", highlight=False)

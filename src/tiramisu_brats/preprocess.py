@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
-from scipy import ndimage
 
 CROP = (192, 160)
 MULTIPLE = 32
@@ -174,6 +173,8 @@ def to_network(volume: np.ndarray, grid: Grid) -> np.ndarray:
     oriented = _apply(volume, grid.transform)
     if not grid.resampled:
         return oriented
+    from scipy import ndimage
+
     lead = oriented.shape[:-3]
     # zoom gives round(n * m / n) = m voxels, with its corner voxels on the input's corners
     factors = [m / n for n, m in zip(oriented.shape[-3:], grid.network_shape, strict=True)]
@@ -193,6 +194,8 @@ def to_input(labels: np.ndarray, grid: Grid, linear: bool = False) -> np.ndarray
         raise ValueError(f"map shape {labels.shape[-3:]} does not match the network grid's "
                          f"{grid.network_shape}")
     if grid.resampled and linear:
+        from scipy import ndimage
+
         oriented = grid._oriented_shape()
         factors = [n / m for n, m in zip(oriented, grid.network_shape, strict=True)]
         flat = labels.reshape(-1, *labels.shape[-3:])
@@ -242,6 +245,8 @@ def compute_geometry(
     shape = tuple(int(s) for s in mask.shape)
     if not mask.any():
         raise ValueError("the volume holds no brain: every voxel is 0 in every modality")
+    from scipy import ndimage  # here: `segment` pays the import in its reading thread
+
     box = ndimage.find_objects(mask.view(np.uint8))[0]
     lo, hi = [s.start for s in box], [s.stop for s in box]
     ext_x, ext_y = hi[0] - lo[0], hi[1] - lo[1]

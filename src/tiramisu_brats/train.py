@@ -24,7 +24,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +35,7 @@ import torch.distributed as tdist
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from tiramisu_brats import data as tdata
 from tiramisu_brats import io
 from tiramisu_brats.data import (
     QUANT_OFFSET,
@@ -714,3 +715,110 @@ def _save_epoch(run_dir: Path, model, optimizer, rng, gen, config: TrainConfig,
              row["train_loss"], row["val_dice_WT"], row["val_dice_TC"], row["val_dice_ET"],
              row["seconds"])
     return best
+
+
+@dataclass(frozen=True)
+class FolderRun:
+    """A run that ``run_from_folders`` set up: its ``config`` (the stored one when resumed),
+    this process's place in the job (``world``), the cached cases it trains on (``train_set``,
+    in the config's planes) and validates on (``val_set``, axial: what ``segment`` runs by
+    default), and once trained the log ``rows`` (one dict per epoch, as ``train`` returns)."""
+
+    config: TrainConfig
+    world: World
+    train_set: list[CachedCase]
+    val_set: list[CachedCase]
+    rows: list[dict] = dataclasses.field(default_factory=list)
+
+
+def run_from_folders(
+    data: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    output: str | os.PathLike[str], *, cache: str | os.PathLike[str] | None = None,
+    resume: bool = False, fold: tuple[int, int] | None = None, val_cases: Sequence[str] = (),
+    val_fraction: float = 0.0, init: str | os.PathLike[str] | None = None,
+    device: torch.device | None = None,
+    on_cache: Callable[[Sequence[Path]], Iterable[Path]] | None = None,
+    on_start: Callable[[FolderRun], None] | None = None,
+    on_step: Callable[[int, int, float], None] | None = None,
+    **recipe,
+) -> FolderRun:
+    """Train on folder(s) of labelled cases (any layout ``io`` reads), or on one cache folder,
+    into the run folder ``output``; returns the run with its log rows.
+
+    Case folders are cached first (``data.build_cache``, every plane) into ``cache`` (default
+    ``output/cache``; reused across runs). Validated on: fold ``fold = (i, k)`` of a k-fold
+    split by case (``data.kfold``), else the cases ``val_cases``, else a random
+    ``val_fraction`` of them (``data.split_cases``; seeded by the recipe's ``seed``).
+    ``init``: weights to start from (fine-tuning), recorded with their sha256. ``recipe``: the
+    other fields of ``TrainConfig`` (``epochs``, ``batch_size``, ``model``, ``planes``, ...);
+    ``micro_batches`` defaults to one per process. ``resume``: continue the run in
+    ``output`` with its stored config (the recipe, ``fold``, ``val_*`` and ``init`` are then
+    not used).
+
+    Under torchrun every process calls this with the same arguments and joins the process
+    group (``distributed``); rank 0 caches the cases first, the others then find them cached
+    (``in_turn``). Only rank 0 writes the run and calls back: ``on_cache(folders)`` wraps the
+    case folders as they are cached (e.g. a progress bar's ``track``), ``on_start(run)``
+    before the first step, ``on_step(epoch, step, loss)`` after every step.
+    """
+    set_here = {"val_cases", "train_cases", "init", "init_sha256"}
+    wrong = sorted(k for k in recipe
+                   if k in set_here or k not in {f.name for f in dataclasses.fields(TrainConfig)})
+    if wrong:
+        raise TypeError(f"not recipe fields of TrainConfig: {', '.join(wrong)}")
+    dirs = ([Path(data)] if isinstance(data, (str, os.PathLike))
+            else [Path(d) for d in data])
+    output = Path(output)
+    with distributed(device) as (world, device):
+        config = _stored_config(output) if resume else None
+        if len(dirs) == 1 and tdata.is_cache(dirs[0]):
+            cases = tdata.open_cache(dirs[0])
+        else:
+            cache_dir = Path(cache) if cache is not None else output / "cache"
+            progress = on_cache if on_cache is not None and world.main else iter
+            cases = in_turn(lambda: tdata.build_cache(dirs, cache_dir, progress=progress),
+                            device)  # rank 0 writes, the others read
+        if config is None:
+            config = _new_config(sorted({c.case_id for c in cases}), world, fold, val_cases,
+                                 val_fraction, init, recipe)
+        run = FolderRun(config, world, tdata.select(cases, config.train_cases, config.planes),
+                        tdata.select(cases, config.val_cases))
+        if on_start is not None and world.main:
+            on_start(run)
+        rows = train(run.train_set, run.val_set, output, config, resume=resume, device=device,
+                     on_step=on_step if world.main else None)
+    return dataclasses.replace(run, rows=rows)
+
+
+def _stored_config(run_dir: Path) -> TrainConfig:
+    """The config of the run in ``run_dir`` (untrusted JSON: refused when not valid)."""
+    path = run_dir / "train_config.json"
+    try:
+        return TrainConfig.from_json(path.read_text())
+    except (ValueError, TypeError, KeyError) as err:
+        raise io.InputError(f"{path}: {err}") from None
+
+
+def _new_config(ids: list[str], world: World, fold: tuple[int, int] | None,
+                val_cases: Sequence[str], val_fraction: float, init, recipe: dict
+                ) -> TrainConfig:
+    """The config of a new run on the cases ``ids`` (see ``run_from_folders``)."""
+    seed = recipe.get("seed", 0)
+    if fold is not None:
+        val = tdata.kfold(ids, fold[0], fold[1], seed)
+    else:
+        _, val = tdata.split_cases(ids, list(val_cases), val_fraction, seed)
+    init_sha = ""
+    if init is not None:
+        from tiramisu_brats.infer import file_sha256
+
+        if not Path(init).is_file():
+            raise io.InputError(f"{init}: weights to start from not found")
+        init_sha = file_sha256(Path(init))
+    recipe = {**recipe, "micro_batches": recipe.get("micro_batches") or world.size}
+    for name in ("patch", "planes"):
+        if name in recipe:
+            recipe[name] = tuple(recipe[name])
+    return TrainConfig(**recipe, val_cases=tuple(val),
+                       train_cases=tuple(i for i in ids if i not in val),
+                       init=str(init) if init is not None else "", init_sha256=init_sha)
