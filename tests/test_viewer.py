@@ -112,3 +112,24 @@ def test_the_report_opens_offline_with_every_case_and_picture(tmp_path):
     assert "could not be loaded" not in summary and "1 to review" in summary
     body = dom[dom.index("<tbody>"):]
     assert body.index(">c1<") < body.index(">c0<")  # to review first
+
+
+def test_the_view_command_says_its_address_and_stops_on_ctrl_c(tmp_path):
+    import signal
+    import sys
+
+    folder = write_case(make_case(2, shape=(48, 40, 24), case_id="c"), tmp_path)
+    files = io.find_case_files(folder)
+    proc = subprocess.Popen([sys.executable, "-m", "tiramisu_brats", "view", str(folder),
+                             str(files.seg)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        line = proc.stdout.readline()
+        url = re.search(r"http://127\.0\.0\.1:\d+/", line).group(0)
+        status, page = _get(url)
+        assert status == 200 and b"niivue.umd.js" in page
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "stopped" in out

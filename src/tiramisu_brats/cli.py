@@ -447,3 +447,31 @@ def train(
     out.print(f"run folder: {output} (log.csv, curves.png, model_best.safetensors)",
               highlight=False)
 
+
+
+@app.command()
+def view(
+    case: Annotated[Path, typer.Argument(help="A case folder (any layout segment reads).")],
+    labels: Annotated[Path, typer.Argument(help="Label map on the case's grid (.nii.gz).")],
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free one).")] = 0,
+    open_browser: Annotated[bool, typer.Option("--open/--no-open", help=(
+        "Open the page in the default browser."))] = False,
+) -> None:
+    """View a case and a label map in the browser (NiiVue: three planes and a 3D render, the
+    labels over any of the four images), served on 127.0.0.1 until Ctrl-C."""
+    from tiramisu_brats import viewer
+
+    with user_errors():
+        server = viewer.serve(io.find_case_files(case), labels, port)
+    out.print(f"viewing {case} with {labels} at {server.url} (Ctrl-C stops)", highlight=False,
+              soft_wrap=True)
+    if open_browser:
+        import webbrowser
+
+        webbrowser.open(server.url)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        out.print("stopped", highlight=False)
+    finally:
+        server.server_close()
