@@ -312,7 +312,12 @@ def test_segment_cohort_returns_results_and_failures_and_reports_progress(
     assert run.failures_csv == out / "failures.csv"
     assert _failures_csv(out / "failures.csv") == [["case", "reason"], ["c2", reason]]
     assert sorted(p.name for p in out.iterdir()) == [
-        "c0.json", "c0.nii.gz", "c1.json", "c1.nii.gz", "failures.csv"]
+        "c0.json", "c0.nii.gz", "c0_planes.png", "c1.json", "c1.nii.gz", "c1_planes.png",
+        "failures.csv", "index.html"]
+    page = (out / "index.html").read_text()
+    body = page[page.index("<tbody>"):]
+    assert body.index(">c2<") < body.index(">c0<")  # the failed case first, with its reason
+    assert "failed: " in page and '<img src="c0_planes.png"' in page
     for summary in run.results:
         written = json.loads((out / f"{summary['case']}.json").read_text())
         assert written["case"] == summary["case"] and written["timings_s"]
@@ -418,5 +423,7 @@ def test_segment_cohort_shards_and_refuses_bad_options_saying_what_is_wrong(
         with pytest.raises(ValueError) as err:
             api.segment_cohort(**kwargs, segmenter=small_segmenter)
         assert "--" not in str(err.value), (name, err.value)  # what is wrong, not which flag
-    assert sorted(p.name for p in out.iterdir()) == ["c1.json", "c1.nii.gz",
-                                                     "failures-shard-2-of-3.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["c1.json", "c1.nii.gz", "c1_planes.png",
+                                                     "failures-shard-2-of-3.csv",
+                                                     "index-shard-1-of-3.html",
+                                                     "index-shard-2-of-3.html"]

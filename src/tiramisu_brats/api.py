@@ -339,8 +339,12 @@ class Segmenter:
         overwrite: bool = False, save_raw: bool = False, uncertainty: bool = False,
         on_batch: Callable[[int], None] | None = None,
         read: Callable[[io.CaseFiles], io.Case | PreparedCase] | None = None,
+        picture: PathLike | None = None,
     ) -> dict:
         """Read, segment and write one case; returns the summary also written as JSON.
+
+        ``picture``: also write this PNG, the three planes through the tumor with the labels
+        over FLAIR and T1ce (``report.planes_png``), in the trained orientation.
 
         Writes ``output`` (a .nii.gz label map on the input's grid), ``<output stem>.json``
         (volumes in ml, model, timings; with several views the quality score ``qc``), with
@@ -427,6 +431,13 @@ class Segmenter:
             **({"qc": seg.qc} if seg.qc is not None else {}),
             "timings_s": timings,
         }
+        if picture is not None:
+            from tiramisu_brats.report import planes_png
+
+            view = network_grid(case.affine, case.shape, resample=False)  # flips only
+            image = to_network(case.image, view)
+            planes_png(image[3], image[1], to_network(labels, view), picture, case.case_id,
+                       view.oriented_spacing())
         io.atomic_write_text(sidecar, json.dumps(summary, indent=2), overwrite=True)
         return summary
 
@@ -530,6 +541,7 @@ def segment_cohort(
     crop, resample = (CROP, resample) if segmenter is None else (segmenter.crop,
                                                                   segmenter.resample)
     results: list[dict] = []
+    sources: dict[str, tuple[io.CaseFiles, Path]] = {}
     # The first case is read and preprocessed while the model and the libraries it needs load.
     with io.ReadAhead([files for _, files, _, _ in plan],
                       read=lambda f: _read_prepared(f, crop, resample)) as reader:
@@ -548,7 +560,10 @@ def segment_cohort(
                 results.append(segmenter.segment_case(
                     files, target, convention=convention, overwrite=replace, save_raw=save_raw,
                     uncertainty=uncertainty, read=reader.read,
-                    on_batch=lambda n, case_id=files.case_id: emit("slices", case_id, n)))
+                    on_batch=lambda n, case_id=files.case_id: emit("slices", case_id, n),
+                    picture=target.with_name(label_stem(target) + "_planes.png")
+                    if cohort else None))
+                sources[files.case_id] = (files, target)
             except Exception as err:  # in a folder of cases, any failure of one is reported
                 if not cohort:
                     raise
@@ -557,8 +572,32 @@ def segment_cohort(
                 emit("wrote", files.case_id, target)
     failures.sort()
     csv_path = _write_failures(output, failures, shard) if cohort else None
+    if cohort and (results or failures):
+        _cohort_index(output, results, failures, sources, shard)
     return CohortRun(results, [(name, reason) for _, name, reason in failures], cohort,
                      csv_path, segmenter)
+
+
+def _cohort_index(output: Path, results: list[dict], failures: list,
+                  sources: dict[str, tuple[io.CaseFiles, Path]],
+                  shard: tuple[int, int] | None) -> Path:
+    """``output/index.html`` (one per shard): a row per case (volumes, QC, the planes
+    picture, how to view it), cases to review first; failed cases too, with the reason."""
+    from tiramisu_brats.report import write_index_html
+
+    rows = []
+    for summary in results:
+        files, target = sources[summary["case"]]
+        volumes, qc = summary["volumes_ml"], summary.get("qc") or {}
+        rows.append({
+            "case": summary["case"], "review": qc.get("review"), "qc_score": qc.get("score"),
+            "qc_why": qc.get("why"), **{f"{r}_ml": volumes[f"{r}_ml"] for r in ("WT", "TC", "ET")},
+            "image": label_stem(target) + "_planes.png",
+            "command": f"tiramisu-brats view {files.images[0].parent} {target}"})
+    rows += [{"case": name, "review": True, "qc_why": f"failed: {reason}"}
+             for _, name, reason in failures]
+    name = "index.html" if shard is None else f"index-shard-{shard[0]}-of-{shard[1]}.html"
+    return write_index_html(output, rows, f"tiramisu-brats segment: {output.name}", name=name)
 
 
 def _cohort_jobs(
@@ -777,7 +816,30 @@ def evaluate(
             log.warning("%s: no overlay: %s", case_id, err)
     report.write_report(report_dir, rows, raw_rows=raw_rows or None,
                         extra_summary={"predictions": str(pred), "references": str(ref)})
+    report.write_index_html(report_dir, [_report_row(row, preds[row["case"]],
+                                                     refs[row["case"]], report_dir)
+                                         for row in rows],
+                            f"tiramisu-brats evaluate: {Path(pred).name} against "
+                            f"{Path(ref).name}")
     return rows
+
+
+def _report_row(row: dict, pred: LabelSource, ref: LabelSource, report_dir: Path) -> dict:
+    """A row of evaluate's index.html: the metrics, the prediction's QC (from the JSON
+    ``segment`` wrote beside it, if there), the overlay and how to view the case."""
+    out = {**row, **{f"{r}_ml": row[f"volume_pred_{r}_ml"] for r in ("WT", "TC", "ET")}}
+    summary = pred.path.with_name(label_stem(pred.path) + ".json")
+    try:
+        qc = json.loads(summary.read_text()).get("qc") or {}
+    except (OSError, ValueError, AttributeError):
+        qc = {}
+    out.update({"review": qc.get("review"), "qc_score": qc.get("score"), "qc_why": qc.get("why")})
+    overlay = f"overlay_{io.safe_case_id(row['case'])}.png"
+    if (report_dir / overlay).exists():
+        out["image"] = overlay
+    if ref.images is not None:
+        out["command"] = f"tiramisu-brats view {ref.images.images[0].parent} {pred.path}"
+    return out
 
 
 def _check_report_dir(report_dir: Path, overwrite: bool, inputs: list[Path]) -> None:

@@ -495,15 +495,16 @@ _HTML_COLUMNS = (("case", "case"), ("review", "review"), ("qc_score", "QC score"
 
 def write_index_html(
     folder: str | Path, rows: Sequence[Mapping[str, Any]], title: str, *,
-    overwrite: bool = True,
+    overwrite: bool = True, name: str = "index.html",
 ) -> Path:
-    """Write ``folder/index.html``: one table row per case, cases to review first, sortable by
-    any column (a click on its header), each row with the case's picture (``image``: a file
-    name in ``folder``) and an optional ``link`` (e.g. to a viewer). Needs no network: the
-    page holds its own script and style, the pictures lie beside it.
+    """Write ``folder/index.html`` (or ``name``): one table row per case, cases to review
+    first, sortable by any column (a click on its header), each row with the case's picture (``image``: a file
+    name in ``folder``) and an optional ``command`` (how to open it in the viewer). Needs no
+    network: the page holds its own script and style, the pictures lie beside it.
 
     Row keys used: ``case``; optional ``review`` (bool), ``qc_score``, ``qc_why``,
-    ``WT_ml``/``TC_ml``/``ET_ml``, ``dice_WT``/``dice_TC``/``dice_ET``, ``image``, ``link``.
+    ``WT_ml``/``TC_ml``/``ET_ml``, ``dice_WT``/``dice_TC``/``dice_ET``, ``image``,
+    ``command``.
     Columns that no row has are left out.
     """
     import html
@@ -538,9 +539,9 @@ def write_index_html(
             src = html.escape(str(row["image"]))
             extra.append(f'<a href="{src}"><img src="{src}" alt="{html.escape(str(row["case"]))}'
                          ' planes"></a>')
-        if row.get("link"):
-            extra.append(f'<a class="view" href="{html.escape(str(row["link"]))}">open in the '
-                         "viewer</a>")
+        if row.get("command"):
+            extra.append(f'<div class="why">view: <code>{html.escape(str(row["command"]))}'
+                         "</code></div>")
         body.append(f"<tr>{cells}<td>{''.join(extra)}</td></tr>")
     header = "".join(f'<th data-col="{i}">{html.escape(name)}</th>'
                      for i, (_, name) in enumerate(columns))
@@ -593,7 +594,7 @@ window.addEventListener("load", function () {{
 </script>
 </body></html>
 """
-    return atomic_write_text(folder / "index.html", page, overwrite=overwrite)
+    return atomic_write_text(folder / name, page, overwrite=overwrite)
 
 
 # --------------------------------------------------------------------------- report
