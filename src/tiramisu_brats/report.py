@@ -498,9 +498,10 @@ def write_index_html(
     overwrite: bool = True, name: str = "index.html",
 ) -> Path:
     """Write ``folder/index.html`` (or ``name``): one table row per case, cases to review
-    first, sortable by any column (a click on its header), each row with the case's picture (``image``: a file
-    name in ``folder``) and an optional ``command`` (how to open it in the viewer). Needs no
-    network: the page holds its own script and style, the pictures lie beside it.
+    first, sortable by any column (a click on its header), each row with the case's picture
+    (``image``: a file name in ``folder``) and an optional ``command`` (how to open it in the
+    viewer). Needs no network: the page holds its own script and style, the pictures lie
+    beside it.
 
     Row keys used: ``case``; optional ``review`` (bool), ``qc_score``, ``qc_why``,
     ``WT_ml``/``TC_ml``/``ET_ml``, ``dice_WT``/``dice_TC``/``dice_ET``, ``image``,
