@@ -20,14 +20,13 @@ Imports nothing of this package; nibabel only inside ``write_case``.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage as ndi
 
-from tiramisu_brats.io import MODALITIES
+from tiramisu_brats.io import MODALITIES, atomic_write
 
 """Modality order of ``SyntheticCase.image`` (the package's order everywhere)."""
 
@@ -711,14 +710,7 @@ def write_case(
         img.header.set_xyzt_units("mm", "sec")
         img.set_qform(case.affine, code=1)
         img.set_sform(case.affine, code=1)
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=".tmp.nii.gz")
-        os.close(fd)
-        try:
-            nib.save(img, tmp)
-            os.replace(tmp, out / name)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(out / name, lambda tmp: nib.save(img, tmp), overwrite=True)
 
     for m, name in enumerate(images):
         save(np.clip(np.rint(case.image[m]), -32768, 32767).astype(np.int16), name)
