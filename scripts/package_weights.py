@@ -2,7 +2,8 @@
 with the recipe, the training and held-out cases and the license in the header, and the ONNX
 export beside it (what the light install runs without PyTorch).
 
-Usage: python scripts/package_weights.py RUN_DIR OUT.safetensors --recipe "TEXT"
+Usage: python scripts/package_weights.py RUN_DIR OUT.safetensors --recipe "TEXT" \
+           --postprocess "TEXT"
 """
 
 import argparse
@@ -18,6 +19,7 @@ parser = argparse.ArgumentParser(description=__doc__)
 parser.add_argument("run", type=Path)
 parser.add_argument("out", type=Path)
 parser.add_argument("--recipe", required=True)
+parser.add_argument("--postprocess", required=True, help="the postprocessing decision, in words")
 args = parser.parse_args()
 
 config = json.loads((args.run / "train_config.json").read_text())
@@ -26,6 +28,6 @@ model = load_model(args.run / "model_last.safetensors")
 save_weights(model, args.out, half=True, metadata={
     "recipe": args.recipe, "train_config": json.dumps(config, sort_keys=True),
     "trained_on": ",".join(config["train_cases"]), "held_out": ",".join(config["val_cases"]),
-    "epoch": str(len(rows) - 1), "license": LICENSE})
+    "epoch": str(len(rows) - 1), "postprocess": args.postprocess, "license": LICENSE})
 export_onnx(args.out, args.out.with_suffix(".onnx"))
 print(f"wrote {args.out} and {args.out.with_suffix('.onnx')}")

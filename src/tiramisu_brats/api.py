@@ -128,7 +128,7 @@ def prepare_case(case: io.Case, crop: tuple[int, int] = CROP, resample: bool = T
 # averaged inside the predicted tumor, ranked the validation cases by Dice best of the
 # candidates tried (docs/model-card.md, "Quality score"); a case is flagged for review above
 # QC_SPREAD_REVIEW, the threshold chosen on the validation split.
-QC_SPREAD_REVIEW = 0.09
+QC_SPREAD_REVIEW = 0.048
 
 
 def quality(spread: np.ndarray, labels: np.ndarray) -> dict:
