@@ -6,6 +6,7 @@ Each case is resampled to ``--spacing`` (images linear, the expert's labels near
 in fast mode's single axial view (every slice), and scored against the expert on the same grid.
 
 Usage: python scripts/resampling.py --cases ID,... [--spacing 0.5,0.5,1 --spacing 1,1,3]
+       [--model W]
 """
 
 from __future__ import annotations
@@ -40,12 +41,13 @@ def main() -> None:
     parser.add_argument("--cases", required=True)
     parser.add_argument("--spacing", action="append", default=None)
     parser.add_argument("--data-root", type=Path, default=Path("../shared/data"))
+    parser.add_argument("--model", type=Path, default=None)
     args = parser.parse_args()
     spacings = [tuple(float(v) for v in s.split(",")) for s in (args.spacing or
                                                                ["0.5,0.5,1", "1,1,3"])]
     folders = {io.find_case_files(f).case_id: f for f in find_training_cases(
         [args.data_root / "brats-labeled", args.data_root / "brats-labeled-extra"])}
-    seg = api.Segmenter()
+    seg = api.Segmenter(args.model)
     print("| case | grid (mm) | WT/TC/ET at 1 mm | labels nearest | probabilities linear |")
     print("|---|---|---|---|---|")
     sums: dict = {}
