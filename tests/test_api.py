@@ -108,6 +108,7 @@ def _orientations():
             yield np.array([[perm[i], flips[i]] for i in range(3)], float)
 
 
+@pytest.mark.slow
 def test_any_of_the_48_orientations_gives_the_same_label_map(tmp_path, tiny_weights):
     import nibabel as nib
 

@@ -47,6 +47,7 @@ def test_segment_writes_a_label_map_on_the_input_grid_with_a_summary(small_cases
         assert stage in result.output
 
 
+@pytest.mark.slow
 def test_whole_slices_runs_the_network_on_whole_slices(small_cases, tiny_weights, tmp_path):
     from tiramisu_brats.api import Segmenter
 
@@ -86,6 +87,7 @@ def test_tumor_slices_by_default_when_postprocessing(small_cases, tiny_weights, 
     assert 0 < run_ <= brain <= 32 and (tumor_slices or run_ == brain)
 
 
+@pytest.mark.slow
 def test_console_command_exits_with_its_status_and_all_output(small_cases, tiny_weights,
                                                              tmp_path):
     """``python -m tiramisu_brats`` (as the installed command) exits at once after a command:
@@ -170,6 +172,7 @@ def test_segment_case_takes_a_case_prepared_ahead(small_cases, tiny_weights, tmp
     assert preprocess_s["other crop"] > 0
 
 
+@pytest.mark.slow
 def test_cohort_segment_and_evaluate_match_numpy_dice(small_cases, tiny_weights, tmp_path):
     preds = tmp_path / "preds"
     result = run("segment", small_cases, "-o", preds, "--model", tiny_weights, "--backend",
@@ -201,6 +204,7 @@ def test_cohort_segment_and_evaluate_match_numpy_dice(small_cases, tiny_weights,
     assert summary["n_cases"] == 3
 
 
+@pytest.mark.slow
 def test_demo_runs_the_whole_job(tiny_weights, tmp_path):
     result = run("demo", "-o", tmp_path / "demo", "--model", tiny_weights, "--backend", "torch",
                  "--no-progress")

@@ -535,7 +535,8 @@ def test_cohort_continues_past_failures_lists_them_and_resumes(
 
     result = segment(tiny_model, cohort, "-o", out)
     assert result.exit_code == 1, result.output
-    assert sorted(p.name for p in out.iterdir()) == ["A.json", "A.nii.gz", "failures.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["A.json", "A.nii.gz", "A_planes.png",
+                                                     "failures.csv", "index.html"]
     with open(out / "failures.csv", newline="") as f:
         rows = list(csv.reader(f))
     assert rows == [
@@ -823,7 +824,8 @@ def test_crafted_case_id_cannot_escape_the_output_folder(
         rows = list(csv.reader(f))
     assert rows == [["case", "reason"],
                     [folder.name, f"{evil_id!r}: case id is not usable as a file name"]]
-    assert sorted(p.name for p in out.iterdir()) == ["failures.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["failures.csv", "index.html"]
+    assert "case id is not usable as a file name" in (out / "index.html").read_text()
     assert sorted(str(p) for p in tmp_path.rglob("*") if "out" not in p.parts) == before
 
 
