@@ -286,12 +286,13 @@ class Backend:
 
 
 class TorchBackend(Backend):
-    """PyTorch eager; bf16 autocast on a CUDA device or with ``precision="bf16"``."""
+    """PyTorch eager; bf16 autocast with ``precision="bf16"``, the default on a CUDA device
+    (``precision=None``: bf16 on CUDA, fp32 on the CPU; an explicit fp32 is honoured)."""
 
     name = "torch"
 
     def __init__(self, weights: Path, device: str | None = None, threads: int | None = None,
-                 precision: str = "fp32") -> None:
+                 precision: str | None = None) -> None:
         import torch
 
         from tiramisu_brats.model import load_model
@@ -302,7 +303,7 @@ class TorchBackend(Backend):
         if device == "cpu":
             torch.set_num_threads(threads or cpu_count())
         self.device = device
-        self.precision = "bf16" if device != "cpu" else precision
+        self.precision = precision or ("bf16" if device != "cpu" else "fp32")
         self.model = load_model(weights, device=device)
         if device != "cpu":
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -432,6 +433,7 @@ def load_backend(name: str = DEFAULT_BACKEND, weights: Path | None = None, *,
     weights = Path(weights) if weights is not None else default_weights()
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
+    asked = precision
     precision = precision or DEFAULT_PRECISION[name]
     if precision not in SUPPORTED[name]:
         raise ValueError(f"precision {precision!r} is not available with the {name} backend "
@@ -439,7 +441,7 @@ def load_backend(name: str = DEFAULT_BACKEND, weights: Path | None = None, *,
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: model weights not found")
     if name == "torch":
-        return TorchBackend(weights, device=device, threads=threads, precision=precision)
+        return TorchBackend(weights, device=device, threads=threads, precision=asked)
     model = model_file(weights, "int8" if precision == "int8" else "fp32", name, calibration)
     cls = OpenVINOBackend if name == "openvino" else OnnxRuntimeBackend
     return cls(model, device=device, threads=threads, precision=precision)
