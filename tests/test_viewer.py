@@ -85,7 +85,7 @@ def test_the_viewer_draws_the_labels_in_a_real_browser(served, tmp_path):
     assert not re.search(r"Uncaught|ERROR:CONSOLE|error:", console), console
     shot = tmp_path / "shot.png"
     browser(server.url, f"--screenshot={shot}", "--window-size=1200,800")
-    pixels = imread(shot)[60:, :, :3]  # below the tool bar: the canvas
+    pixels = imread(shot)[80:, :, :3]  # below the tool bar and its legend: the canvas
     r, g, b = pixels[..., 0], pixels[..., 1], pixels[..., 2]
     edema = (g - np.maximum(r, b)) > 0.2  # the green of edema over grey
     enhancing = (r > 0.5) & (g > 0.5) & (b < r - 0.25)  # the yellow of enhancing tumor
