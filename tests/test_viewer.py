@@ -133,3 +133,36 @@ def test_the_view_command_says_its_address_and_stops_on_ctrl_c(tmp_path):
         out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert "stopped" in out
+
+
+def test_a_segmented_folder_is_served_with_its_report_and_a_viewer_per_case(tmp_path,
+                                                                            tiny_weights):
+    from tiramisu_brats import api
+
+    cohort = tmp_path / "cohort"
+    for seed in range(2):
+        write_case(make_case(seed, shape=(64, 64, 40), case_id=f"c{seed}"), cohort)
+    out = tmp_path / "out"
+    seg = api.Segmenter(tiny_weights, "torch", crop=(64, 64))
+    api.segment_cohort(cohort, out, segmenter=seg)
+    page = (out / "index.html").read_text()
+    assert 'href="view/c0/"' in page and 'href="view/c1/"' in page
+    server = viewer.serve_folder(out)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert _get(server.url)[1] == (out / "index.html").read_bytes()
+        assert _get(server.url + "c0_planes.png")[0] == 200
+        status, viewer_page = _get(server.url + "view/c1/")
+        assert status == 200 and b"c1 (c1.nii.gz)" in viewer_page
+        files = io.find_case_files(cohort / "c1")
+        assert _get(server.url + "view/c1/flair.nii.gz")[1] == files.images[3].read_bytes()
+        assert _get(server.url + "view/c1/labels.nii.gz")[1] == (out / "c1.nii.gz").read_bytes()
+        assert _get(server.url + "view/c1/niivue.umd.js")[0] == 200
+        assert _get(server.url + "c0.json")[0] == 404  # only the report's files
+        if CHROMIUM is not None:  # the link opens the case in NiiVue
+            dom, console = browser(server.url + "view/c1/", "--dump-dom")
+            assert 'data-ready="1"' in dom, console
+    finally:
+        server.shutdown()
+    with pytest.raises(io.InputError, match=r"no index\.html"):
+        viewer.serve_folder(cohort)

@@ -415,6 +415,7 @@ class Segmenter:
         summary = {
             "case": case.case_id,
             "label_map": output.name,
+            "inputs": [str(Path(p).resolve()) for p in files.images],
             "label_convention": convention,
             "labels": {"necrosis": 1, "edema": 2, "enhancing": 3 if convention == "brats2023"
                        else 4},
@@ -593,6 +594,7 @@ def _cohort_index(output: Path, results: list[dict], failures: list,
             "case": summary["case"], "review": qc.get("review"), "qc_score": qc.get("score"),
             "qc_why": qc.get("why"), **{f"{r}_ml": volumes[f"{r}_ml"] for r in ("WT", "TC", "ET")},
             "image": label_stem(target) + "_planes.png",
+            "link": f"view/{io.safe_case_id(summary['case'])}/",
             "command": f"tiramisu-brats view {files.images[0].parent} {target}"})
     rows += [{"case": name, "review": True, "qc_why": f"failed: {reason}"}
              for _, name, reason in failures]

@@ -451,20 +451,27 @@ def train(
 
 @app.command()
 def view(
-    case: Annotated[Path, typer.Argument(help="A case folder (any layout segment reads).")],
-    labels: Annotated[Path, typer.Argument(help="Label map on the case's grid (.nii.gz).")],
+    case: Annotated[Path, typer.Argument(help=(
+        "A case folder (any layout segment reads), or the output folder of segment on a "
+        "folder of cases (its index.html, each case a link)."))],
+    labels: Annotated[Path | None, typer.Argument(help=(
+        "Label map on the case's grid (.nii.gz); not with an output folder."))] = None,
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free one).")] = 0,
     open_browser: Annotated[bool, typer.Option("--open/--no-open", help=(
         "Open the page in the default browser."))] = False,
 ) -> None:
     """View a case and a label map in the browser (NiiVue: three planes and a 3D render, the
-    labels over any of the four images), served on 127.0.0.1 until Ctrl-C."""
+    labels over any of the four images), or a segmented folder's report with a viewer link per
+    case, served on 127.0.0.1 until Ctrl-C."""
     from tiramisu_brats import viewer
 
     with user_errors():
-        server = viewer.serve(io.find_case_files(case), labels, port)
-    out.print(f"viewing {case} with {labels} at {server.url} (Ctrl-C stops)", highlight=False,
-              soft_wrap=True)
+        if labels is None:
+            server = viewer.serve_folder(case, port)
+        else:
+            server = viewer.serve(io.find_case_files(case), labels, port)
+    what = case if labels is None else f"{case} with {labels}"
+    out.print(f"viewing {what} at {server.url} (Ctrl-C stops)", highlight=False, soft_wrap=True)
     if open_browser:
         import webbrowser
 

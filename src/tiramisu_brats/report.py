@@ -499,8 +499,9 @@ def write_index_html(
 ) -> Path:
     """Write ``folder/index.html`` (or ``name``): one table row per case, cases to review
     first, sortable by any column (a click on its header), each row with the case's picture
-    (``image``: a file name in ``folder``) and an optional ``command`` (how to open it in the
-    viewer). Needs no network: the page holds its own script and style, the pictures lie
+    (``image``: a file name in ``folder``), an optional ``link`` to the case in the viewer
+    (it works where ``viewer.serve_folder`` serves the folder) and ``command`` (how to open it
+    in the viewer). Needs no network: the page holds its own script and style, the pictures lie
     beside it.
 
     Row keys used: ``case``; optional ``review`` (bool), ``qc_score``, ``qc_why``,
@@ -540,6 +541,9 @@ def write_index_html(
             src = html.escape(str(row["image"]))
             extra.append(f'<a href="{src}"><img src="{src}" alt="{html.escape(str(row["case"]))}'
                          ' planes"></a>')
+        if row.get("link"):
+            extra.append(f'<a class="view" href="{html.escape(str(row["link"]))}">open in the '
+                         "viewer</a> (with <code>tiramisu-brats view</code> of this folder)")
         if row.get("command"):
             extra.append(f'<div class="why">view: <code>{html.escape(str(row["command"]))}'
                          "</code></div>")

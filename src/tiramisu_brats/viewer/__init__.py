@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
@@ -38,13 +39,13 @@ def page(title: str, images: dict[str, str], labels: str, first: str = "FLAIR") 
 
 
 class ViewServer(ThreadingHTTPServer):
-    """A local HTTP server for one case; ``url`` is the page's address."""
+    """A local HTTP server of fixed ``routes`` (URL path → page bytes or a file); ``url`` is
+    its address. NiiVue's file is served beside every page."""
 
     daemon_threads = True
 
-    def __init__(self, files: dict[str, Path], html: str, port: int = 0) -> None:
-        self.files = files
-        self.html = html.encode()
+    def __init__(self, routes: dict[str, bytes | Path], port: int = 0) -> None:
+        self.routes = routes
         super().__init__(("127.0.0.1", port), _Handler)
 
     @property
@@ -58,13 +59,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
-        if path in ("/", "/index.html"):
-            self._send(self.server.html, "text/html; charset=utf-8")
-        elif path == "/niivue.umd.js":
+        route = self.server.routes.get(path)
+        if path.endswith("/niivue.umd.js"):
             self._send(_asset("niivue.umd.js"), "text/javascript")
-        elif path.lstrip("/") in self.server.files:
-            self._send(self.server.files[path.lstrip("/")].read_bytes(),
-                       "application/octet-stream")
+        elif isinstance(route, bytes):
+            self._send(route, "text/html; charset=utf-8")
+        elif isinstance(route, Path):
+            kind = {".png": "image/png", ".html": "text/html; charset=utf-8"}.get(
+                route.suffix, "application/octet-stream")
+            self._send(route.read_bytes(), kind)
         else:
             self.send_error(404)
 
@@ -84,15 +87,51 @@ def _url_name(path: Path, stem: str) -> str:
     return stem + (".nii.gz" if path.name.lower().endswith(".gz") else ".nii")
 
 
+def _case_routes(prefix: str, case_id: str, images: Sequence[Path], labels: Path
+                 ) -> dict[str, bytes | Path]:
+    """The viewer page of one case at ``prefix`` ("/" or "/view/<case>/") and its files."""
+    routes: dict[str, bytes | Path] = {
+        prefix + _url_name(p, m): Path(p) for m, p in zip(io.MODALITIES, images, strict=True)}
+    routes[prefix + _url_name(labels, "labels")] = labels
+    names = {_NAMES[m]: _url_name(p, m) for m, p in zip(io.MODALITIES, images, strict=True)}
+    routes[prefix] = page(f"{case_id} ({labels.name})", names,
+                          _url_name(labels, "labels")).encode()
+    return routes
+
+
 def serve(case: io.CaseFiles, labels: str | os.PathLike[str], port: int = 0) -> ViewServer:
     """A ``ViewServer`` for ``case``'s four images and the label map ``labels`` (on the same
     grid); ``port`` 0 picks a free one. Call ``serve_forever`` (and ``shutdown`` to stop)."""
     labels = Path(labels)
     if not labels.is_file():
         raise io.InputError(f"{labels}: no such label map")
-    files = {_url_name(p, m): Path(p) for m, p in zip(io.MODALITIES, case.images, strict=True)}
-    files[_url_name(labels, "labels")] = labels
-    images = {_NAMES[m]: _url_name(p, m) for m, p in zip(io.MODALITIES, case.images,
-                                                         strict=True)}
-    html = page(f"{case.case_id} ({labels.name})", images, _url_name(labels, "labels"))
-    return ViewServer(files, html, port)
+    routes = _case_routes("/", case.case_id, case.images, labels)
+    routes["/index.html"] = routes["/"]
+    return ViewServer(routes, port)
+
+
+def serve_folder(folder: str | os.PathLike[str], port: int = 0) -> ViewServer:
+    """A ``ViewServer`` for the output folder of ``segment`` on a folder of cases: its
+    ``index.html`` and pictures at ``/``, and each case in the viewer at ``/view/<case>/``
+    (the report's links), from the JSON ``segment`` wrote beside each label map."""
+    folder = Path(folder)
+    index = folder / "index.html"
+    if not index.is_file():
+        raise io.InputError(f"{folder}: no index.html (the output of segment on a folder of "
+                            "cases)")
+    routes: dict[str, bytes | Path] = {"/": index}
+    for path in sorted(folder.iterdir()):
+        if path.suffix in (".png", ".html") and not path.name.startswith("."):
+            routes["/" + path.name] = path
+        if path.suffix != ".json":
+            continue
+        try:
+            summary = json.loads(path.read_text())
+            images = [Path(p) for p in summary["inputs"]]
+            labels = folder / summary["label_map"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not a case's summary (or one from before inputs were recorded)
+        if labels.is_file() and all(p.is_file() for p in images) and len(images) == 4:
+            case_id = io.safe_case_id(summary["case"])
+            routes.update(_case_routes(f"/view/{case_id}/", summary["case"], images, labels))
+    return ViewServer(routes, port)
