@@ -428,3 +428,24 @@ def test_segment_cohort_shards_and_refuses_bad_options_saying_what_is_wrong(
                                                      "failures-shard-2-of-3.csv",
                                                      "index-shard-1-of-3.html",
                                                      "index-shard-2-of-3.html"]
+
+
+def test_segment_with_an_affine_gives_what_segment_case_writes(tmp_path, tiny_weights):
+    import nibabel as nib
+
+    syn = make_case(5, shape=(64, 64, 40))
+    # Stored as RAS at 1 x 1 x 2 mm: reoriented and resampled for the network.
+    affine = syn.affine @ np.diag([1.0, 1.0, 2.0, 1.0])
+    ras = nib.orientations.ornt_transform(nib.orientations.io_orientation(affine),
+                                          nib.orientations.axcodes2ornt("RAS"))
+    folder = _store(tmp_path / "c", syn.image, syn.labels, affine, ras, "c")
+    files = io.find_case_files(folder)
+    case = io.read_case(files)
+    for mode in api.MODES:
+        seg = api.Segmenter(tiny_weights, "torch", crop=(64, 64), mode=mode)
+        summary = seg.segment_case(files, tmp_path / f"{mode}.nii.gz")
+        assert summary["grid"]["resampled_to_1mm"] and summary["grid"]["axes"] == "RAS"
+        direct = seg.segment(case.image, affine=case.affine)
+        np.testing.assert_array_equal(direct.labels,
+                                      io.read_label_map(tmp_path / f"{mode}.nii.gz")[0])
+        assert direct.qc == summary.get("qc")

@@ -37,6 +37,7 @@ from tiramisu_brats.preprocess import (
     MARGIN,
     OBLIQUE_WARNING_DEG,
     PLANES,
+    SPACING_TOLERANCE,
     Geometry,
     Grid,
     brain_windows,
@@ -178,7 +179,7 @@ def grid_info(grid: Grid, case_id: str = "") -> dict:
         log.info("%s: image axes %.1f degrees off the scanner axes", case_id, grid.oblique_deg)
     if grid.resampled:
         log.info("%s: voxels of %s mm resampled to 1 mm for the network", case_id, spacing)
-    elif not np.allclose(grid.spacing, 1.0, atol=0.05):
+    elif not np.allclose(grid.spacing, 1.0, atol=SPACING_TOLERANCE):
         log.warning("%s: voxels of %s mm segmented as they are (not resampled); the model was "
                     "trained on 1 mm images", case_id, spacing)
     return {"axes": "".join(grid.axes), "oblique_deg": grid.oblique_deg,
@@ -245,9 +246,7 @@ class Segmenter:
             raise ValueError(f"expected an image (4, X, Y, Z), got shape {image.shape}")
         if affine is not None:
             grid = network_grid(affine, image.shape[1:], self.resample)
-            seg = self.segment(to_network(image, grid), on_batch, all_slices=all_slices)
-            return Segmentation(to_input(seg.labels, grid), to_input(seg.raw, grid),
-                                seg.timings, seg.slices)
+            return self._segment_grid(to_network(image, grid), grid, on_batch, all_slices)
         if self.mode != "fast":
             return self._segment_views(image, on_batch)
         t0 = time.perf_counter()
@@ -316,6 +315,30 @@ class Segmenter:
                                                    "run": stats["brain"]},
                             uncertainty=spread if several else None,
                             qc=quality(spread, labels) if several else None)
+
+    def _segment_grid(
+        self, image: np.ndarray, grid: Grid, on_batch: Callable[[int], None] | None,
+        all_slices: bool, prepared: tuple[np.ndarray, Geometry] | None = None,
+        preprocess_s: float = 0.0,
+    ) -> Segmentation:
+        """Segment ``image`` on the network's ``grid``; everything returned is on the input
+        grid. ``prepared``: ``image``'s axial slices and geometry, if made already (in
+        ``preprocess_s`` seconds). A resampled grid gets the probabilities brought back
+        before the argmax (``_segment_views``), in either mode."""
+        if self.mode == "fast" and not grid.resampled:
+            if prepared is None:
+                t0 = time.perf_counter()
+                prepared = preprocess(image, self.crop)
+                preprocess_s += time.perf_counter() - t0
+            seg = self._segment(*prepared, on_batch, all_slices, preprocess_s)
+        else:
+            seg = self._segment_views(image, on_batch, back=grid if grid.resampled else None)
+            seg.timings["preprocess"] += preprocess_s
+        if grid.resampled:  # already on the input grid
+            return seg
+        spread = None if seg.uncertainty is None else to_input(seg.uncertainty, grid)
+        return Segmentation(to_input(seg.labels, grid), to_input(seg.raw, grid), seg.timings,
+                            seg.slices, uncertainty=spread, qc=seg.qc)
 
     def _segment(
         self, slices: np.ndarray, geometry: Geometry, on_batch: Callable[[int], None] | None,
@@ -389,17 +412,9 @@ class Segmenter:
                                 self.crop, self.resample)
             prepared_s = time.perf_counter() - t1
         grid = case.grid
-        if self.mode == "fast" and not grid.resampled:
-            seg = self._segment(case.slices, case.geometry, on_batch, save_raw, prepared_s)
-        else:  # probabilities, brought back to a resampled input grid before the argmax
-            seg = self._segment_views(case.image, on_batch, back=grid if grid.resampled else None)
-            seg.timings["preprocess"] += prepared_s
-        case = case.case
-        if grid.resampled:  # already on the input grid
-            labels, raw, spread = seg.labels, seg.raw, seg.uncertainty
-        else:
-            labels, raw = to_input(seg.labels, grid), to_input(seg.raw, grid)
-            spread = None if seg.uncertainty is None else to_input(seg.uncertainty, grid)
+        seg = self._segment_grid(case.image, grid, on_batch, save_raw,
+                                 (case.slices, case.geometry), prepared_s)
+        case, labels, raw, spread = case.case, seg.labels, seg.raw, seg.uncertainty
         t2 = time.perf_counter()
         io.write_label_map(output, labels, case.header, case.affine, convention=convention,
                            overwrite=overwrite)

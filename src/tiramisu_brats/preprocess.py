@@ -171,18 +171,21 @@ def to_network(volume: np.ndarray, grid: Grid) -> np.ndarray:
         raise ValueError(f"volume shape {volume.shape[-3:]} does not match the grid's "
                          f"{grid.shape}")
     oriented = _apply(volume, grid.transform)
-    if not grid.resampled:
-        return oriented
+    return _zoom(oriented, grid.network_shape) if grid.resampled else oriented
+
+
+def _zoom(volume: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """``volume`` ``(..., X, Y, Z)`` linearly resampled to ``(..., *shape)`` float32, channel
+    by channel, the corner voxels of both grids on each other."""
     from scipy import ndimage
 
-    lead = oriented.shape[:-3]
     # zoom gives round(n * m / n) = m voxels, with its corner voxels on the input's corners
-    factors = [m / n for n, m in zip(oriented.shape[-3:], grid.network_shape, strict=True)]
-    flat = oriented.reshape(-1, *oriented.shape[-3:])
-    out = np.empty((len(flat), *grid.network_shape), np.float32)
+    factors = [m / n for n, m in zip(volume.shape[-3:], shape, strict=True)]
+    flat = volume.reshape(-1, *volume.shape[-3:])
+    out = np.empty((len(flat), *shape), np.float32)
     for i, channel in enumerate(flat):
         out[i] = ndimage.zoom(channel.astype(np.float32), factors, order=1, grid_mode=False)
-    return out.reshape(*lead, *grid.network_shape)
+    return out.reshape(*volume.shape[:-3], *shape)
 
 
 def to_input(labels: np.ndarray, grid: Grid, linear: bool = False) -> np.ndarray:
@@ -194,15 +197,7 @@ def to_input(labels: np.ndarray, grid: Grid, linear: bool = False) -> np.ndarray
         raise ValueError(f"map shape {labels.shape[-3:]} does not match the network grid's "
                          f"{grid.network_shape}")
     if grid.resampled and linear:
-        from scipy import ndimage
-
-        oriented = grid._oriented_shape()
-        factors = [n / m for n, m in zip(oriented, grid.network_shape, strict=True)]
-        flat = labels.reshape(-1, *labels.shape[-3:])
-        out = np.empty((len(flat), *oriented), np.float32)
-        for i, channel in enumerate(flat):
-            out[i] = ndimage.zoom(channel.astype(np.float32), factors, order=1, grid_mode=False)
-        labels = out.reshape(*labels.shape[:-3], *oriented)
+        labels = _zoom(labels, grid._oriented_shape())
     elif grid.resampled:
         oriented = grid._oriented_shape()
         index = [np.clip(np.rint(np.arange(n) * ((m - 1) / (n - 1) if n > 1 else 0)), 0, m - 1)
