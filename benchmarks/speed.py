@@ -75,12 +75,8 @@ INTRO = ("Seconds per patient on the CPU for each inference backend and precisio
 
 def cpu_name() -> str:
     """The CPU's model and which of the instruction sets in ``ISA`` it has."""
-    name, flags = platform.processor() or "unknown CPU", set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            name = line.split(":", 1)[1].strip()
-        elif line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
+    name, flags = infer.cpu_info()
+    name = name or platform.processor() or "unknown CPU"
     has = [f for f in ISA if f in flags]
     return f"{name} with {', '.join(has) or 'none'} (of {', '.join(ISA)})"
 

@@ -54,16 +54,11 @@ def child(bf16: bool, keep: bool, steps: int, batch: int, patch: int) -> None:
 
 
 def cpu_line() -> str:
-    text = open("/proc/cpuinfo").read()
-    model = next(line.split(":", 1)[1].strip() for line in text.splitlines()
-                 if line.startswith("model name"))
-    flags = set(next(line.split(":", 1)[1].split() for line in text.splitlines()
-                     if line.startswith("flags")))
-    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
-    import os
+    from speed import cpu_name  # benchmarks/speed.py, beside this file
 
-    return (f"{model}, {len(os.sched_getaffinity(0))} cores; "
-            + ", ".join(f for f in wanted if f in flags) + " (of " + ", ".join(wanted) + ")")
+    from tiramisu_brats.infer import cpu_count
+
+    return f"{cpu_name()}, {cpu_count()} cores"
 
 
 def main() -> None:

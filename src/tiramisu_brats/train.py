@@ -140,15 +140,10 @@ class TrainConfig:
 
 
 def cpu_computes_bf16() -> bool:
-    """Whether this CPU has bf16 arithmetic (AVX512-BF16 or AMX), read from /proc/cpuinfo
-    (False where there is none to read)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
-                  if line.startswith("flags")), [])
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    """Whether this CPU has bf16 arithmetic (AVX512-BF16 or AMX; ``infer.cpu_info``)."""
+    from tiramisu_brats.infer import cpu_info
+
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_info()[1])
 
 
 def keep_freed_memory() -> None:
