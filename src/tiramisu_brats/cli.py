@@ -448,7 +448,6 @@ def train(
               highlight=False)
 
 
-
 @app.command()
 def view(
     case: Annotated[Path, typer.Argument(help=(

@@ -143,14 +143,13 @@ def find_training_cases(data_dirs: Path | Sequence[Path]) -> list[Path]:
     """The case folders below one or several data folders; a case id found twice is an
     error (the same case would fall on both sides of a split)."""
     dirs = [Path(data_dirs)] if isinstance(data_dirs, (str, Path)) else [Path(d) for d in data_dirs]
-    folders = [f for d in dirs for f in io.find_cases(d)]
     seen: dict[str, Path] = {}
-    for f in folders:
+    for f in (f for d in dirs for f in io.find_cases(d)):
         case_id = io.find_case_files(f).case_id
         if case_id in seen:
             raise io.InputError(f"case {case_id} is in both {seen[case_id]} and {f}")
         seen[case_id] = f
-    return sorted(folders, key=lambda f: io.find_case_files(f).case_id)
+    return [seen[case_id] for case_id in sorted(seen)]
 
 
 def select(cases: Sequence[CachedCase], case_ids: Sequence[str],

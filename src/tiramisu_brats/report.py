@@ -513,9 +513,8 @@ def write_index_html(
 
     folder = Path(folder)
     columns = [(k, name) for k, name in _HTML_COLUMNS if any(k in r for r in rows)]
-    ordered = sorted(rows, key=lambda r: (not r.get("review", False),
-                                          r.get("qc_score", 1.0) if r.get("qc_score")
-                                          is not None else 1.0, str(r["case"])))
+    ordered = sorted(rows, key=lambda r: (not r.get("review"), 1.0 if r.get("qc_score") is None
+                                          else r["qc_score"], str(r["case"])))
 
     def cell(row: Mapping[str, Any], key: str) -> str:
         value = row.get(key)
