@@ -35,6 +35,7 @@ COMBOS = {
 }
 MIN_ET = (0, 100, 250, 500)
 KEEP = (0.5, 1.0)  # postprocess keeps components of this share of the largest (default 0.1)
+REGION_T = (0.2, 0.25, 0.3, 0.35, 0.4, 0.5)  # on the region probabilities
 
 
 def dice3(labels: np.ndarray, ref: np.ndarray) -> dict[str, float]:
@@ -50,12 +51,25 @@ def relabel_small_et(labels: np.ndarray, n: int) -> np.ndarray:
     return labels
 
 
+def region_labels(probs: np.ndarray, t: float) -> np.ndarray:
+    """Labels from region probabilities (WT = 1 - p0, TC = p1 + p4, ET = p4), nested as the
+    regions are: 4 where P(ET) > t, else 1 where P(TC) > t, else 2 where P(WT) > t."""
+    labels = np.zeros(probs.shape[1:], np.uint8)
+    labels[1 - probs[0] > t] = 2
+    labels[probs[1] + probs[3] > t] = 1
+    labels[probs[3] > t] = 4
+    return labels
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--cases", required=True)
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--data-root", type=Path, default=Path("../shared/data"))
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--qc-threshold", type=float, default=None,
+                        help="score the QC candidates inside the tumor of region_labels(T) "
+                             "(default: of the argmax)")
     args = parser.parse_args()
     wanted = [c.strip() for c in args.cases.split(",")]
     folders = {io.find_case_files(f).case_id: f for f in find_training_cases(
@@ -78,9 +92,12 @@ def main() -> None:
                          **{f"post_min_et_{n}": dice3(relabel_small_et(post, n), ref)
                             for n in MIN_ET if n},
                          **{f"post_keep_{k}": dice3(postprocess(raw, keep_fraction=k), ref)
-                            for k in KEEP}}
+                            for k in KEEP},
+                         **{f"post_regions_{t}": dice3(postprocess(region_labels(fused, t)), ref)
+                            for t in REGION_T}}
             wt = np.stack([1 - probs[v][0] for v in views])  # whole-tumor probability per view
-            inside = post > 0
+            inside = (post if args.qc_threshold is None else
+                      postprocess(region_labels(fused, args.qc_threshold))) > 0
             row[name]["wt_ml"] = float(inside.sum() / 1000)
             row[name]["ref_wt_ml"] = float((ref > 0).sum() / 1000)
             if len(views) > 1 and inside.any():
@@ -92,6 +109,8 @@ def main() -> None:
                     metrics.Confusion.from_masks(w > 0.5, inside).dice for w in wt]))
             p = fused[1:].sum(0)[inside] if inside.any() else np.ones(1)
             row[name]["qc_mean_wt_prob"] = float(p.mean())
+            ent = -(fused * np.log(np.clip(fused, 1e-6, 1))).sum(0)
+            row[name]["qc_entropy"] = float(ent[inside].mean()) if inside.any() else 0.0
         rows.append(row)
         print(f"{case_id}: {seconds:.1f} s for {len(VIEWS)} views; "
               + "; ".join(f"{n}: WT {row[n]['post']['WT']:.3f} TC {row[n]['post']['TC']:.3f} "
@@ -103,7 +122,7 @@ def main() -> None:
     print("|---|---|---:|---:|---:|---:|")
     for name in COMBOS:
         for stage in ("raw", "post", *(f"post_min_et_{n}" for n in MIN_ET if n),
-                      *(f"post_keep_{k}" for k in KEEP)):
+                      *(f"post_keep_{k}" for k in KEEP), *(f"post_regions_{t}" for t in REGION_T)):
             m = {r: float(np.mean([row[name][stage][r] for row in rows]))
                  for r in ("WT", "TC", "ET")}
             print(f"| {name} | {stage} | {m['WT']:.3f} | {m['TC']:.3f} | {m['ET']:.3f} | "
@@ -122,11 +141,11 @@ def main() -> None:
         dwt = [row[name]["post"]["WT"] for row in rows]
         dmean = [np.mean(list(row[name]["post"].values())) for row in rows]
         for key in ("qc_spread", "qc_spread_union", "qc_volume_agreement", "qc_view_dice",
-                    "qc_mean_wt_prob"):
+                    "qc_mean_wt_prob", "qc_entropy"):
             vals = [row[name].get(key) for row in rows]
             if None in vals:
                 continue
-            sign = -1 if key.startswith("qc_spread") else 1  # a large spread: likely wrong
+            sign = -1 if key.startswith(("qc_spread", "qc_entropy")) else 1  # large: likely wrong
             print(f"  {name} {key}: {spearmanr(np.multiply(sign, vals), dwt)[0]:.2f} / "
                   f"{spearmanr(np.multiply(sign, vals), dmean)[0]:.2f}")
 
