@@ -313,7 +313,7 @@ def main() -> int:
     try:
         cohort_ids = build_cohort(args.data, work / "cohort", args.cases)
         sys.path.insert(0, str(REPO / "src"))
-        from tiramisu_brats.infer import default_weights
+        from tiramisu_brats.export import default_weights
 
         model = args.model
         if args.tiny_model:

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tiramisu_brats import infer, io, metrics
+from tiramisu_brats import export, infer, io, metrics
 from tiramisu_brats.api import label_stem
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -384,7 +384,7 @@ def main() -> None:
     args.load_before = load_average()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        weights = args.model or infer.default_weights()
+        weights = args.model or export.default_weights()
         if args.model is None and not weights.is_file():
             import torch
 
@@ -395,7 +395,7 @@ def main() -> None:
             note = ("**random-init weights** (the shipped model was not found): speeds hold, "
                     "Dice columns mean nothing")
         else:
-            note = f"weights {weights.name} (sha256 {infer.file_sha256(weights)[:12]})"
+            note = f"weights {weights.name} (sha256 {export.file_sha256(weights)[:12]})"
         if not args.no_speed:
             rows = measure(args, weights, tmp)
             write_doc("Speed", speed_markdown(rows, args, note))

@@ -27,7 +27,7 @@ def child(bf16: bool, keep: bool, steps: int, batch: int, patch: int) -> None:
     import torch
     import torch.nn.functional as F
 
-    from tiramisu_brats.infer import default_weights
+    from tiramisu_brats.export import default_weights
     from tiramisu_brats.model import load_model
     from tiramisu_brats.train import keep_freed_memory
 

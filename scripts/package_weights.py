@@ -10,7 +10,8 @@ import argparse
 import json
 from pathlib import Path
 
-from tiramisu_brats.infer import export_onnx
+from tiramisu_brats import io
+from tiramisu_brats.export import export_onnx
 from tiramisu_brats.model import load_model, save_weights
 
 LICENSE = "Apache-2.0; trained on BraTS data: research use only, cite the BraTS papers"
@@ -25,9 +26,10 @@ args = parser.parse_args()
 config = json.loads((args.run / "train_config.json").read_text())
 rows = (args.run / "log.csv").read_text().strip().splitlines()
 model = load_model(args.run / "model_last.safetensors")
-save_weights(model, args.out, half=True, metadata={
-    "recipe": args.recipe, "train_config": json.dumps(config, sort_keys=True),
-    "trained_on": ",".join(config["train_cases"]), "held_out": ",".join(config["val_cases"]),
-    "epoch": str(len(rows) - 1), "postprocess": args.postprocess, "license": LICENSE})
+meta = {"recipe": args.recipe, "train_config": json.dumps(config, sort_keys=True),
+        "trained_on": ",".join(config["train_cases"]), "held_out": ",".join(config["val_cases"]),
+        "epoch": str(len(rows) - 1), "postprocess": args.postprocess, "license": LICENSE}
+io.atomic_write(args.out, lambda tmp: save_weights(model, tmp, half=True, metadata=meta),
+                overwrite=True)
 export_onnx(args.out, args.out.with_suffix(".onnx"))
 print(f"wrote {args.out} and {args.out.with_suffix('.onnx')}")

@@ -19,6 +19,46 @@ def real_data() -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def random_weights():
+    """``random_weights(folder, seed=0)`` writes tiny random weights to
+    ``folder/tiny.safetensors``, BatchNorm statistics away from 0/1 so that they matter."""
+    import torch
+
+    from tiramisu_brats.model import Tiramisu, TiramisuConfig, save_weights
+
+    config = TiramisuConfig(first_conv=8, down_blocks=(2, 2), bottleneck=2, up_blocks=(2, 2),
+                            growth_rate=4)
+
+    def write(folder: Path, seed: int = 0) -> Path:
+        torch.manual_seed(seed)
+        model = Tiramisu(config)
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.running_mean.uniform_(-0.2, 0.2)
+                    m.running_var.uniform_(0.5, 1.5)
+        return save_weights(model, folder / "tiny.safetensors")
+
+    return write
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, random_weights) -> Path:
+    """Tiny random weights with their ONNX export beside them (exported once per module)."""
+    from tiramisu_brats.export import export_onnx
+
+    weights = random_weights(tmp_path_factory.mktemp("tiny"))
+    export_onnx(weights, weights.with_suffix(".onnx"))
+    return weights
+
+
+@pytest.fixture()
+def user_cache(tmp_path_factory, monkeypatch):
+    """Keep made files out of ~/.cache: the user cache dir lies in a temporary folder."""
+    monkeypatch.delenv("TIRAMISU_BRATS_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg")))
+
 
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory):

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from tiramisu_brats import io
 from tiramisu_brats.cli import app
-from tiramisu_brats.infer import default_weights
+from tiramisu_brats.export import default_weights
 
 runner = CliRunner()
 

@@ -1,4 +1,4 @@
-"""Backends: parity with PyTorch, the export cache, imports, int8."""
+"""Backends: parity with PyTorch, windows and tumor slices, imports, int8."""
 
 from __future__ import annotations
 
@@ -14,41 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-from tiramisu_brats import infer, io
-from tiramisu_brats.model import REFERENCE, Tiramisu, TiramisuConfig, load_model, save_weights
+from tiramisu_brats import export, infer, io
+from tiramisu_brats.model import REFERENCE, Tiramisu, load_model, save_weights
 from tiramisu_brats.preprocess import brain_windows, preprocess
 from tiramisu_brats.synthetic import make_case
 
-TINY = TiramisuConfig(first_conv=8, down_blocks=(2, 2), bottleneck=2, up_blocks=(2, 2),
-                      growth_rate=4)
 ONNX_BACKENDS = ("openvino", "onnxruntime")
 REAL_CASE = "brats-labeled/BraTS2021_00006"
-
-
-@pytest.fixture(autouse=True)
-def _user_cache(tmp_path_factory, monkeypatch):
-    """Keep made files out of ~/.cache: the user cache dir lies in a temporary folder."""
-    monkeypatch.delenv("TIRAMISU_BRATS_CACHE", raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg")))
-
-
-def _weights(folder: Path, config: TiramisuConfig = TINY, seed: int = 0) -> Path:
-    torch.manual_seed(seed)
-    model = Tiramisu(config)
-    with torch.no_grad():  # BN statistics away from 0/1, so that they matter
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-    return save_weights(model, folder / "tiny.safetensors")
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    """Tiny random weights with their ONNX export beside them (exported once per module)."""
-    weights = _weights(tmp_path_factory.mktemp("tiny"))
-    infer.export_onnx(weights, weights.with_suffix(".onnx"))
-    return weights
+pytestmark = pytest.mark.usefixtures("user_cache")
 
 
 @pytest.fixture(scope="module")
@@ -176,76 +149,6 @@ def test_bf16_close_to_fp32(tiny):
     np.testing.assert_allclose(logits, _torch_logits(tiny, x), atol=0.05, rtol=0)
 
 
-def test_export_is_cached_beside_the_weights(tmp_path, monkeypatch):
-    weights = _weights(tmp_path)
-    path = infer.model_file(weights)
-    assert path == tmp_path / "tiny.onnx"
-    assert infer.recorded(path) == {"weights_sha256": infer.file_sha256(weights)}
-    mtime = path.stat().st_mtime_ns
-
-    def no_export(*args):
-        raise AssertionError("exported again")
-
-    monkeypatch.setattr(infer, "export_onnx", no_export)
-    for name in ONNX_BACKENDS:
-        infer.load_backend(name, weights)
-    assert path.stat().st_mtime_ns == mtime
-
-
-def test_stale_export_is_replaced(tmp_path, tiny):
-    weights = shutil.copy(tiny, tmp_path / "tiny.safetensors")
-    shutil.copy(tiny.with_suffix(".onnx"), tmp_path / "tiny.onnx")
-    shutil.copy(infer.sidecar(tiny.with_suffix(".onnx")), infer.sidecar(tmp_path / "tiny.onnx"))
-    assert infer.model_file(weights) == tmp_path / "tiny.onnx"  # same weights: reused
-    _weights(tmp_path, seed=1)  # retrained: the export beside is stale
-    path = infer.model_file(weights)
-    assert infer.recorded(path) == {"weights_sha256": infer.file_sha256(weights)}
-
-
-def test_cache_dir_when_weights_folder_is_not_writable(tmp_path, tiny, monkeypatch):
-    monkeypatch.setattr(infer, "_writable", lambda folder: False)
-    path = infer.model_file(tiny)  # the export beside is found first
-    assert path == tiny.with_suffix(".onnx")
-    weights = _weights(tmp_path, seed=2)
-    path = infer.model_file(weights)
-    assert path.parent == infer.cache_dir() and path.name.startswith("tiny-")
-    assert not (tmp_path / "tiny.onnx").exists()
-
-
-def test_cache_dir_env(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert infer.cache_dir() == tmp_path / "xdg" / "tiramisu-brats"
-    monkeypatch.setenv("TIRAMISU_BRATS_CACHE", str(tmp_path / "mine"))
-    assert infer.cache_dir() == tmp_path / "mine"
-
-
-def test_export_has_dynamic_shapes_and_a_record_of_its_weights(tiny):
-    onnx = pytest.importorskip("onnx")
-    model = onnx.load(str(tiny.with_suffix(".onnx")))
-    dims = [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
-    assert dims == ["n", 4, "h", "w"]
-    assert infer.recorded(tiny.with_suffix(".onnx")) == {
-        "weights_sha256": infer.file_sha256(tiny)}
-
-
-def test_a_model_file_without_its_record_is_made_again(tmp_path, tiny):
-    weights = shutil.copy(tiny, tmp_path / "tiny.safetensors")
-    shutil.copy(tiny.with_suffix(".onnx"), tmp_path / "tiny.onnx")  # no sidecar: unknown
-    before = (tmp_path / "tiny.onnx").stat().st_mtime_ns
-    assert infer.model_file(weights) == tmp_path / "tiny.onnx"
-    assert (tmp_path / "tiny.onnx").stat().st_mtime_ns != before
-    assert infer.recorded(tmp_path / "tiny.onnx")["weights_sha256"] == infer.file_sha256(tiny)
-    infer.sidecar(tmp_path / "tiny.onnx").write_text("not json")
-    assert infer.model_file(weights) == tmp_path / "tiny.onnx"  # unreadable record: made again
-    assert infer.recorded(tmp_path / "tiny.onnx")["weights_sha256"] == infer.file_sha256(tiny)
-
-
-def test_the_shipped_export_belongs_to_the_shipped_weights():
-    weights = infer.default_weights()
-    assert infer.recorded(weights.with_suffix(".onnx")) == {
-        "weights_sha256": infer.file_sha256(weights)}
-
-
 def _python(code: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**os.environ, **env}, timeout=300)
@@ -275,8 +178,8 @@ def test_shipped_export_runs_without_torch(tiny, name):
     assert result.stdout.strip() == "(1, 4, 32, 32)"
 
 
-def test_no_export_and_no_torch_is_a_clear_error(tmp_path):
-    weights = _weights(tmp_path)
+def test_no_export_and_no_torch_is_a_clear_error(tmp_path, random_weights):
+    weights = random_weights(tmp_path)
     result = _python(BLOCK_TORCH + "from tiramisu_brats import infer\n"
                      f"infer.load_backend('openvino', {str(weights)!r})")
     assert result.returncode != 0
@@ -317,18 +220,20 @@ needs_nncf = pytest.mark.skipif(importlib.util.find_spec("nncf") is None,
 def test_int8_agrees_with_fp32(tmp_path, tiny, name, synthetic_slices, monkeypatch):
     weights = shutil.copy(tiny, tmp_path / "tiny.safetensors")
     shutil.copy(tiny.with_suffix(".onnx"), tmp_path / "tiny.onnx")
-    shutil.copy(infer.sidecar(tiny.with_suffix(".onnx")), infer.sidecar(tmp_path / "tiny.onnx"))
+    shutil.copy(export.sidecar(tiny.with_suffix(".onnx")), export.sidecar(tmp_path / "tiny.onnx"))
     calibration = preprocess(make_case(4, shape=(64, 64, 48)).image, crop=(64, 64))[0]
     backend = infer.load_backend(name, weights, precision="int8", calibration=calibration)
     ref = infer.load_backend("torch", weights).predict(synthetic_slices)
     assert (backend.predict(synthetic_slices) == ref).mean() >= 0.99
     made = tmp_path / ("tiny.int8.xml" if name == "openvino" else "tiny.int8.onnx")
-    assert infer.recorded(made)["weights_sha256"] == infer.file_sha256(weights)
+    assert export.recorded(made)["weights_sha256"] == export.file_sha256(weights)
+    assert name != "openvino" or made.with_suffix(".bin").is_file()  # the IR's second file
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporaries
 
     def no_quantize(*args):
         raise AssertionError("quantized again")
 
-    monkeypatch.setattr(infer, "quantize", no_quantize)
+    monkeypatch.setattr(export, "quantize", no_quantize)
     infer.load_backend(name, weights, precision="int8", calibration=calibration)
     infer.load_backend(name, weights, precision="int8")  # any calibration will do
     with pytest.raises(AssertionError, match="quantized again"):  # other calibration: redo
@@ -340,7 +245,7 @@ def test_int8_agrees_with_fp32(tmp_path, tiny, name, synthetic_slices, monkeypat
 def test_real_case_labels_match_torch(real_data, tmp_path, monkeypatch):
     """Every backend against PyTorch on a real case (the shipped model, else random weights)."""
     monkeypatch.setenv("TIRAMISU_BRATS_CACHE", str(tmp_path / "cache"))  # not into the package
-    weights = infer.default_weights()
+    weights = export.default_weights()
     if not weights.is_file():
         weights = save_weights(Tiramisu(REFERENCE), tmp_path / "reference.safetensors")
     image = io.read_case(io.find_case_files(real_data / REAL_CASE)).image

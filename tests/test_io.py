@@ -563,6 +563,33 @@ def test_atomic_write_text_and_bytes(tmp_path: Path) -> None:
     assert mode == 0o666 & ~umask  # not the 0600 of a mkstemp file
 
 
+def test_atomic_write_companions_appear_together_or_not_at_all(tmp_path: Path) -> None:
+    target = tmp_path / "m.int8.xml"
+
+    def write_both(tmp: Path) -> None:
+        assert tmp.name.endswith(".xml")
+        tmp.write_text("graph")
+        tmp.with_suffix(".bin").write_bytes(b"weights")
+
+    io.atomic_write(target, write_both, companions=(".bin",))
+    assert target.read_text() == "graph"
+    assert (tmp_path / "m.int8.bin").read_bytes() == b"weights"
+    assert sorted(os.listdir(tmp_path)) == ["m.int8.bin", "m.int8.xml"]
+    with pytest.raises(FileExistsError, match=r"m\.int8\.xml: already exists"):
+        io.atomic_write(target, write_both, companions=(".bin",))
+
+    def failing_write(tmp: Path) -> None:
+        tmp.write_text("new graph")
+        tmp.with_suffix(".bin").write_bytes(b"half")
+        raise RuntimeError("disk on fire")
+
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        io.atomic_write(target, failing_write, overwrite=True, companions=(".bin",))
+    assert sorted(os.listdir(tmp_path)) == ["m.int8.bin", "m.int8.xml"]  # no temporaries
+    assert target.read_text() == "graph"
+    assert (tmp_path / "m.int8.bin").read_bytes() == b"weights"
+
+
 def test_atomic_write_bad_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(InputError, match="does not exist"):
         io.atomic_write_text(tmp_path / "missing" / "a.txt", "x")

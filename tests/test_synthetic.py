@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from functools import cache
 
 import nibabel as nib
@@ -15,9 +16,11 @@ from tiramisu_brats.synthetic import (
     CONTRAST_STD,
     LAYOUTS,
     MODALITIES,
+    SYNTHETIC_CALIBRATION,
     TISSUES,
     SyntheticCase,
     brats_affine,
+    calibration_slices,
     make_case,
     write_case,
 )
@@ -165,6 +168,17 @@ def test_full_size_case_matches_the_measured_contrasts():
     # Anatomy scales with the grid: the brain fills the same share of a small grid.
     small = _case(0).image[0] > 0
     assert brain.mean() == pytest.approx(small.mean(), rel=0.15)
+
+
+@pytest.mark.slow
+def test_calibration_slices_are_network_input_and_their_default_is_named():
+    slices = calibration_slices(seeds=(0,), every=8)
+    assert slices.dtype == np.float32 and slices.shape[1:] == (4, 192, 160)
+    assert 10 <= len(slices) <= 20  # every 8th of the brain's 100-150 axial slices
+    assert all(s.any() for s in slices)  # brain slices only
+    defaults = inspect.signature(calibration_slices).parameters
+    seeds, every = defaults["seeds"].default, defaults["every"].default
+    assert SYNTHETIC_CALIBRATION == f"synthetic:seeds={','.join(map(str, seeds))}:every={every}"
 
 
 @pytest.mark.parametrize("shape", [(24, 24, 24), (32, 72, 40)])

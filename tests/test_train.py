@@ -66,7 +66,7 @@ def test_resume_continues_at_the_right_epoch_with_the_same_optimizer_state(cache
 
 def test_a_run_folder_is_not_overwritten_without_resume(cache, tmp_path):
     train(cache[:2], [], tmp_path, _config(epochs=1, steps_per_epoch=1), device=torch.device("cpu"))
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(FileExistsError, match="holds a run already"):
         train(cache[:2], [], tmp_path, _config(epochs=1), device=torch.device("cpu"))
 
 
@@ -77,7 +77,7 @@ def test_time_budget_stops_training(cache, tmp_path):
 
 
 def test_fine_tuning_starts_from_the_given_weights(cache, tmp_path, tiny_weights):
-    from tiramisu_brats.infer import file_sha256
+    from tiramisu_brats.export import file_sha256
 
     tiny = load_model(tiny_weights)
     config = _config(model=tiny.config, epochs=1, steps_per_epoch=1, lr=1e-12,

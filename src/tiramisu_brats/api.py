@@ -24,10 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from tiramisu_brats import io
+from tiramisu_brats.export import CalibrationNeeded, default_weights, file_sha256
 from tiramisu_brats.infer import (
     WHOLE_SLICES,
-    default_weights,
-    file_sha256,
     load_backend,
     predict_labels,
     predict_probabilities,
@@ -74,7 +73,7 @@ def read_case(
     """
     explicit = (t1, t1ce, t2, flair)
     if folder is not None and any(explicit):
-        raise ValueError("give a case folder or the four files --t1 --t1ce --t2 --flair, not both")
+        raise ValueError("give a case folder or the four modality files, not both")
     if folder is not None:
         return io.read_case(io.find_case_files(folder))
     if not all(explicit):
@@ -211,8 +210,15 @@ class Segmenter:
         self.mode = mode
         self.resample = resample
         self.weights = Path(model) if model is not None else default_weights()
-        self.backend = load_backend(backend, self.weights, threads=threads, precision=precision,
-                                    device=device)
+        options = dict(threads=threads, precision=precision, device=device)
+        try:
+            self.backend = load_backend(backend, self.weights, **options)
+        except CalibrationNeeded:  # no int8 model of these weights yet: made on synthetic slices
+            from tiramisu_brats.synthetic import SYNTHETIC_CALIBRATION, calibration_slices
+
+            self.backend = load_backend(backend, self.weights, **options,
+                                        calibration=calibration_slices(),
+                                        calibration_id=SYNTHETIC_CALIBRATION)
         self._sha256 = file_sha256(self.weights)  # of the weights just loaded, once per run
         self.batch_size = batch_size
         self.crop = crop

@@ -54,14 +54,15 @@ def fail(message: str, code: int = 2) -> typer.Exit:
 
 
 @contextmanager
-def user_errors():
-    """Turn the errors a user can cause into one line and exit status 2."""
+def user_errors(exists: str = "pass --overwrite to replace it"):
+    """Turn the errors a user can cause into one line and exit status 2; ``exists``: what to
+    do about an output that exists already."""
     try:
         yield
     except FileExistsError as err:  # the library says what is wrong; the CLI says which flag
         from tiramisu_brats.api import one_line
 
-        raise fail(f"{one_line(err)}; pass --overwrite to replace it") from None
+        raise fail(f"{one_line(err)}; {exists}") from None
     except (ValueError, OSError) as err:
         from tiramisu_brats.api import one_line
 
@@ -424,7 +425,8 @@ def train(
     from tiramisu_brats import train as ttrain
     from tiramisu_brats.model import TiramisuConfig
 
-    with user_errors(), progress_bar(progress) as bar:
+    exists = "pass --resume to continue it, or another output folder"
+    with user_errors(exists), progress_bar(progress) as bar:
         steps = TrainProgress(bar)
         run = ttrain.run_from_folders(
             data, output, cache=cache, resume=resume, fold=parse_fold(fold),

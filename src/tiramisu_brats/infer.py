@@ -4,35 +4,28 @@ A backend is a callable ``(N, C, H, W)`` float32 → logits ``(N, K, H, W)`` flo
 ``predict`` feeds it the slices of a case in batches and returns BraTS labels.
 
 Backends: ``openvino`` (the default: fastest on CPU), ``onnxruntime`` and ``torch`` (eager; the
-one for CUDA). The first two run an ONNX export of the weights: ``<stem>.onnx`` beside the
-``.safetensors`` (shipped with the package), else one exported once with PyTorch and cached
-(beside the weights when that folder is writable, else in ``cache_dir()``), each with a JSON
-beside it (``sidecar``) giving the sha256 of the weights it came from, so a stale export is
-never used. Precisions: ``fp32``; ``bf16`` (openvino, torch; faster on CPUs with AVX512-BF16 or
-AMX, and openvino's default: on other CPUs OpenVINO computes in fp32 and the backend says so);
-``int8`` (openvino, onnxruntime): a model quantized once with NNCF and cached the same way
-(``<stem>.int8.xml`` for openvino, ``<stem>.int8.onnx`` for onnxruntime). With these files at
-hand, neither backend imports PyTorch.
+one for CUDA). The first two run the model file ``export.model_file`` finds or makes for the
+weights (their ONNX export, or an int8 model). Precisions: ``fp32``; ``bf16`` (openvino,
+torch; faster on CPUs with AVX512-BF16 or AMX, and openvino's default: on other CPUs OpenVINO
+computes in fp32 and the backend says so); ``int8`` (openvino, onnxruntime), quantized on
+calibration slices. With the model files at hand, neither ONNX backend imports PyTorch.
 
-Every import of torch, openvino, onnxruntime and nncf happens inside functions.
+Every import of torch, openvino and onnxruntime happens inside functions.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import logging
 import os
-import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
 from tiramisu_brats import io
+from tiramisu_brats.export import cache_dir, default_weights, model_file
 
 log = logging.getLogger(__name__)
 
@@ -54,20 +47,6 @@ WHOLE_SLICES = {"openvino": False, "onnxruntime": False, "torch": True}
 # tumor farther away stays cut off from what was found.
 TUMOR_STRIDE = 4
 TUMOR_REACH = 2
-OPSET = 18
-SYNTHETIC_CALIBRATION = "synthetic:seeds=0,1:every=4"
-
-
-def default_weights() -> Path:
-    """The model shipped with the package."""
-    return Path(str(resources.files("tiramisu_brats") / "weights" / "tiramisu-brats.safetensors"))
-
-
-def cache_dir() -> Path:
-    """``$TIRAMISU_BRATS_CACHE``, else ``$XDG_CACHE_HOME/tiramisu-brats`` (``~/.cache``)."""
-    if os.environ.get("TIRAMISU_BRATS_CACHE"):
-        return Path(os.environ["TIRAMISU_BRATS_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tiramisu-brats"
 
 
 def cpu_count() -> int:
@@ -88,186 +67,6 @@ def cpu_info() -> tuple[str, frozenset[str]]:
         key, _, value = line.partition(":")
         fields.setdefault(key.strip(), value.strip())
     return fields.get("model name", ""), frozenset(fields.get("flags", "").split())
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-# --------------------------------------------------------------------------------------------
-# ONNX files: export, quantization, the cache
-
-
-def sidecar(path: Path) -> Path:
-    """The JSON beside a made model file that says what it was made from
-    (``{"weights_sha256": ..., "calibration": ...}``)."""
-    return Path(path).with_name(Path(path).name + ".json")
-
-
-def recorded(path: Path) -> dict[str, str]:
-    """What a made model file was made from, from its ``sidecar``."""
-    return json.loads(sidecar(path).read_text())
-
-
-def _record(path: Path, **facts: str) -> Path:
-    """Write ``path``'s sidecar: after the model file, so that it marks the file complete."""
-    io.atomic_write_text(sidecar(path), json.dumps(facts, sort_keys=True), overwrite=True)
-    return path
-
-
-def _matches(path: Path, expected: dict[str, str]) -> bool:
-    try:
-        meta = recorded(path)
-    except FileNotFoundError:
-        return False
-    except (OSError, ValueError) as err:
-        log.warning("%s: unreadable record of a model file (%s); ignoring it", path, err)
-        return False
-    return isinstance(meta, dict) and all(meta.get(k) == v for k, v in expected.items())
-
-
-def export_onnx(weights: Path, path: Path) -> Path:
-    """Export the weights to ONNX (opset 18; N, H and W dynamic), recording their sha256.
-
-    Needs PyTorch. The network is fully convolutional, so a trace at one size with the input
-    and output dims then made symbolic is exact for every size (and far faster to export than
-    ``torch.export``'s symbolic shapes).
-    """
-    import torch
-
-    from tiramisu_brats.model import load_model
-
-    weights, path = Path(weights), Path(path)
-    model = load_model(weights)
-    side = 2 * model.config.divisor
-    sample = torch.zeros(1, model.config.in_channels, side, side)
-    log.info("exporting %s to %s", weights, path)
-    for noisy in ("onnx_ir", "onnxscript", "torch.onnx._internal.exporter._registration"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(model, (sample,), input_names=["slices"],
-                                    output_names=["logits"], opset_version=OPSET, dynamo=True,
-                                    verbose=False)
-    proto = program.model_proto
-    for value in (*proto.graph.input, *proto.graph.output):
-        dims = value.type.tensor_type.shape.dim
-        for axis, name in ((0, "n"), (2, "h"), (3, "w")):
-            dims[axis].dim_param = name
-    del proto.graph.value_info[:]  # intermediate shapes of the trace's size
-    io.atomic_write_bytes(path, proto.SerializeToString(), overwrite=True)
-    return _record(path, weights_sha256=file_sha256(weights))
-
-
-def synthetic_calibration(seeds: tuple[int, ...] = (0, 1), every: int = 4) -> np.ndarray:
-    """Calibration slices ``(N, 4, 192, 160)``: every ``every``-th brain slice of synthetic cases
-    (what ``SYNTHETIC_CALIBRATION`` names)."""
-    from tiramisu_brats.preprocess import preprocess
-    from tiramisu_brats.synthetic import make_case
-
-    return np.concatenate([preprocess(make_case(seed).image)[0][::every] for seed in seeds])
-
-
-def _calibration_id(calibration: np.ndarray | None) -> str:
-    if calibration is None:
-        return SYNTHETIC_CALIBRATION
-    data = np.ascontiguousarray(calibration, np.float32)
-    return f"slices:{data.shape}:{hashlib.sha256(data.tobytes()).hexdigest()[:16]}"
-
-
-def quantize(source: Path, path: Path, calibration: np.ndarray | None = None) -> Path:
-    """Quantize an fp32 ONNX export to int8 with NNCF post-training quantization.
-
-    ``path`` ending in ``.xml`` gets an OpenVINO IR quantized on OpenVINO's graph (what the
-    openvino backend runs: on a QDQ ONNX of the same network, OpenVINO's logits were ten times
-    further from fp32), else a QDQ ONNX (for onnxruntime). ``calibration``: slices ``(N, C, H, W)``
-    float32 that look like the real input; default ``synthetic_calibration()``. The result
-    records (``sidecar``) the weights' sha256 and the calibration used.
-    """
-    try:
-        import nncf
-    except ImportError:
-        raise io.InputError(f"{source}: int8 needs NNCF: pip install 'tiramisu-brats[int8]'") \
-            from None
-    props = {"weights_sha256": recorded(source)["weights_sha256"],
-             "calibration": _calibration_id(calibration)}
-    if calibration is None:
-        calibration = synthetic_calibration()
-    items = [np.ascontiguousarray(s[None], np.float32) for s in calibration]
-    log.info("quantizing %s to int8 on %d slices", source, len(items))
-    if path.suffix == ".xml":
-        import openvino as ov
-
-        model = nncf.quantize(ov.Core().read_model(source), nncf.Dataset(items),
-                              subset_size=len(items))
-        # The IR is two files: write both under temporary names, then rename (.bin first).
-        tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.xml")
-        try:
-            ov.save_model(model, tmp, compress_to_fp16=False)
-            os.replace(tmp.with_suffix(".bin"), path.with_suffix(".bin"))
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-            tmp.with_suffix(".bin").unlink(missing_ok=True)
-        return _record(path, **props)
-    import onnx
-
-    model = nncf.quantize(onnx.load(str(source)), nncf.Dataset([{"slices": x} for x in items]),
-                          subset_size=len(items))
-    io.atomic_write_bytes(path, model.SerializeToString(), overwrite=True)
-    return _record(path, **props)
-
-
-def model_file(weights: Path, precision: str = "fp32", backend: str = DEFAULT_BACKEND,
-               calibration: np.ndarray | None = None) -> Path:
-    """The model file a backend runs for ``weights``: ``<stem>.onnx`` (fp32), or for int8
-    ``<stem>.int8.onnx`` (onnxruntime) or ``<stem>.int8.xml`` (openvino, IR).
-
-    Looked for beside the weights, then in ``cache_dir()``, and used only if it records the
-    weights' sha256 (and, given ``calibration``, the same; without it any int8 model of these
-    weights will do, e.g. a shipped one calibrated on real cases); else made (exported with
-    PyTorch, quantized with NNCF on ``calibration``, default synthetic slices) and written to
-    ``$TIRAMISU_BRATS_CACHE`` when set, else beside the weights when that folder is writable,
-    else to ``cache_dir()``.
-    """
-    weights = Path(weights)
-    suffix = ".onnx"
-    if precision == "int8":
-        suffix = ".int8.xml" if backend == "openvino" else ".int8.onnx"
-    sha = file_sha256(weights)
-    expected = {"weights_sha256": sha}
-    if calibration is not None:
-        expected["calibration"] = _calibration_id(calibration)
-    beside = weights.with_name(weights.stem + suffix)
-    cached = cache_dir() / f"{weights.stem}-{sha[:16]}{suffix}"
-    for path in (beside, cached):
-        if path.is_file() and _matches(path, expected):
-            log.info("using %s", path)
-            return path
-    target = beside if _writable(weights.parent) else cached
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if precision == "int8":
-        return quantize(model_file(weights), target, calibration)
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        raise io.InputError(
-            f"{weights}: no ONNX export of these weights beside them or in {cache_dir()}, and "
-            "making one needs PyTorch: pip install 'tiramisu-brats[torch]'") from None
-    return export_onnx(weights, target)
-
-
-def _writable(folder: Path) -> bool:
-    """Whether made model files may go into the weights' folder."""
-    return os.access(folder, os.W_OK) and not os.environ.get("TIRAMISU_BRATS_CACHE")
-
-
-# --------------------------------------------------------------------------------------------
-# Backends
 
 
 class Backend:
@@ -438,13 +237,16 @@ class OpenVINOBackend(Backend):
 
 def load_backend(name: str = DEFAULT_BACKEND, weights: Path | None = None, *,
                  threads: int | None = None, precision: str | None = None,
-                 device: str | None = None, calibration: np.ndarray | None = None) -> Backend:
+                 device: str | None = None, calibration: np.ndarray | None = None,
+                 calibration_id: str | None = None) -> Backend:
     """Build the backend ``name`` (one of ``BACKENDS``) for the weights file ``weights``.
 
     ``precision``: ``fp32``, ``bf16`` (openvino, torch) or ``int8`` (openvino, onnxruntime;
-    calibrated on ``calibration`` slices, default synthetic ones); default
-    ``DEFAULT_PRECISION[name]``. The backend's ``precision`` says what it computes in.
-    ``threads``: CPU threads, default all cores.
+    the int8 model ``export.model_file`` finds or quantizes on the ``calibration`` slices,
+    recorded as ``calibration_id``: without them any int8 model of these weights, and
+    ``export.CalibrationNeeded`` where there is none); default ``DEFAULT_PRECISION[name]``.
+    The backend's ``precision`` says what it computes in. ``threads``: CPU threads, default
+    all cores.
     """
     weights = Path(weights) if weights is not None else default_weights()
     if name not in BACKENDS:
@@ -458,7 +260,8 @@ def load_backend(name: str = DEFAULT_BACKEND, weights: Path | None = None, *,
         raise FileNotFoundError(f"{weights}: model weights not found")
     if name == "torch":
         return TorchBackend(weights, device=device, threads=threads, precision=asked)
-    model = model_file(weights, "int8" if precision == "int8" else "fp32", name, calibration)
+    model = model_file(weights, "int8" if precision == "int8" else "fp32", name, calibration,
+                       calibration_id)
     cls = OpenVINOBackend if name == "openvino" else OnnxRuntimeBackend
     return cls(model, device=device, threads=threads, precision=precision)
 

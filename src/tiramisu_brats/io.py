@@ -578,28 +578,41 @@ def atomic_write(
     write_fn: Callable[[Path], object],
     *,
     overwrite: bool = False,
+    companions: tuple[str, ...] = (),
 ) -> Path:
     """Write ``path`` atomically: ``write_fn(tmp)`` writes a hidden temporary file in the same
     folder (same extension, so e.g. nibabel still compresses ``.nii.gz``), which is then fsynced
     and renamed over ``path``. On any error the temporary file is removed and an existing
-    ``path`` is left untouched."""
+    ``path`` is left untouched.
+
+    ``companions``: suffixes of files that ``write_fn`` writes beside the temporary file
+    (``tmp.with_suffix(s)``, such as the ``.bin`` of an OpenVINO ``.xml``); each is renamed to
+    ``path.with_suffix(s)`` before ``path`` itself, so that ``path`` appearing marks them all
+    complete, and removed on error like the temporary file."""
     path = Path(path)
     folder = path.parent
     if not folder.is_dir():
         raise InputError(f"{path}: output folder {folder} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise InputError(f"{path}: output folder {folder} is not writable")
-    if (path.exists() or path.is_symlink()) and not overwrite:
-        raise FileExistsError(f"{path}: already exists (and overwriting was not asked for)")
+    for target in (path, *(path.with_suffix(s) for s in companions)):
+        if (target.exists() or target.is_symlink()) and not overwrite:
+            raise FileExistsError(
+                f"{target}: already exists (and overwriting was not asked for)")
     tmp = folder / f".{path.name}.tmp-{secrets.token_hex(4)}{_extension(path.name)}"
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # reserve the name
+    pairs = [(tmp.with_suffix(s), path.with_suffix(s)) for s in companions]
     try:
         write_fn(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        for written in (*(t for t, _ in pairs), tmp):
+            with open(written, "rb+") as f:
+                os.fsync(f.fileno())
+        for written, target in pairs:
+            os.replace(written, target)
         os.replace(tmp, path)
     except BaseException as err:
-        tmp.unlink(missing_ok=True)
+        for written in (tmp, *(t for t, _ in pairs)):
+            written.unlink(missing_ok=True)
         if isinstance(err, OSError) and err.errno is not None:  # name the file, not the temp
             raise OSError(err.errno, f"cannot write it: {err.strerror or err}", str(path)) from err
         raise

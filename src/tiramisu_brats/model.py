@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -199,20 +197,17 @@ def count_parameters(model: nn.Module) -> int:
 # growth rate 8; FC-DenseNet103 (Jégou et al.) uses 16.
 REFERENCE = TiramisuConfig()
 FC_DENSENET103 = TiramisuConfig(growth_rate=16)
-FC_DENSENET67 = TiramisuConfig(down_blocks=(5,) * 5, bottleneck=5, up_blocks=(5,) * 5,
-                               growth_rate=16)
-FC_DENSENET56 = TiramisuConfig(down_blocks=(4,) * 5, bottleneck=4, up_blocks=(4,) * 5,
-                               growth_rate=12)
 
 
 def save_weights(
     model: Tiramisu, path: str | Path, *, metadata: dict[str, str] | None = None,
     half: bool = False,
 ) -> Path:
-    """Write the weights as safetensors with the config JSON in the header.
+    """Write the weights to ``path`` as safetensors with the config JSON in the header.
 
     ``half=True`` stores float16 (half the size; loading casts back to float32). The file is
-    written to a temporary name and renamed, so a crash leaves the old file or the new one.
+    written in place: a caller that must never leave half a file behind wraps this in
+    ``io.atomic_write``.
     """
     from safetensors.torch import save_file
 
@@ -224,17 +219,7 @@ def save_weights(
             t = t.half()
         tensors[name] = t.contiguous()
     meta = {"format": FORMAT, "config": model.config.to_json(), **(metadata or {})}
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        save_file(tensors, str(tmp), metadata=meta)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # a weights file is meant to be shared
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    save_file(tensors, str(path), metadata=meta)
     return path
 
 

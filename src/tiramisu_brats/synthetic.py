@@ -12,9 +12,10 @@ inside a larger irregular edema (2) that spreads along the white matter and spar
 Tissue intensities follow ``CONTRAST_MEAN`` / ``CONTRAST_STD``, measured on real BraTS cases
 in per-modality z-score units (see there), then mapped to MRI-like positive integers; the
 background is exactly 0. ``write_case`` writes a case as NIfTI files in the BraTS 2021,
-BraTS 2023 or nnU-Net naming.
+BraTS 2023 or nnU-Net naming. ``calibration_slices`` gives network input slices of synthetic
+cases, what an int8 model is quantized on when no real slices are given.
 
-Imports nothing of this package; nibabel only inside ``write_case``.
+Imports ``io`` and ``preprocess`` of this package; nibabel only inside ``write_case``.
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
+# MODALITIES: the modality order of ``SyntheticCase.image`` (the package's order everywhere).
 from tiramisu_brats.io import MODALITIES, atomic_write
-
-"""Modality order of ``SyntheticCase.image`` (the package's order everywhere)."""
+from tiramisu_brats.preprocess import preprocess
 
 BRATS_SHAPE = (240, 240, 155)
 """The BraTS grid, voxels of 1 mm; other shapes stretch the same anatomy over their grid."""
@@ -647,6 +648,17 @@ def make_case(
     box_labels = labels[g.box]
     box_labels[tumor["window"]] = tumor["labels"]
     return SyntheticCase(image=image, labels=labels, affine=brats_affine(shape), case_id=case_id)
+
+
+SYNTHETIC_CALIBRATION = "synthetic:seeds=0,1:every=4"
+"""What the record of an int8 model calls ``calibration_slices()`` (its defaults)."""
+
+
+def calibration_slices(seeds: tuple[int, ...] = (0, 1), every: int = 4) -> np.ndarray:
+    """Calibration slices ``(N, 4, 192, 160)`` float32 for int8 quantization: every
+    ``every``-th brain slice of the synthetic cases ``make_case(seed)`` of ``seeds``,
+    preprocessed for the network."""
+    return np.concatenate([preprocess(make_case(seed).image)[0][::every] for seed in seeds])
 
 
 def _check_case_id(case_id: str) -> None:

@@ -505,7 +505,7 @@ def train(
 
 def _load_init(model: Tiramisu, config: TrainConfig) -> None:
     """Start from the weights ``config.init`` (checked against ``config.init_sha256``)."""
-    from tiramisu_brats.infer import file_sha256
+    from tiramisu_brats.export import file_sha256
     from tiramisu_brats.model import load_model
 
     path = Path(config.init)
@@ -531,12 +531,67 @@ def _open_run(run_dir: Path, resume: bool, model, optimizer, rng, gen, rank: int
             log.info("resumed %s at epoch %d", run_dir, len(rows))
         return rows, best
     if ckpt.exists():
-        raise FileExistsError(f"{run_dir} holds a run already: pass --resume or another folder")
+        raise FileExistsError(
+            f"{run_dir} holds a run already (and resuming it was not asked for)")
     return [], -1.0
+
+
+@dataclass
+class _Run:
+    """A training run in this process, as ``_setup`` builds it; ``rows``, ``best`` and
+    ``elapsed`` (training seconds so far) grow epoch by epoch."""
+
+    config: TrainConfig
+    run_dir: Path
+    world: World
+    device: torch.device
+    val_cases: Sequence[CachedCase]
+    model: Tiramisu
+    net: torch.nn.Module  # the model, or its DistributedDataParallel wrapper
+    ddp: torch.nn.Module | None
+    step_model: Callable[[torch.Tensor], torch.Tensor]  # net, compiled when asked (CUDA)
+    optimizer: torch.optim.Optimizer
+    sampler: PatchSampler
+    rng: np.random.Generator
+    gen: torch.Generator
+    rows: list[dict]
+    best: float
+    elapsed: float
+    channels_last: bool
+    autocast: dict
+    # The global batch: micro_batches micro-batches of `micro` patches; this process runs
+    # `local` of them, the slice `share` of the batch.
+    local: int
+    micro: int
+    share: slice
+    buffers: list[torch.Tensor]
+    floats: list[torch.Tensor]  # the floating-point buffers (BatchNorm statistics)
+
+    @property
+    def budget(self) -> float | None:
+        """The time budget in seconds, if any."""
+        return None if self.config.minutes is None else self.config.minutes * 60
 
 
 def _train(train_cases, val_cases, run_dir: Path, config: TrainConfig, resume: bool,
            device: torch.device, on_step, world: World) -> list[dict]:
+    run = _setup(train_cases, val_cases, run_dir, config, resume, device, world)
+    for epoch in range(len(run.rows) + 1, config.epochs + 1):
+        if run.budget is not None and run.elapsed >= run.budget:
+            if world.main:
+                log.info("time budget of %.1f min spent after %d epochs", config.minutes,
+                         len(run.rows))
+            break
+        start = time.perf_counter()
+        losses = _train_epoch(run, epoch, start, on_step)
+        _end_epoch(run, epoch, losses, start)
+    return run.rows
+
+
+def _setup(train_cases, val_cases, run_dir: Path, config: TrainConfig, resume: bool,
+           device: torch.device, world: World) -> _Run:
+    """Check the job, build the model, optimizer and sampler, and open the run folder (a new
+    run, or the state of the last complete epoch when resuming)."""
     if config.micro_batches % world.size:
         raise ValueError(f"micro_batches {config.micro_batches} must be a multiple of the "
                          f"number of processes, {world.size}: each runs micro_batches / "
@@ -594,99 +649,109 @@ def _train(train_cases, val_cases, run_dir: Path, config: TrainConfig, resume: b
     if config.compile and not cuda and world.main:
         log.warning("torch.compile is used on CUDA only; ignored on the CPU")
     step_model = torch.compile(net) if config.compile and cuda else net
-    sampler = PatchSampler(train_cases, config.patch, config.tumor_share)
-    total_steps = config.epochs * config.steps_per_epoch
-    elapsed = sum(r["seconds"] for r in rows)
-    seen = rows[-1]["slices_seen"] if rows else 0
-    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
-    budget = None if config.minutes is None else config.minutes * 60
-    # The global batch: micro_batches micro-batches of `micro` patches; this process runs
-    # `local` of them, the slice `share` of the batch.
     local = config.micro_batches // world.size
     micro = config.batch_size // config.micro_batches
-    share = slice(world.rank * local * micro, (world.rank + 1) * local * micro)
     buffers = list(model.buffers())
-    floats = [b for b in buffers if b.is_floating_point()]
-    for epoch in range(len(rows) + 1, config.epochs + 1):
-        if budget is not None and elapsed >= budget:
-            if world.main:
-                log.info("time budget of %.1f min spent after %d epochs", config.minutes,
-                         len(rows))
-            break
-        start = time.perf_counter()
-        net.train()
-        losses = []
-        for step in range(config.steps_per_epoch):
-            if budget is None:
-                progress = ((epoch - 1) * config.steps_per_epoch + step) / total_steps
-            else:  # with a time budget the schedule runs over the budget (rank 0's clock)
-                progress = _broadcast_float(
-                    (elapsed + time.perf_counter() - start) / budget, device)
-                if progress >= 1:
-                    break
-            if config.schedule == "cosine":
-                for g in optimizer.param_groups:
-                    g["lr"] = config.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-            codes, classes = sampler.sample(rng, config.batch_size)
-            x = (_to_device(codes, device).float() - QUANT_OFFSET) * QUANT_STEP  # = dequantize
-            y = _to_device(classes, device).long()
-            x, y = augment(x, y, gen)  # all of the batch: the generator stays shared
-            x, y = x[share], y[share]
-            if cuda or bf16:
-                x = x.contiguous(memory_format=torch.channels_last)
-            optimizer.zero_grad(set_to_none=True)
-            before = [b.clone() for b in buffers] if local > 1 else None
-            sums = [torch.zeros_like(b) for b in floats] if local > 1 else None
-            step_loss = torch.zeros((), device=device)
-            for j in range(local):
-                if j:  # every micro-batch updates the statistics from the same start
-                    for b, b0 in zip(buffers, before):
-                        b.copy_(b0)
-                xj, yj = x[j * micro : (j + 1) * micro], y[j * micro : (j + 1) * micro]
-                sync = ddp is None or j == local - 1  # DDP: all-reduce on the last one only
-                with nullcontext() if sync else ddp.no_sync():
-                    with torch.autocast(**autocast):
-                        logits = step_model(xj)
-                    loss = F.cross_entropy(logits.float(), yj)
-                    if config.loss == "dice_ce":
-                        loss = loss + soft_dice_loss(logits, yj)
-                    (loss / local if local > 1 else loss).backward()
-                step_loss += loss.detach()
-                if sums is not None:
-                    for acc, b in zip(sums, floats):
-                        acc += b
-            if sums is not None:  # statistics: the mean of the micro-batches' updates
-                for acc, b in zip(sums, floats):
-                    b.copy_(acc / local)
-            if world.size > 1:  # one all-reduce: statistics and loss, averaged
-                flat = torch.cat([*(b.reshape(-1) for b in floats), step_loss.reshape(1)])
-                tdist.all_reduce(flat)
-                flat /= world.size
-                step_loss = flat[-1]
-                for b, part in zip(floats, flat[:-1].split([b.numel() for b in floats])):
-                    b.copy_(part.view_as(b))
-            optimizer.step()
-            losses.append(step_loss.item() / local)
-            if on_step:
-                on_step(epoch, step, losses[-1])
-        dice = _validate_shared(model, val_cases, device, config.amp, world) if val_cases else {
-            r: float("nan") for r in REGION_CLASSES}
-        seconds = _broadcast_float(time.perf_counter() - start, device)
-        elapsed += seconds
-        mean = float(np.mean(list(dice.values())))
-        rows.append({"epoch": epoch, "train_loss": float(np.mean(losses)),
+    return _Run(
+        config, run_dir, world, device, val_cases, model, net, ddp, step_model, optimizer,
+        PatchSampler(train_cases, config.patch, config.tumor_share), rng, gen, rows, best,
+        elapsed=sum(r["seconds"] for r in rows), channels_last=cuda or bf16,
+        autocast=dict(device_type=device.type, dtype=torch.bfloat16, enabled=bf16),
+        local=local, micro=micro,
+        share=slice(world.rank * local * micro, (world.rank + 1) * local * micro),
+        buffers=buffers, floats=[b for b in buffers if b.is_floating_point()])
+
+
+def _train_epoch(run: _Run, epoch: int, start: float,
+                 on_step: Callable[[int, int, float], None] | None) -> list[float]:
+    """The steps of one epoch (fewer where the time budget runs out); returns their losses."""
+    config = run.config
+    total_steps = config.epochs * config.steps_per_epoch
+    run.net.train()
+    losses = []
+    for step in range(config.steps_per_epoch):
+        if run.budget is None:
+            progress = ((epoch - 1) * config.steps_per_epoch + step) / total_steps
+        else:  # with a time budget the schedule runs over the budget (rank 0's clock)
+            progress = _broadcast_float(
+                (run.elapsed + time.perf_counter() - start) / run.budget, run.device)
+            if progress >= 1:
+                break
+        if config.schedule == "cosine":
+            for g in run.optimizer.param_groups:
+                g["lr"] = config.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        losses.append(_step(run))
+        if on_step:
+            on_step(epoch, step, losses[-1])
+    return losses
+
+
+def _step(run: _Run) -> float:
+    """One optimizer step on a global batch drawn from the sampler; returns its loss."""
+    config, device, local, micro = run.config, run.device, run.local, run.micro
+    codes, classes = run.sampler.sample(run.rng, config.batch_size)
+    x = (_to_device(codes, device).float() - QUANT_OFFSET) * QUANT_STEP  # = dequantize
+    y = _to_device(classes, device).long()
+    x, y = augment(x, y, run.gen)  # all of the batch: the generator stays shared
+    x, y = x[run.share], y[run.share]
+    if run.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    run.optimizer.zero_grad(set_to_none=True)
+    before = [b.clone() for b in run.buffers] if local > 1 else None
+    sums = [torch.zeros_like(b) for b in run.floats] if local > 1 else None
+    step_loss = torch.zeros((), device=device)
+    for j in range(local):
+        if j:  # every micro-batch updates the statistics from the same start
+            for b, b0 in zip(run.buffers, before):
+                b.copy_(b0)
+        xj, yj = x[j * micro : (j + 1) * micro], y[j * micro : (j + 1) * micro]
+        sync = run.ddp is None or j == local - 1  # DDP: all-reduce on the last one only
+        with nullcontext() if sync else run.ddp.no_sync():
+            with torch.autocast(**run.autocast):
+                logits = run.step_model(xj)
+            loss = F.cross_entropy(logits.float(), yj)
+            if config.loss == "dice_ce":
+                loss = loss + soft_dice_loss(logits, yj)
+            (loss / local if local > 1 else loss).backward()
+        step_loss += loss.detach()
+        if sums is not None:
+            for acc, b in zip(sums, run.floats):
+                acc += b
+    if sums is not None:  # statistics: the mean of the micro-batches' updates
+        for acc, b in zip(sums, run.floats):
+            b.copy_(acc / local)
+    if run.world.size > 1:  # one all-reduce: statistics and loss, averaged
+        flat = torch.cat([*(b.reshape(-1) for b in run.floats), step_loss.reshape(1)])
+        tdist.all_reduce(flat)
+        flat /= run.world.size
+        step_loss = flat[-1]
+        for b, part in zip(run.floats, flat[:-1].split([b.numel() for b in run.floats])):
+            b.copy_(part.view_as(b))
+    run.optimizer.step()
+    return step_loss.item() / local
+
+
+def _end_epoch(run: _Run, epoch: int, losses: list[float], start: float) -> None:
+    """Validate, add the epoch's log row and (rank 0) write the epoch's files."""
+    config, device, world = run.config, run.device, run.world
+    dice = (_validate_shared(run.model, run.val_cases, device, config.amp, world)
+            if run.val_cases else {r: float("nan") for r in REGION_CLASSES})
+    seconds = _broadcast_float(time.perf_counter() - start, device)
+    run.elapsed += seconds
+    mean = float(np.mean(list(dice.values())))
+    seen = run.rows[-1]["slices_seen"] if run.rows else 0
+    run.rows.append({"epoch": epoch, "train_loss": float(np.mean(losses)),
                      **{f"val_dice_{r}": v for r, v in dice.items()}, "val_dice_mean": mean,
-                     "lr": optimizer.param_groups[0]["lr"], "seconds": seconds,
+                     "lr": run.optimizer.param_groups[0]["lr"], "seconds": seconds,
                      "slices_seen": seen + len(losses) * config.batch_size})
-        seen = rows[-1]["slices_seen"]
-        rank_rng: list = []
-        if world.size > 1:  # every process's dropout generator goes into the checkpoint
-            rank_rng = [None] * world.size
-            tdist.all_gather_object(rank_rng, _rng_state(device))
-        if world.main:
-            best = _save_epoch(run_dir, model, optimizer, rng, gen, config, rows, best, rank_rng)
-        barrier(device)  # the others wait for rank 0's files
-    return rows
+    rank_rng: list = []
+    if world.size > 1:  # every process's dropout generator goes into the checkpoint
+        rank_rng = [None] * world.size
+        tdist.all_gather_object(rank_rng, _rng_state(device))
+    if world.main:
+        run.best = _save_epoch(run.run_dir, run.model, run.optimizer, run.rng, run.gen, config,
+                               run.rows, run.best, rank_rng)
+    barrier(device)  # the others wait for rank 0's files
 
 
 def _save_epoch(run_dir: Path, model, optimizer, rng, gen, config: TrainConfig,
@@ -696,11 +761,13 @@ def _save_epoch(run_dir: Path, model, optimizer, rng, gen, config: TrainConfig,
     mean = row["val_dice_mean"]
     meta = {"epoch": str(row["epoch"]), "val_dice_mean": repr(mean),
             "train_config": config.to_json()}
-    save_weights(model, run_dir / "model_last.safetensors", metadata=meta)
+    io.atomic_write(run_dir / "model_last.safetensors",
+                    lambda tmp: save_weights(model, tmp, metadata=meta), overwrite=True)
     best_path = run_dir / "model_best.safetensors"
     if (not math.isnan(mean) and mean > best) or not best_path.exists():
         best = mean if not math.isnan(mean) else best
-        save_weights(model, best_path, metadata=meta)
+        io.atomic_write(best_path, lambda tmp: save_weights(model, tmp, metadata=meta),
+                        overwrite=True)
     # The checkpoint, written after the weights, marks the epoch complete.
     save_checkpoint(run_dir / "checkpoint.safetensors", model, optimizer, rng, gen, config,
                     rows, best, rank_rng)
@@ -805,7 +872,7 @@ def _new_config(ids: list[str], world: World, fold: tuple[int, int] | None,
         _, val = tdata.split_cases(ids, list(val_cases), val_fraction, seed)
     init_sha = ""
     if init is not None:
-        from tiramisu_brats.infer import file_sha256
+        from tiramisu_brats.export import file_sha256
 
         if not Path(init).is_file():
             raise io.InputError(f"{init}: weights to start from not found")

@@ -1,0 +1,220 @@
+"""The model files the ONNX backends run, made from a weights file and cached.
+
+``model_file`` finds or makes them: ``<stem>.onnx`` beside the ``.safetensors`` (shipped with
+the package), else one exported once with PyTorch (``export_onnx``) and cached (beside the
+weights when that folder is writable, else in ``cache_dir()``); for int8, a model quantized
+once with NNCF (``quantize``) and cached the same way (``<stem>.int8.xml``, an OpenVINO IR, for
+openvino; ``<stem>.int8.onnx`` for onnxruntime). Each has a JSON beside it (``sidecar``)
+giving the sha256 of the weights it came from and, for int8, the calibration slices it was
+quantized on, so that a stale file is never used. With these files at hand, nothing here
+imports PyTorch.
+
+Every import of torch, openvino, onnx and nncf happens inside functions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import warnings
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from tiramisu_brats import io
+
+log = logging.getLogger(__name__)
+
+OPSET = 18
+
+
+class CalibrationNeeded(io.InputError):
+    """An int8 model is to be made, and no calibration slices were given to quantize on."""
+
+
+def default_weights() -> Path:
+    """The model shipped with the package."""
+    return Path(str(resources.files("tiramisu_brats") / "weights" / "tiramisu-brats.safetensors"))
+
+
+def cache_dir() -> Path:
+    """``$TIRAMISU_BRATS_CACHE``, else ``$XDG_CACHE_HOME/tiramisu-brats`` (``~/.cache``)."""
+    if os.environ.get("TIRAMISU_BRATS_CACHE"):
+        return Path(os.environ["TIRAMISU_BRATS_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tiramisu-brats"
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, in hex."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sidecar(path: Path) -> Path:
+    """The JSON beside a made model file that says what it was made from
+    (``{"weights_sha256": ..., "calibration": ...}``)."""
+    return Path(path).with_name(Path(path).name + ".json")
+
+
+def recorded(path: Path) -> dict[str, str]:
+    """What a made model file was made from, from its ``sidecar``."""
+    return json.loads(sidecar(path).read_text())
+
+
+def _record(path: Path, **facts: str) -> Path:
+    """Write ``path``'s sidecar: after the model file, so that it marks the file complete."""
+    io.atomic_write_text(sidecar(path), json.dumps(facts, sort_keys=True), overwrite=True)
+    return path
+
+
+def _matches(path: Path, expected: dict[str, str]) -> bool:
+    try:
+        meta = recorded(path)
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError) as err:
+        log.warning("%s: unreadable record of a model file (%s); ignoring it", path, err)
+        return False
+    return isinstance(meta, dict) and all(meta.get(k) == v for k, v in expected.items())
+
+
+def export_onnx(weights: Path, path: Path) -> Path:
+    """Export the weights to ONNX (opset 18; N, H and W dynamic), recording their sha256.
+
+    Needs PyTorch. The network is fully convolutional, so a trace at one size with the input
+    and output dims then made symbolic is exact for every size (and far faster to export than
+    ``torch.export``'s symbolic shapes).
+    """
+    import torch
+
+    from tiramisu_brats.model import load_model
+
+    weights, path = Path(weights), Path(path)
+    model = load_model(weights)
+    side = 2 * model.config.divisor
+    sample = torch.zeros(1, model.config.in_channels, side, side)
+    log.info("exporting %s to %s", weights, path)
+    for noisy in ("onnx_ir", "onnxscript", "torch.onnx._internal.exporter._registration"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(model, (sample,), input_names=["slices"],
+                                    output_names=["logits"], opset_version=OPSET, dynamo=True,
+                                    verbose=False)
+    proto = program.model_proto
+    for value in (*proto.graph.input, *proto.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        for axis, name in ((0, "n"), (2, "h"), (3, "w")):
+            dims[axis].dim_param = name
+    del proto.graph.value_info[:]  # intermediate shapes of the trace's size
+    io.atomic_write_bytes(path, proto.SerializeToString(), overwrite=True)
+    return _record(path, weights_sha256=file_sha256(weights))
+
+
+def _calibration_id(calibration: np.ndarray) -> str:
+    """What a model's record calls calibration slices given without a name: their shape and
+    a hash of their values."""
+    data = np.ascontiguousarray(calibration, np.float32)
+    return f"slices:{data.shape}:{hashlib.sha256(data.tobytes()).hexdigest()[:16]}"
+
+
+def _nncf(source: Path):
+    """The ``nncf`` module, or an error saying how to install it."""
+    try:
+        import nncf
+    except ImportError:
+        raise io.InputError(f"{source}: int8 needs NNCF: pip install 'tiramisu-brats[int8]'") \
+            from None
+    return nncf
+
+
+def quantize(source: Path, path: Path, calibration: np.ndarray,
+             calibration_id: str | None = None) -> Path:
+    """Quantize an fp32 ONNX export to int8 with NNCF post-training quantization.
+
+    ``path`` ending in ``.xml`` gets an OpenVINO IR quantized on OpenVINO's graph (what the
+    openvino backend runs: on a QDQ ONNX of the same network, OpenVINO's logits were ten times
+    further from fp32), else a QDQ ONNX (for onnxruntime). ``calibration``: slices
+    ``(N, C, H, W)`` float32 that look like the real input. The result records (``sidecar``)
+    the weights' sha256 and the calibration: ``calibration_id``, default the slices' shape and
+    hash.
+    """
+    nncf = _nncf(source)
+    props = {"weights_sha256": recorded(source)["weights_sha256"],
+             "calibration": calibration_id or _calibration_id(calibration)}
+    items = [np.ascontiguousarray(s[None], np.float32) for s in calibration]
+    log.info("quantizing %s to int8 on %d slices", source, len(items))
+    if path.suffix == ".xml":
+        import openvino as ov
+
+        model = nncf.quantize(ov.Core().read_model(source), nncf.Dataset(items),
+                              subset_size=len(items))
+        io.atomic_write(path, lambda tmp: ov.save_model(model, tmp, compress_to_fp16=False),
+                        overwrite=True, companions=(".bin",))
+        return _record(path, **props)
+    import onnx
+
+    model = nncf.quantize(onnx.load(str(source)), nncf.Dataset([{"slices": x} for x in items]),
+                          subset_size=len(items))
+    io.atomic_write_bytes(path, model.SerializeToString(), overwrite=True)
+    return _record(path, **props)
+
+
+def model_file(weights: Path, precision: str = "fp32", backend: str = "openvino",
+               calibration: np.ndarray | None = None, calibration_id: str | None = None
+               ) -> Path:
+    """The model file a backend runs for ``weights``: ``<stem>.onnx`` (fp32), or for int8
+    ``<stem>.int8.xml`` (``backend`` openvino, an IR) or ``<stem>.int8.onnx`` (onnxruntime).
+
+    Looked for beside the weights, then in ``cache_dir()``, and used only if it records the
+    weights' sha256 (and, given ``calibration``, the same: ``calibration_id``, default the
+    slices' shape and hash; without it any int8 model of these weights will do, e.g. a shipped
+    one calibrated on real cases); else made (exported with PyTorch, quantized with NNCF on
+    ``calibration``: without it ``CalibrationNeeded`` is raised) and written to
+    ``$TIRAMISU_BRATS_CACHE`` when set, else beside the weights when that folder is writable,
+    else to ``cache_dir()``.
+    """
+    if calibration_id is not None and calibration is None:
+        raise ValueError(f"calibration_id {calibration_id!r} given without calibration slices")
+    weights = Path(weights)
+    suffix = ".onnx"
+    if precision == "int8":
+        suffix = ".int8.xml" if backend == "openvino" else ".int8.onnx"
+    sha = file_sha256(weights)
+    expected = {"weights_sha256": sha}
+    if calibration is not None:
+        expected["calibration"] = calibration_id or _calibration_id(calibration)
+    beside = weights.with_name(weights.stem + suffix)
+    cached = cache_dir() / f"{weights.stem}-{sha[:16]}{suffix}"
+    for path in (beside, cached):
+        if path.is_file() and _matches(path, expected):
+            log.info("using %s", path)
+            return path
+    if precision == "int8":
+        _nncf(weights)  # a missing NNCF is the first thing to fix
+        if calibration is None:
+            raise CalibrationNeeded(
+                f"{weights}: no int8 model of these weights beside them or in {cache_dir()}, "
+                "and quantizing to int8 needs calibration slices")
+    target = beside if _writable(weights.parent) else cached
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if precision == "int8":
+        return quantize(model_file(weights), target, calibration, expected["calibration"])
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise io.InputError(
+            f"{weights}: no ONNX export of these weights beside them or in {cache_dir()}, and "
+            "making one needs PyTorch: pip install 'tiramisu-brats[torch]'") from None
+    return export_onnx(weights, target)
+
+
+def _writable(folder: Path) -> bool:
+    """Whether made model files may go into the weights' folder."""
+    return os.access(folder, os.W_OK) and not os.environ.get("TIRAMISU_BRATS_CACHE")

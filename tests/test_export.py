@@ -1,0 +1,128 @@
+"""Model files: the ONNX export and its cache, the records of made files, int8 calibration."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+
+import numpy as np
+import pytest
+
+from tiramisu_brats import export, infer
+
+pytestmark = pytest.mark.usefixtures("user_cache")
+needs_nncf = pytest.mark.skipif(importlib.util.find_spec("nncf") is None,
+                                reason="nncf not installed (pip install 'tiramisu-brats[int8]')")
+
+
+def test_export_is_cached_beside_the_weights(tmp_path, monkeypatch, random_weights):
+    weights = random_weights(tmp_path)
+    path = export.model_file(weights)
+    assert path == tmp_path / "tiny.onnx"
+    assert export.recorded(path) == {"weights_sha256": export.file_sha256(weights)}
+    mtime = path.stat().st_mtime_ns
+
+    def no_export(*args):
+        raise AssertionError("exported again")
+
+    monkeypatch.setattr(export, "export_onnx", no_export)
+    for name in ("openvino", "onnxruntime"):
+        infer.load_backend(name, weights)
+    assert path.stat().st_mtime_ns == mtime
+
+
+def test_stale_export_is_replaced(tmp_path, tiny, random_weights):
+    weights = shutil.copy(tiny, tmp_path / "tiny.safetensors")
+    shutil.copy(tiny.with_suffix(".onnx"), tmp_path / "tiny.onnx")
+    shutil.copy(export.sidecar(tiny.with_suffix(".onnx")), export.sidecar(tmp_path / "tiny.onnx"))
+    assert export.model_file(weights) == tmp_path / "tiny.onnx"  # same weights: reused
+    random_weights(tmp_path, seed=1)  # retrained: the export beside is stale
+    path = export.model_file(weights)
+    assert export.recorded(path) == {"weights_sha256": export.file_sha256(weights)}
+
+
+def test_cache_dir_when_weights_folder_is_not_writable(tmp_path, tiny, monkeypatch,
+                                                      random_weights):
+    monkeypatch.setattr(export, "_writable", lambda folder: False)
+    path = export.model_file(tiny)  # the export beside is found first
+    assert path == tiny.with_suffix(".onnx")
+    weights = random_weights(tmp_path, seed=2)
+    path = export.model_file(weights)
+    assert path.parent == export.cache_dir() and path.name.startswith("tiny-")
+    assert not (tmp_path / "tiny.onnx").exists()
+
+
+def test_cache_dir_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert export.cache_dir() == tmp_path / "xdg" / "tiramisu-brats"
+    monkeypatch.setenv("TIRAMISU_BRATS_CACHE", str(tmp_path / "mine"))
+    assert export.cache_dir() == tmp_path / "mine"
+
+
+def test_export_has_dynamic_shapes_and_a_record_of_its_weights(tiny):
+    onnx = pytest.importorskip("onnx")
+    model = onnx.load(str(tiny.with_suffix(".onnx")))
+    dims = [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["n", 4, "h", "w"]
+    assert export.recorded(tiny.with_suffix(".onnx")) == {
+        "weights_sha256": export.file_sha256(tiny)}
+
+
+def test_a_model_file_without_its_record_is_made_again(tmp_path, tiny):
+    weights = shutil.copy(tiny, tmp_path / "tiny.safetensors")
+    shutil.copy(tiny.with_suffix(".onnx"), tmp_path / "tiny.onnx")  # no sidecar: unknown
+    before = (tmp_path / "tiny.onnx").stat().st_mtime_ns
+    assert export.model_file(weights) == tmp_path / "tiny.onnx"
+    assert (tmp_path / "tiny.onnx").stat().st_mtime_ns != before
+    assert export.recorded(tmp_path / "tiny.onnx")["weights_sha256"] == export.file_sha256(tiny)
+    export.sidecar(tmp_path / "tiny.onnx").write_text("not json")
+    assert export.model_file(weights) == tmp_path / "tiny.onnx"  # unreadable record: made again
+    assert export.recorded(tmp_path / "tiny.onnx")["weights_sha256"] == export.file_sha256(tiny)
+
+
+def test_the_shipped_export_belongs_to_the_shipped_weights():
+    weights = export.default_weights()
+    assert export.recorded(weights.with_suffix(".onnx")) == {
+        "weights_sha256": export.file_sha256(weights)}
+
+
+@needs_nncf
+@pytest.mark.parametrize("backend", ["openvino", "onnxruntime"])
+def test_int8_without_calibration_or_an_int8_model_is_a_clear_error(tmp_path, tiny, backend):
+    weights = shutil.copy(tiny, tmp_path / "tiny.safetensors")
+    with pytest.raises(export.CalibrationNeeded, match="quantizing to int8 needs calibration"):
+        export.model_file(weights, "int8", backend)
+    with pytest.raises(export.CalibrationNeeded):
+        infer.load_backend(backend, weights, precision="int8")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.safetensors"]  # nothing made
+    with pytest.raises(ValueError, match="without calibration slices"):
+        export.model_file(weights, "int8", backend, calibration_id="mine")
+
+
+@needs_nncf
+@pytest.mark.slow
+def test_the_segmenter_quantizes_on_synthetic_slices_only_where_no_int8_model_exists(
+        tmp_path, tiny, monkeypatch):
+    from tiramisu_brats import synthetic
+    from tiramisu_brats.api import Segmenter
+
+    weights = shutil.copy(tiny, tmp_path / "tiny.safetensors")
+    shutil.copy(tiny.with_suffix(".onnx"), tmp_path / "tiny.onnx")
+    shutil.copy(export.sidecar(tiny.with_suffix(".onnx")), export.sidecar(tmp_path / "tiny.onnx"))
+    slices = np.random.default_rng(0).standard_normal((4, 4, 64, 64)).astype(np.float32)
+    monkeypatch.setattr(synthetic, "calibration_slices", lambda: slices)  # the real: seconds
+    Segmenter(weights, precision="int8")
+    assert export.recorded(tmp_path / "tiny.int8.xml") == {
+        "weights_sha256": export.file_sha256(weights),
+        "calibration": synthetic.SYNTHETIC_CALIBRATION}
+
+    def no_slices():
+        raise AssertionError("calibration slices made again")
+
+    monkeypatch.setattr(synthetic, "calibration_slices", no_slices)
+    # Any int8 model of these weights will do, e.g. one made from given slices.
+    export.quantize(tmp_path / "tiny.onnx", tmp_path / "tiny.int8.xml", slices[:2])
+    made = export.recorded(tmp_path / "tiny.int8.xml")["calibration"]
+    assert made.startswith("slices:(2, 4, 64, 64):")
+    assert Segmenter(weights, precision="int8").backend.precision == "int8"
+    assert export.recorded(tmp_path / "tiny.int8.xml")["calibration"] == made
