@@ -78,7 +78,7 @@ def read_case(
         return io.read_case(io.find_case_files(folder))
     if not all(explicit):
         missing = [m for m, p in zip(io.MODALITIES, explicit) if not p]
-        raise ValueError(f"missing modality file(s): {', '.join('--' + m for m in missing)}")
+        raise ValueError(f"missing modality file(s): {', '.join(missing)}")
     return io.read_case(io.case_files_from_paths(t1, t1ce, t2, flair))
 
 

@@ -313,9 +313,9 @@ def demo(
     from tiramisu_brats.synthetic import make_case, write_case
 
     start = time.perf_counter()
-    with user_errors():
+    with user_errors("give another -o, or pass --overwrite to replace it"):
         if output.exists() and any(output.iterdir()) and not overwrite:
-            raise FileExistsError(f"{output}: not empty (give another -o)")
+            raise FileExistsError(f"{output}: not empty")
         output.mkdir(parents=True, exist_ok=True)
         if case is None:
             synthetic = make_case(seed=seed, case_id=f"synthetic-{seed:03d}")

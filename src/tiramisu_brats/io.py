@@ -284,16 +284,9 @@ def _open_volume(path: Path) -> tuple[nib.Nifti1Image, tuple[int, int, int]]:
 
 
 def _read_voxels(img: nib.Nifti1Image, path: Path) -> np.ndarray:
-    """The voxel array as stored (scaled by nibabel if the header says so).
-
-    A gzipped single-file NIfTI is decompressed by zlib (which releases the GIL, unlike
-    nibabel's streaming reader) only as far as the header's voxels reach.
-    """
+    """The voxel array as stored, scaled by nibabel where the header says so (the path of files
+    that ``_stream_voxels`` does not take)."""
     try:
-        if _gzipped_nifti(img, path):
-            end = img.dataobj.offset + int(np.prod(img.shape)) * img.get_data_dtype().itemsize
-            with _mapped(path) as data:
-                img = type(img).from_bytes(b"".join(_gunzip(data, int(end))))
         return np.asanyarray(img.dataobj)
     except _READ_ERRORS as e:
         raise InputError(f"{path}: cannot read the voxel data ({_one_line(e)})") from e
