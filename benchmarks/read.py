@@ -22,15 +22,15 @@ import nibabel as nib
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from speed import cpu_name, load_average  # noqa: E402
+from speed import cpu_name, load_average
 
-from tiramisu_brats import io  # noqa: E402
+from tiramisu_brats import io
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def nibabel_read(files: io.CaseFiles) -> np.ndarray:
-    """``(4, X, Y, Z)`` in the stored dtype where the four agree, as ``read_case(keep_dtype=True)``."""
+    """``(4, X, Y, Z)`` in the stored dtype, as ``read_case(keep_dtype=True)`` gives BraTS."""
     images = [nib.load(p) for p in files.images]
     out = np.empty((4, *images[0].shape[:3]), images[0].get_data_dtype().newbyteorder("="))
 

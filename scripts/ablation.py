@@ -24,6 +24,7 @@ from scipy.stats import spearmanr
 
 from tiramisu_brats import api, io, metrics
 from tiramisu_brats.data import find_training_cases
+from tiramisu_brats.infer import region_labels
 from tiramisu_brats.postprocess import postprocess
 
 VIEWS = [(p, f) for p in ("axial", "coronal", "sagittal") for f in (False, True)]
@@ -51,16 +52,6 @@ def relabel_small_et(labels: np.ndarray, n: int) -> np.ndarray:
     return labels
 
 
-def region_labels(probs: np.ndarray, t: float) -> np.ndarray:
-    """Labels from region probabilities (WT = 1 - p0, TC = p1 + p4, ET = p4), nested as the
-    regions are: 4 where P(ET) > t, else 1 where P(TC) > t, else 2 where P(WT) > t."""
-    labels = np.zeros(probs.shape[1:], np.uint8)
-    labels[1 - probs[0] > t] = 2
-    labels[probs[1] + probs[3] > t] = 1
-    labels[probs[3] > t] = 4
-    return labels
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--cases", required=True)
@@ -69,12 +60,14 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--qc-threshold", type=float, default=None,
                         help="score the QC candidates inside the tumor of region_labels(T) "
-                             "(default: of the argmax)")
+                             "(default: the model's decision, export.decision)")
     args = parser.parse_args()
     wanted = [c.strip() for c in args.cases.split(",")]
     folders = {io.find_case_files(f).case_id: f for f in find_training_cases(
         [args.data_root / "brats-labeled", args.data_root / "brats-labeled-extra"])}
     seg = api.Segmenter(args.model)
+    threshold = seg.threshold if args.qc_threshold is None else args.qc_threshold
+    chosen = "post" if seg.threshold is None else f"post_regions_{seg.threshold:g}"
     rows = []
     for case_id in wanted:
         files = io.find_case_files(folders[case_id])
@@ -96,8 +89,7 @@ def main() -> None:
                          **{f"post_regions_{t}": dice3(postprocess(region_labels(fused, t)), ref)
                             for t in REGION_T}}
             wt = np.stack([1 - probs[v][0] for v in views])  # whole-tumor probability per view
-            inside = (post if args.qc_threshold is None else
-                      postprocess(region_labels(fused, args.qc_threshold))) > 0
+            inside = postprocess(region_labels(fused, threshold)) > 0
             row[name]["wt_ml"] = float(inside.sum() / 1000)
             row[name]["ref_wt_ml"] = float((ref > 0).sum() / 1000)
             if len(views) > 1 and inside.any():
@@ -127,19 +119,21 @@ def main() -> None:
                  for r in ("WT", "TC", "ET")}
             print(f"| {name} | {stage} | {m['WT']:.3f} | {m['TC']:.3f} | {m['ET']:.3f} | "
                   f"{np.mean(list(m.values())):.3f} |")
+    print(f"\nPer case, labels by the model's decision ({chosen}); QC inside the tumor of "
+          f"region_labels({threshold}):")
     print("\n| case | fast: Dice WT / TC / ET | accurate: Dice WT / TC / ET | QC spread "
           "(accurate) | predicted / expert WT ml |")
     print("|---|---|---|---:|---|")
     for row in rows:
         fast, acc = row["axial (fast)"], row["3 planes + flips (accurate)"]
-        print(f"| {row['case']} | " + " / ".join(f"{fast['post'][r]:.3f}" for r in fast["post"])
-              + " | " + " / ".join(f"{acc['post'][r]:.3f}" for r in acc["post"])
+        print(f"| {row['case']} | " + " / ".join(f"{fast[chosen][r]:.3f}" for r in fast[chosen])
+              + " | " + " / ".join(f"{acc[chosen][r]:.3f}" for r in acc[chosen])
               + f" | {acc.get('qc_spread', float('nan')):.3f} | {acc['wt_ml']:.1f} / "
               f"{acc['ref_wt_ml']:.1f} |")
-    print("\nQC (Spearman with Dice WT / with mean Dice, after postprocessing):")
+    print(f"\nQC (Spearman with Dice WT / with mean Dice, {chosen}):")
     for name in COMBOS:
-        dwt = [row[name]["post"]["WT"] for row in rows]
-        dmean = [np.mean(list(row[name]["post"].values())) for row in rows]
+        dwt = [row[name][chosen]["WT"] for row in rows]
+        dmean = [np.mean(list(row[name][chosen].values())) for row in rows]
         for key in ("qc_spread", "qc_spread_union", "qc_volume_agreement", "qc_view_dice",
                     "qc_mean_wt_prob", "qc_entropy"):
             vals = [row[name].get(key) for row in rows]

@@ -1,35 +1,57 @@
 """Package a training run's last weights as the model the package ships: float16 safetensors
-with the recipe, the training and held-out cases and the license in the header, and the ONNX
-export beside it (what the light install runs without PyTorch).
+with the recipe, the training and held-out cases, the postprocessing and labelling decisions
+and the license in the header, and the ONNX export beside it (what the light install runs
+without PyTorch).
 
 Usage: python scripts/package_weights.py RUN_DIR OUT.safetensors --recipe "TEXT" \
-           --postprocess "TEXT"
+           --postprocess "TEXT" [--decision JSON]
+       python scripts/package_weights.py PACKAGED.safetensors OUT.safetensors --decision JSON
+The second form records a decision (``export.decision``: ``region_threshold``,
+``qc_spread_review``) in weights packaged before: the tensors and the rest of the header are
+kept as they are; the ONNX export is made anew (the weights' sha256 changes).
 """
 
 import argparse
 import json
 from pathlib import Path
 
+from safetensors.numpy import load_file, save_file
+
 from tiramisu_brats import io
-from tiramisu_brats.export import export_onnx
-from tiramisu_brats.model import load_model, save_weights
+from tiramisu_brats.export import decision, export_onnx
+from tiramisu_brats.model import load_model, read_config, save_weights
 
 LICENSE = "Apache-2.0; trained on BraTS data: research use only, cite the BraTS papers"
 
 parser = argparse.ArgumentParser(description=__doc__)
-parser.add_argument("run", type=Path)
+parser.add_argument("run", type=Path, help="a training run's folder, or packaged weights")
 parser.add_argument("out", type=Path)
-parser.add_argument("--recipe", required=True)
-parser.add_argument("--postprocess", required=True, help="the postprocessing decision, in words")
+parser.add_argument("--recipe")
+parser.add_argument("--postprocess", help="the postprocessing decision, in words")
+parser.add_argument("--decision", help="JSON: region_threshold, qc_spread_review")
 args = parser.parse_args()
 
-config = json.loads((args.run / "train_config.json").read_text())
-rows = (args.run / "log.csv").read_text().strip().splitlines()
-model = load_model(args.run / "model_last.safetensors")
-meta = {"recipe": args.recipe, "train_config": json.dumps(config, sort_keys=True),
-        "trained_on": ",".join(config["train_cases"]), "held_out": ",".join(config["val_cases"]),
-        "epoch": str(len(rows) - 1), "postprocess": args.postprocess, "license": LICENSE}
-io.atomic_write(args.out, lambda tmp: save_weights(model, tmp, half=True, metadata=meta),
-                overwrite=True)
+if args.run.is_file():
+    if not args.decision:
+        parser.error("packaged weights: give the --decision to record")
+    _, meta = read_config(args.run)
+    tensors = load_file(args.run)
+    meta["decision"] = args.decision
+    io.atomic_write(args.out, lambda tmp: save_file(tensors, str(tmp), metadata=meta),
+                    overwrite=True)
+else:
+    if not (args.recipe and args.postprocess):
+        parser.error("a run folder: give --recipe and --postprocess")
+    config = json.loads((args.run / "train_config.json").read_text())
+    rows = (args.run / "log.csv").read_text().strip().splitlines()
+    model = load_model(args.run / "model_last.safetensors")
+    meta = {"recipe": args.recipe, "train_config": json.dumps(config, sort_keys=True),
+            "trained_on": ",".join(config["train_cases"]),
+            "held_out": ",".join(config["val_cases"]), "epoch": str(len(rows) - 1),
+            "postprocess": args.postprocess, "license": LICENSE,
+            **({"decision": args.decision} if args.decision else {})}
+    io.atomic_write(args.out, lambda tmp: save_weights(model, tmp, half=True, metadata=meta),
+                    overwrite=True)
+print(f"decision: {decision(args.out) or 'none (argmax)'}")
 export_onnx(args.out, args.out.with_suffix(".onnx"))
 print(f"wrote {args.out} and {args.out.with_suffix('.onnx')}")

@@ -449,3 +449,26 @@ def test_segment_with_an_affine_gives_what_segment_case_writes(tmp_path, tiny_we
         np.testing.assert_array_equal(direct.labels,
                                       io.read_label_map(tmp_path / f"{mode}.nii.gz")[0])
         assert direct.qc == summary.get("qc")
+
+
+def test_the_weights_decision_rule_labels_the_case_and_is_recorded(tmp_path, tiny_weights):
+    from safetensors.numpy import load_file, save_file
+
+    from tiramisu_brats.infer import region_labels
+    from tiramisu_brats.model import read_config
+
+    _, header = read_config(tiny_weights)
+    weights = tmp_path / "rule.safetensors"
+    save_file(load_file(tiny_weights), str(weights), metadata={
+        **header, "decision": '{"region_threshold": 0.2, "qc_spread_review": 0.5}'})
+    image = make_case(3, shape=(64, 64, 40)).image
+    plain = api.Segmenter(tiny_weights, "torch", crop=(64, 64), postprocess=False)
+    rule = api.Segmenter(weights, "torch", crop=(64, 64), postprocess=False)
+    assert plain.model_info()["labels_by"] == "argmax"
+    assert rule.model_info()["labels_by"] == "region probabilities > 0.2"
+    probs = rule.view_probabilities(image)
+    for seg, threshold in ((plain, None), (rule, 0.2)):
+        labels = seg.segment(image, all_slices=True).labels
+        assert (labels == region_labels(probs, threshold)).mean() > 0.999
+    accurate = api.Segmenter(weights, "torch", crop=(64, 64), mode="accurate")
+    assert "0.5)" in accurate.segment(image).qc["why"]

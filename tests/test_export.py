@@ -126,3 +126,24 @@ def test_the_segmenter_quantizes_on_synthetic_slices_only_where_no_int8_model_ex
     assert made.startswith("slices:(2, 4, 64, 64):")
     assert Segmenter(weights, precision="int8").backend.precision == "int8"
     assert export.recorded(tmp_path / "tiny.int8.xml")["calibration"] == made
+
+
+def test_decision_read_from_the_header(tmp_path, random_weights):
+    from safetensors.numpy import load_file, save_file
+
+    weights = random_weights(tmp_path)
+    assert export.decision(weights) == {}
+    from tiramisu_brats.model import read_config
+
+    _, header = read_config(weights)
+    tensors = load_file(weights)
+    for text, expected in (('{"region_threshold": 0.3, "qc_spread_review": 0.098}',
+                            {"region_threshold": 0.3, "qc_spread_review": 0.098}),
+                           ('{"region_threshold": "0.25"}', {"region_threshold": 0.25})):
+        save_file(tensors, str(weights), metadata={**header, "decision": text})
+        assert export.decision(weights) == expected
+    for bad in ('{"region_threshold": 1.5}', '{"threshold": 0.3}', "not json",
+                '{"region_threshold": "high"}'):
+        save_file(tensors, str(weights), metadata={**header, "decision": bad})
+        with pytest.raises(ValueError, match="decision"):
+            export.decision(weights)

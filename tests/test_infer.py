@@ -260,3 +260,28 @@ def test_real_case_labels_match_torch(real_data, tmp_path, monkeypatch):
                                   windows=brain_windows(slices))
     agree = (labels == ref).mean()
     assert agree >= 0.999, json.dumps({"backend": "openvino default", "agreement": agree})
+
+
+def test_region_labels_nest_the_regions_and_argmax_without_a_threshold():
+    # background, necrosis, edema, enhancing; one voxel per column
+    probs = np.array([[0.40, 0.60, 0.55, 0.80, 0.30, 0.25],
+                      [0.10, 0.05, 0.20, 0.05, 0.20, 0.30],
+                      [0.45, 0.25, 0.10, 0.10, 0.15, 0.10],
+                      [0.05, 0.10, 0.15, 0.05, 0.35, 0.35]], np.float32)
+    np.testing.assert_array_equal(infer.region_labels(probs), [2, 0, 0, 0, 4, 4])
+    # WT = 1 - p0: .60 .40 .45 .20 .70 .75; TC = p1 + p3: .15 .15 .35 .10 .55 .65; ET = p3
+    np.testing.assert_array_equal(infer.region_labels(probs, 0.3), [2, 2, 1, 0, 4, 4])
+    np.testing.assert_array_equal(infer.region_labels(probs, 0.5), [2, 0, 0, 0, 1, 1])
+    batch = np.stack([probs, probs[:, ::-1]])[..., None]  # (N, K, H, W) = (2, 4, 6, 1)
+    np.testing.assert_array_equal(infer.region_labels(batch, 0.3, axis=1)[:, :, 0],
+                                  [[2, 2, 1, 0, 4, 4], [4, 4, 0, 1, 2, 2]])
+
+
+def test_labels_by_threshold_are_those_of_the_softmax(tiny, synthetic_slices):
+    backend = infer.load_backend("openvino", tiny, precision="fp32")
+    probs = infer.predict_probabilities(backend, synthetic_slices)
+    for t in (0.2, 0.4):
+        labels = backend.predict(synthetic_slices, threshold=t)
+        expected = infer.region_labels(probs, t, axis=1)
+        assert (labels == expected).mean() > 0.999  # ties at the threshold may round apart
+        assert (labels > 0).sum() >= (backend.predict(synthetic_slices) > 0).sum() * (t < 0.5)

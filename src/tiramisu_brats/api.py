@@ -24,12 +24,13 @@ from pathlib import Path
 import numpy as np
 
 from tiramisu_brats import io
-from tiramisu_brats.export import CalibrationNeeded, default_weights, file_sha256
+from tiramisu_brats.export import CalibrationNeeded, decision, default_weights, file_sha256
 from tiramisu_brats.infer import (
     WHOLE_SLICES,
     load_backend,
     predict_labels,
     predict_probabilities,
+    region_labels,
 )
 from tiramisu_brats.preprocess import (
     CROP,
@@ -127,29 +128,31 @@ def prepare_case(case: io.Case, crop: tuple[int, int] = CROP, resample: bool = T
 # QC: the spread (standard deviation across the views) of the whole tumor's probability,
 # averaged inside the predicted tumor, ranked the validation cases by Dice best of the
 # candidates tried (docs/model-card.md, "Quality score"); a case is flagged for review above
-# QC_SPREAD_REVIEW, the threshold chosen on the validation split.
+# QC_SPREAD_REVIEW, the threshold chosen on the validation split for argmax labels; weights
+# that record another decision rule record the threshold chosen with it (export.decision).
 QC_SPREAD_REVIEW = 0.048
 
 
-def quality(spread: np.ndarray, labels: np.ndarray) -> dict:
+def quality(spread: np.ndarray, labels: np.ndarray, review_above: float = QC_SPREAD_REVIEW
+            ) -> dict:
     """The quality score of one case from ``spread`` (X, Y, Z), the standard deviation of the
     whole-tumor probability across views, and the predicted ``labels`` (X, Y, Z).
 
-    ``score`` in [0, 1], higher = more likely right: 1 - mean spread / (2 *
-    ``QC_SPREAD_REVIEW``), so that ``review`` (score below 0.5) is a spread above the
-    threshold; no tumor found is score 0 and a review.
+    ``score`` in [0, 1], higher = more likely right: 1 - mean spread / (2 * ``review_above``),
+    so that ``review`` (score below 0.5) is a spread above that threshold; no tumor found is
+    score 0 and a review.
     """
     tumor = labels > 0
     if not tumor.any():
         return {"score": 0.0, "review": True, "spread": None,
                 "why": "no tumor found: check that the case holds none"}
     value = float(spread[tumor].mean())
-    score = float(np.clip(1 - value / (2 * QC_SPREAD_REVIEW), 0, 1))
-    review = value > QC_SPREAD_REVIEW
+    score = float(np.clip(1 - value / (2 * review_above), 0, 1))
+    review = value > review_above
     why = (f"the views disagree on the whole tumor (mean spread {value:.3f} inside it, above "
-           f"{QC_SPREAD_REVIEW})" if review else
+           f"{review_above:g})" if review else
            f"the views agree on the whole tumor (mean spread {value:.3f} inside it, at most "
-           f"{QC_SPREAD_REVIEW})")
+           f"{review_above:g})")
     return {"score": round(score, 4), "review": bool(review), "spread": round(value, 4),
             "why": why}
 
@@ -220,6 +223,9 @@ class Segmenter:
                                         calibration=calibration_slices(),
                                         calibration_id=SYNTHETIC_CALIBRATION)
         self._sha256 = file_sha256(self.weights)  # of the weights just loaded, once per run
+        rule = decision(self.weights)
+        self.threshold = rule.get("region_threshold")
+        self.qc_review = rule.get("qc_spread_review", QC_SPREAD_REVIEW)
         self.batch_size = batch_size
         self.crop = crop
         self.postprocess = postprocess
@@ -234,6 +240,8 @@ class Segmenter:
                 "backend": self.backend.name, "device": self.backend.device,
                 "precision": self.backend.precision, "brain_window_margin": self.margin,
                 "tumor_slices": self.tumor_slices and self.mode == "fast", "mode": self.mode,
+                "labels_by": ("argmax" if self.threshold is None else
+                              f"region probabilities > {self.threshold:g}"),
                 "views": [f"{plane}{' flipped' if flip else ''}"
                           for plane, flip in MODES[self.mode]]}
 
@@ -291,10 +299,11 @@ class Segmenter:
         views: Sequence[tuple[str, bool]] | None = None, back: Grid | None = None,
     ) -> Segmentation:
         """Every view of ``views`` (default ``MODES[self.mode]``): the mean of their softmax
-        probabilities. With ``back``, the probabilities are brought linearly to the input grid
-        of ``back`` (a resampled one) before the argmax and postprocessing there: on the
-        validation cases resampled to 0.5 x 0.5 x 1 and 1 x 1 x 3 mm slightly better than the
-        labels by nearest neighbour (docs/model-card.md)."""
+        probabilities, labelled by ``region_labels`` with the weights' threshold. With ``back``,
+        the probabilities are brought linearly to the input grid of ``back`` (a resampled one)
+        before the labels and postprocessing there: on the validation cases resampled to
+        0.5 x 0.5 x 1 and 1 x 1 x 3 mm slightly better than the labels by nearest neighbour
+        (docs/model-card.md)."""
         stats: dict = {}
         fused = wt_sum = wt_squares = None
         views = MODES[self.mode] if views is None else views
@@ -308,11 +317,12 @@ class Segmenter:
                 wt_sum += wt
                 wt_squares += wt * wt
         t2 = time.perf_counter()
+        fused /= len(views)
         mean = wt_sum / len(views)
         spread = np.sqrt(np.clip(wt_squares / len(views) - mean * mean, 0, None))
         if back is not None:
             fused, spread = to_input(fused, back, linear=True), to_input(spread, back, True)
-        raw = io.CLASS_TO_LABEL[fused.argmax(0)]
+        raw = region_labels(fused, self.threshold)
         labels = _postprocess(raw) if self.postprocess else raw
         timings = {"preprocess": stats["preprocess"], "infer": stats["infer"],
                    "postprocess": time.perf_counter() - t2}
@@ -320,7 +330,7 @@ class Segmenter:
         return Segmentation(labels, raw, timings, {"brain": stats["brain"],
                                                    "run": stats["brain"]},
                             uncertainty=spread if several else None,
-                            qc=quality(spread, labels) if several else None)
+                            qc=quality(spread, labels, self.qc_review) if several else None)
 
     def _segment_grid(
         self, image: np.ndarray, grid: Grid, on_batch: Callable[[int], None] | None,
@@ -330,7 +340,7 @@ class Segmenter:
         """Segment ``image`` on the network's ``grid``; everything returned is on the input
         grid. ``prepared``: ``image``'s axial slices and geometry, if made already (in
         ``preprocess_s`` seconds). A resampled grid gets the probabilities brought back
-        before the argmax (``_segment_views``), in either mode."""
+        before the labels are decided (``_segment_views``), in either mode."""
         if self.mode == "fast" and not grid.resampled:
             if prepared is None:
                 t0 = time.perf_counter()
@@ -355,7 +365,8 @@ class Segmenter:
         tumor_slices = self.tumor_slices and not all_slices
         stats: dict[str, int] = {}
         raw = uncrop(predict_labels(self.backend, slices, self.batch_size, on_batch, windows,
-                                    tumor_slices=tumor_slices, stats=stats), geometry)
+                                    tumor_slices=tumor_slices, stats=stats,
+                                    threshold=self.threshold), geometry)
         t2 = time.perf_counter()
         labels = _postprocess(raw) if self.postprocess else raw
         t3 = time.perf_counter()

@@ -56,6 +56,30 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+DECISION_KEYS = ("region_threshold", "qc_spread_review")
+
+
+def decision(weights: Path) -> dict[str, float]:
+    """The decision rule chosen on the validation split for ``weights`` and recorded in their
+    header (metadata ``decision``, a JSON object): ``region_threshold`` (how probabilities
+    become labels: ``infer.region_labels``) and ``qc_spread_review`` (the view spread above
+    which a case is flagged for review: ``api.quality``). ``{}`` where none was recorded (the
+    argmax and the default review threshold then apply)."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="numpy") as f:
+        text = (f.metadata() or {}).get("decision", "{}")
+    try:
+        rule = json.loads(text)
+        values = {k: float(rule[k]) for k in DECISION_KEYS if k in rule}
+    except (json.JSONDecodeError, TypeError, ValueError) as err:
+        raise ValueError(f"{weights}: unreadable decision in the header ({err})") from None
+    if set(rule) - set(DECISION_KEYS) or not all(0 < v < 1 for v in values.values()):
+        raise ValueError(f"{weights}: decision {text} in the header: expected values in (0, 1) "
+                         f"for {', '.join(DECISION_KEYS)}")
+    return values
+
+
 def sidecar(path: Path) -> Path:
     """The JSON beside a made model file that says what it was made from
     (``{"weights_sha256": ..., "calibration": ...}``)."""

@@ -87,17 +87,19 @@ class Backend:
         for batch in batches:
             yield self(np.ascontiguousarray(batch, dtype=np.float32))
 
-    def label_batches(self, batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
-        """Labels ``(N, H, W)`` uint8 in 0/1/2/4, by argmax, of each batch, as
-        ``logit_batches``."""
-        for logits in self.logit_batches(batches):
-            yield io.CLASS_TO_LABEL[logits.argmax(1)]
+    def label_batches(self, batches: Iterable[np.ndarray],
+                      threshold: float | None = None) -> Iterator[np.ndarray]:
+        """Labels ``(N, H, W)`` uint8 in 0/1/2/4 of each batch, as ``logit_batches``, by
+        ``region_labels(threshold)``."""
+        return map(_labeller(threshold), self.logit_batches(batches))
 
     def predict(self, slices: np.ndarray, batch_size: int | None = None,
-                on_batch: Callable[[int], None] | None = None) -> np.ndarray:
-        """Labels (Z', H, W) uint8 in 0/1/2/4 for slices (Z', C, H, W) float32, by argmax,
-        ``batch_size`` slices at a time (default: the backend's ``batch_size``)."""
-        return predict_labels(self, slices, batch_size, on_batch)
+                on_batch: Callable[[int], None] | None = None,
+                threshold: float | None = None) -> np.ndarray:
+        """Labels (Z', H, W) uint8 in 0/1/2/4 for slices (Z', C, H, W) float32, by
+        ``region_labels(threshold)``, ``batch_size`` slices at a time (default: the backend's
+        ``batch_size``)."""
+        return predict_labels(self, slices, batch_size, on_batch, threshold=threshold)
 
 
 class TorchBackend(Backend):
@@ -202,8 +204,9 @@ class OpenVINOBackend(Backend):
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return self.requests[0].infer({0: batch})[0].copy()
 
-    def label_batches(self, batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
-        return self._pipelined(batches, lambda logits: io.CLASS_TO_LABEL[logits.argmax(1)])
+    def label_batches(self, batches: Iterable[np.ndarray],
+                      threshold: float | None = None) -> Iterator[np.ndarray]:
+        return self._pipelined(batches, _labeller(threshold))
 
     def logit_batches(self, batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
         return self._pipelined(batches, np.copy)
@@ -270,10 +273,10 @@ def predict_labels(
     backend: Backend, slices: np.ndarray, batch_size: int | None = None,
     on_batch: Callable[[int], None] | None = None,
     windows: Sequence[tuple[slice, slice] | None] | None = None, *, tumor_slices: bool = False,
-    stats: dict[str, int] | None = None,
+    stats: dict[str, int] | None = None, threshold: float | None = None,
 ) -> np.ndarray:
-    """Labels (Z', H, W) uint8 in 0/1/2/4 for slices (Z', C, H, W) float32, by argmax
-    (``batch_size`` default: the backend's).
+    """Labels (Z', H, W) uint8 in 0/1/2/4 for slices (Z', C, H, W) float32, by
+    ``region_labels(threshold)`` (``batch_size`` default: the backend's).
 
     ``windows`` (one per slice, as ``preprocess.brain_windows``): run the network on these parts
     of the slices only, slices of one window size batched together; 0 outside them.
@@ -300,7 +303,8 @@ def predict_labels(
     done = np.zeros(n, bool)
     stats["run"] = 0
     while todo:
-        stats["run"] += _run(backend, slices, todo, windows, out, batch_size, on_batch)
+        stats["run"] += _run(backend, slices, todo, windows, out, batch_size, on_batch,
+                             threshold=threshold)
         done[todo] = True
         if not tumor_slices:
             break
@@ -330,6 +334,33 @@ def predict_probabilities(
     return out
 
 
+def region_labels(probs: np.ndarray, threshold: float | None = None, axis: int = 0
+                  ) -> np.ndarray:
+    """BraTS labels uint8 in 0/1/2/4 from softmax probabilities (or, with ``threshold``
+    None, any scores) of the classes background, necrosis, edema, enhancing along ``axis``.
+
+    ``threshold`` None: the argmax. Else the regions' probabilities, nested as the regions are:
+    4 where P(ET) = p_enh > ``threshold``, else 1 where P(TC) = p_nec + p_enh > it, else 2
+    where P(WT) = 1 - p_bg > it, else 0. Below 0.5 this finds more tumor than the argmax
+    (which needs one class above all others): what the weights' ``decision`` chose on the
+    validation split (docs/model-card.md)."""
+    if threshold is None:
+        return io.CLASS_TO_LABEL[probs.argmax(axis)]
+    bg, nec, _, enh = np.moveaxis(probs, axis, 0)
+    labels = np.zeros(bg.shape, np.uint8)
+    labels[1 - bg > threshold] = 2
+    labels[nec + enh > threshold] = 1
+    labels[enh > threshold] = 4
+    return labels
+
+
+def _labeller(threshold: float | None) -> Callable[[np.ndarray], np.ndarray]:
+    """Logits ``(N, K, H, W)`` → labels ``(N, H, W)`` by ``region_labels(threshold)``."""
+    if threshold is None:  # the argmax of the logits is that of the probabilities
+        return lambda logits: io.CLASS_TO_LABEL[logits.argmax(1)]
+    return lambda logits: region_labels(_softmax(logits), threshold, axis=1)
+
+
 def _softmax(logits: np.ndarray) -> np.ndarray:
     """Softmax over axis 1 of ``(N, K, H, W)``, in float32."""
     e = np.exp(logits - logits.max(axis=1, keepdims=True))
@@ -341,8 +372,10 @@ def _run(
     backend: Backend, slices: np.ndarray, indices: Sequence[int],
     windows: Sequence[tuple[slice, slice] | None] | None, out: np.ndarray,
     batch_size: int | None, on_batch: Callable[[int], None] | None, *, softmax: bool = False,
+    threshold: float | None = None,
 ) -> int:
-    """Write into ``out`` the labels (``softmax``: the probabilities, ``out`` (Z', K, H, W))
+    """Write into ``out`` the labels by ``region_labels(threshold)`` (``softmax``: the
+    probabilities, ``out`` (Z', K, H, W))
     of the slices ``indices`` (in their windows, if given), slices of one size batched
     together, the largest first; returns how many were run (a slice without a window is
     not)."""
@@ -363,7 +396,7 @@ def _run(
     batches = (np.stack([slices[i, :, place[i][0], place[i][1]] for i in chunk])
                for chunk in chunks)
     results = (map(_softmax, backend.logit_batches(batches)) if softmax
-               else backend.label_batches(batches))
+               else backend.label_batches(batches, threshold))
     for chunk, values in zip(chunks, results, strict=True):
         for i, value in zip(chunk, values, strict=True):
             out[i, ..., place[i][0], place[i][1]] = value
