@@ -78,7 +78,9 @@ def cpu_name() -> str:
     name, flags = infer.cpu_info()
     name = name or platform.processor() or "unknown CPU"
     has = [f for f in ISA if f in flags]
-    return f"{name} with {', '.join(has) or 'none'} (of {', '.join(ISA)})"
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    capped = f", capped by ONEDNN_MAX_CPU_ISA={cap}" if cap else ""
+    return f"{name} with {', '.join(has) or 'none'} (of {', '.join(ISA)}{capped})"
 
 
 def load_average() -> str:

@@ -285,3 +285,20 @@ def test_labels_by_threshold_are_those_of_the_softmax(tiny, synthetic_slices):
         expected = infer.region_labels(probs, t, axis=1)
         assert (labels == expected).mean() > 0.999  # ties at the threshold may round apart
         assert (labels > 0).sum() >= (backend.predict(synthetic_slices) > 0).sum() * (t < 0.5)
+
+
+def test_an_isa_cap_hides_the_flags_it_caps(monkeypatch):
+    flags = frozenset({"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8"})
+    monkeypatch.setattr(infer, "_proc_cpuinfo", lambda: ("some CPU", flags))
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    assert infer.has_bf16()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")
+    assert infer.cpu_info() == ("some CPU", frozenset({"avx2", "fma"})) and not infer.has_bf16()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_VNNI")
+    assert infer.cpu_info()[1] == {"avx2", "fma", "avx512f", "avx512_vnni"}
+
+
+def test_openvino_asked_for_bf16_computes_fp32_where_the_cpu_has_none(tiny, monkeypatch):
+    monkeypatch.setattr(infer, "has_bf16", lambda: False)
+    backend = infer.load_backend("openvino", tiny, precision="bf16")
+    assert backend.precision == "fp32"

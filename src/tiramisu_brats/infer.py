@@ -54,10 +54,31 @@ def cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-@functools.cache
+# oneDNN's cap on the instruction sets it uses (ONEDNN_MAX_CPU_ISA, e.g. AVX2, to run as an
+# AVX2-only CPU would): OpenVINO's kernels obey it, its choice of precision does not (with a
+# bf16 hint, compiling then fails), so the flags cpu_info reports obey it too. The value's
+# flags dropped, by prefix.
+_ISA_CAPS = {"SSE41": ("avx", "fma", "amx"), "AVX": ("avx2", "avx512", "fma", "amx"),
+             "AVX2": ("avx512", "amx"), "AVX2_VNNI": ("avx512", "amx"),
+             "AVX2_VNNI_2": ("avx512", "amx"), "AVX512_CORE": ("avx512_vnni", "avx512_bf16", "amx"),
+             "AVX512_CORE_VNNI": ("avx512_bf16", "amx"), "AVX512_CORE_BF16": ("amx",)}
+
+
 def cpu_info() -> tuple[str, frozenset[str]]:
     """The CPU's model name and instruction-set flags, from /proc/cpuinfo (``("", {})``
-    where there is none to read)."""
+    where there is none to read), less those that ``ONEDNN_MAX_CPU_ISA`` caps."""
+    name, flags = _proc_cpuinfo()
+    dropped = _ISA_CAPS.get(os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper(), ())
+    return name, frozenset(f for f in flags if not f.startswith(dropped))
+
+
+def has_bf16() -> bool:
+    """Whether this CPU computes in bf16 (AVX512-BF16 or AMX), as ``cpu_info`` reports it."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_info()[1])
+
+
+@functools.cache
+def _proc_cpuinfo() -> tuple[str, frozenset[str]]:
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
@@ -186,7 +207,8 @@ class OpenVINOBackend(Backend):
         except OSError as err:
             log.info("no OpenVINO model cache (%s)", err)
         config = {"PERFORMANCE_HINT": hint or self.HINT,
-                  "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
+                  "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" and (
+                      self.device != "cpu" or has_bf16()) else "f32"}
         if self.device == "cpu":
             config["INFERENCE_NUM_THREADS"] = threads or cpu_count()
         self.compiled = core.compile_model(str(model), self.device.upper(), config)

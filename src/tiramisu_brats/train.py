@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from tiramisu_brats import data as tdata
-from tiramisu_brats import io
+from tiramisu_brats import infer, io
 from tiramisu_brats.data import (
     QUANT_OFFSET,
     QUANT_STEP,
@@ -137,13 +137,6 @@ class TrainConfig:
         if "planes" in data:
             data["planes"] = tuple(data["planes"])
         return cls(**data)
-
-
-def cpu_computes_bf16() -> bool:
-    """Whether this CPU has bf16 arithmetic (AVX512-BF16 or AMX; ``infer.cpu_info``)."""
-    from tiramisu_brats.infer import cpu_info
-
-    return bool({"avx512_bf16", "amx_bf16"} & cpu_info()[1])
 
 
 def keep_freed_memory() -> None:
@@ -303,7 +296,7 @@ def predict_classes(model: Tiramisu, images: np.ndarray, device: torch.device,
     for i in range(0, len(images), batch):
         x = _to_device(dequantize(np.asarray(images[i : i + batch])), device)
         with torch.autocast(device.type, dtype=torch.bfloat16,
-                            enabled=amp and (device.type == "cuda" or cpu_computes_bf16())):
+                            enabled=amp and (device.type == "cuda" or infer.has_bf16())):
             out[i : i + batch] = model(x).argmax(1).to(torch.uint8).cpu().numpy()
     return out
 
@@ -611,7 +604,7 @@ def _setup(train_cases, val_cases, run_dir: Path, config: TrainConfig, resume: b
         _load_init(model, config)
     if world.rank:  # dropout differs between processes (rank 0 keeps the single-process one)
         torch.manual_seed(config.seed + world.rank)
-    bf16 = config.amp and (cuda or cpu_computes_bf16())
+    bf16 = config.amp and (cuda or infer.has_bf16())
     if cuda or bf16:
         model = model.to(memory_format=torch.channels_last)
     if not cuda:
