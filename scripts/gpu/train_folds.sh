@@ -4,7 +4,8 @@
 # checkpoint.safetensors, model_last/best.safetensors) under RUNS.
 #
 # usage: scripts/gpu/train_folds.sh CACHE RUNS MINUTES FOLDS [extra `tiramisu-brats train` flags]
-#   CACHE: a folder of labelled cases or a training cache (scripts/gpu/pack_cache.py packs one)
+#   CACHE: a folder of labelled cases or a training cache (scripts/gpu/pack_cache.py packs the
+#   cases to travel, scripts/gpu/unpack_cache.py builds the cache from them there)
 # Recipe of the shipped model: MINUTES=8, FOLDS=5, flags below (see docs/model-card.md).
 set -u
 cache=$1 runs=$2 minutes=$3 folds=$4

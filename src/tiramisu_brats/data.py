@@ -93,21 +93,35 @@ def cache_case(files: io.CaseFiles, cache_dir: Path, crop: tuple[int, int] = CRO
     if fresh and json.loads(meta_path.read_text()) == meta:
         return load_cached(cache_dir, case_id)
     meta_path.unlink(missing_ok=True)  # the entry is incomplete until the marker is back
+    image, labels = read_network_case(files)
+    return cache_volume(case_id, image, labels, cache_dir, meta)
+
+
+def read_network_case(files: io.CaseFiles) -> tuple[np.ndarray, np.ndarray]:
+    """A labelled case in the orientation segment gives the network (flips and permutations
+    only: the labels stay exact; voxels that are not 1 mm are kept as they are): the image
+    ``(C, X, Y, Z)`` in its stored dtype and the BraTS labels ``(X, Y, Z)``."""
     case = io.read_case(files, keep_dtype=True)
     labels, _, _ = io.read_label_map(files.seg)
     if labels.shape != case.shape:
         raise io.InputError(
             f"{files.seg}: shape {labels.shape} differs from the images' {case.shape}")
-    # The orientation segment gives the network (flips and permutations only: the labels
-    # stay exact); voxels that are not 1 mm are trained on as they are.
     grid = network_grid(case.affine, case.shape, resample=False)
-    image, labels = to_network(case.image, grid), to_network(labels, grid)
-    for plane in planes:
+    return to_network(case.image, grid), to_network(labels, grid)
+
+
+def cache_volume(case_id: str, image: np.ndarray, labels: np.ndarray, cache_dir: Path,
+                 meta: dict) -> list[CachedCase]:
+    """Write the cache entry of one case already in the network's orientation: ``image``
+    ``(C, X, Y, Z)``, ``labels`` ``(X, Y, Z)`` BraTS labels, in the crop and planes of ``meta``
+    (the entry's JSON marker, written last)."""
+    crop = tuple(meta["crop"])
+    for plane in meta["planes"]:
         slices, geometry = preprocess(to_plane(image, plane), crop)
         img_path, cls_path = cache_paths(cache_dir, case_id, plane)
         _save_npy(img_path, quantize(slices))
         _save_npy(cls_path, io.LABEL_TO_CLASS[extract(to_plane(labels, plane), geometry)])
-    io.atomic_write_text(meta_path, json.dumps(meta))  # written last: marks the entry complete
+    io.atomic_write_text(cache_dir / f"{case_id}.json", json.dumps(meta))
     return load_cached(cache_dir, case_id)
 
 
