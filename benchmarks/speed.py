@@ -55,7 +55,7 @@ DOC = ROOT / "docs" / "benchmarks.md"
 Config = tuple[str, "str | None", bool, bool, str]
 REFERENCE: Config = ("torch", "fp32", True, False, "fast")
 DEFAULT: Config = (infer.DEFAULT_BACKEND, None, False, True, "fast")
-ACCURATE: Config = (infer.DEFAULT_BACKEND, None, False, False, "accurate")
+ACCURATE: Config = (infer.DEFAULT_BACKEND, None, False, True, "accurate")
 CONFIGS: list[Config] = [REFERENCE, ("torch", "bf16", True, False, "fast"),
                          ("openvino", "fp32", True, False, "fast"),
                          ("openvino", "bf16", True, False, "fast"),
@@ -118,7 +118,8 @@ def label(config: Config) -> str:
     if mode == "fast":
         text += ", tumor slices" if tumor else ", all slices"
     else:
-        text = f"`--mode {mode}`: {text}, every slice of 3 planes x 2 flips"
+        text = (f"`--mode {mode}`: {text}, 3 planes x 2 flips, "
+                + ("the views after the first near its tumor" if tumor else "every slice"))
     return text + (" (**default**)" if config == DEFAULT else "")
 
 
@@ -361,7 +362,7 @@ def parse_configs(text: str) -> list[Config]:
             raise argparse.ArgumentTypeError(
                 f"{item}: not backend:precision[:whole][:all][:accurate]")
         configs.append((backend, None if precision == "default" else precision,
-                        "whole" in flags, "all" not in flags and "accurate" not in flags,
+                        "whole" in flags, "all" not in flags,
                         "accurate" if "accurate" in flags else "fast"))
     return [REFERENCE] + [c for c in configs if c != REFERENCE]
 

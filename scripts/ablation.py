@@ -66,6 +66,7 @@ def main() -> None:
     folders = {io.find_case_files(f).case_id: f for f in find_training_cases(
         [args.data_root / "brats-labeled", args.data_root / "brats-labeled-extra"])}
     seg = api.Segmenter(args.model)
+    accurate = api.Segmenter(args.model, mode="accurate")  # as segment runs it: tumor slices
     threshold = seg.threshold if args.qc_threshold is None else args.qc_threshold
     chosen = "post" if seg.threshold is None else f"post_regions_{seg.threshold:g}"
     rows = []
@@ -103,6 +104,14 @@ def main() -> None:
             row[name]["qc_mean_wt_prob"] = float(p.mean())
             ent = -(fused * np.log(np.clip(fused, 1e-6, 1))).sum(0)
             row[name]["qc_entropy"] = float(ent[inside].mean()) if inside.any() else 0.0
+        t0 = time.perf_counter()
+        near = accurate.segment(case.image)
+        row["accurate_tumor_slices"] = {
+            "dice": dice3(near.labels, ref), "seconds": time.perf_counter() - t0,
+            "run": near.slices["run"], "brain": near.slices["brain"],
+            "voxels_unlike_every_slice": int(np.count_nonzero(
+                near.labels != postprocess(region_labels(sum(probs.values()) / len(VIEWS),
+                                                         seg.threshold))))}
         rows.append(row)
         print(f"{case_id}: {seconds:.1f} s for {len(VIEWS)} views; "
               + "; ".join(f"{n}: WT {row[n]['post']['WT']:.3f} TC {row[n]['post']['TC']:.3f} "
@@ -130,6 +139,16 @@ def main() -> None:
               + " | " + " / ".join(f"{acc[chosen][r]:.3f}" for r in acc[chosen])
               + f" | {acc.get('qc_spread', float('nan')):.3f} | {acc['wt_ml']:.1f} / "
               f"{acc['ref_wt_ml']:.1f} |")
+    print("\n`--mode accurate` as segment runs it (the views after the first near its tumor) "
+          "against every slice of every view, labels by the model's decision:")
+    print("\n| case | slices run / brain slices | seconds | voxels unlike every slice's | "
+          "Dice WT / TC / ET |")
+    print("|---|---|---:|---:|---|")
+    for row in rows:
+        a = row["accurate_tumor_slices"]
+        print(f"| {row['case']} | {a['run']} / {a['brain']} | {a['seconds']:.1f} | "
+              f"{a['voxels_unlike_every_slice']} | "
+              + " / ".join(f"{a['dice'][r]:.3f}" for r in a["dice"]) + " |")
     print(f"\nQC (Spearman with Dice WT / with mean Dice, {chosen}):")
     for name in COMBOS:
         dwt = [row[name][chosen]["WT"] for row in rows]

@@ -4,14 +4,17 @@ and the license in the header, and the ONNX export beside it (what the light ins
 without PyTorch).
 
 Usage: python scripts/package_weights.py RUN_DIR OUT.safetensors --recipe "TEXT" \
-           --postprocess "TEXT" [--decision JSON]
+           --postprocess "TEXT" [--decision JSON] [--best]
        python scripts/package_weights.py PACKAGED.safetensors OUT.safetensors --decision JSON
-The second form records a decision (``export.decision``: ``region_threshold``,
-``qc_spread_review``) in weights packaged before: the tensors and the rest of the header are
-kept as they are; the ONNX export is made anew (the weights' sha256 changes).
+``--best``: the run's ``model_best.safetensors`` (the epoch of the best validation mean
+Dice) rather than its last weights. The second form records a decision
+(``export.decision``: ``region_threshold``, ``qc_spread_review``) in weights packaged before:
+the tensors and the rest of the header are kept as they are; the ONNX export is made anew
+(the weights' sha256 changes).
 """
 
 import argparse
+import csv
 import json
 from pathlib import Path
 
@@ -29,6 +32,8 @@ parser.add_argument("out", type=Path)
 parser.add_argument("--recipe")
 parser.add_argument("--postprocess", help="the postprocessing decision, in words")
 parser.add_argument("--decision", help="JSON: region_threshold, qc_spread_review")
+parser.add_argument("--best", action="store_true",
+                    help="the epoch of the best validation mean Dice, not the last")
 args = parser.parse_args()
 
 if args.run.is_file():
@@ -43,11 +48,13 @@ else:
     if not (args.recipe and args.postprocess):
         parser.error("a run folder: give --recipe and --postprocess")
     config = json.loads((args.run / "train_config.json").read_text())
-    rows = (args.run / "log.csv").read_text().strip().splitlines()
-    model = load_model(args.run / "model_last.safetensors")
+    with open(args.run / "log.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    epoch = (max(rows, key=lambda r: float(r["val_dice_mean"])) if args.best else rows[-1])["epoch"]
+    model = load_model(args.run / f"model_{'best' if args.best else 'last'}.safetensors")
     meta = {"recipe": args.recipe, "train_config": json.dumps(config, sort_keys=True),
             "trained_on": ",".join(config["train_cases"]),
-            "held_out": ",".join(config["val_cases"]), "epoch": str(len(rows) - 1),
+            "held_out": ",".join(config["val_cases"]), "epoch": epoch,
             "postprocess": args.postprocess, "license": LICENSE,
             **({"decision": args.decision} if args.decision else {})}
     io.atomic_write(args.out, lambda tmp: save_weights(model, tmp, half=True, metadata=meta),

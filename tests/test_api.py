@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from tiramisu_brats import api, io, metrics
+from tiramisu_brats import api, infer, io, metrics
 from tiramisu_brats.postprocess import postprocess
 from tiramisu_brats.synthetic import make_case
 
@@ -23,7 +23,7 @@ def accurate(tiny_weights):
 
 
 def test_accurate_mode_is_the_mean_of_every_views_probabilities(case, accurate):
-    seg = accurate.segment(case.image)
+    seg = accurate.segment(case.image, all_slices=True)
     views = [accurate.view_probabilities(case.image, plane, flip)
              for plane, flip in api.MODES["accurate"]]
     assert len(views) == 6 and all(v.shape == (4, 64, 64, 40) for v in views)
@@ -33,6 +33,46 @@ def test_accurate_mode_is_the_mean_of_every_views_probabilities(case, accurate):
     assert seg.slices["brain"] == 2 * sum(
         len(np.flatnonzero((case.image != 0).any(axis=(0, *(a for a in (1, 2, 3) if a != k)))))
         for k in (1, 2, 3))
+    assert seg.slices["run"] == seg.slices["brain"]
+
+
+class _Bright(infer.Backend):
+    """Edema where FLAIR (channel 3) is above ``level`` standard deviations: a rule voxel by
+    voxel, so every view gives the same probabilities."""
+
+    def __init__(self, level: float) -> None:
+        self.level = level
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        logits = np.zeros((len(batch), 4, *batch.shape[2:]), np.float32)
+        logits[:, 0] = 1  # background, clear of the tumor classes (no ties)
+        logits[:, 2] = 4 * (batch[:, 3] - self.level) + 1
+        return logits
+
+
+def test_accurate_tumor_slices_run_the_later_views_near_the_first_views_tumor(
+        case, tiny_weights, monkeypatch):
+    monkeypatch.setattr(api, "VIEW_MARGIN", 2)
+    seg = api.Segmenter(tiny_weights, "torch", mode="accurate", crop=(64, 64))
+    seg.backend = _Bright(2.0)
+    near, every = seg.segment(case.image), seg.segment(case.image, all_slices=True)
+    np.testing.assert_array_equal(near.labels, every.labels)
+    brain = (case.image != 0).any(axis=0)  # outside it the views' crop windows differ
+    np.testing.assert_allclose(near.uncertainty[brain], every.uncertainty[brain], atol=1e-6)
+    assert near.slices["brain"] == every.slices["run"] == every.slices["brain"]
+    # The first view runs every brain slice; each later one the brain slices along its
+    # normal that cross the box of the first view's postprocessed tumor, widened by 2.
+    first = postprocess(io.CLASS_TO_LABEL[seg.view_probabilities(case.image).argmax(0)])
+    count = {}
+    for axis in range(3):
+        others = tuple(a for a in range(3) if a != axis)
+        lo, hi = np.flatnonzero(brain.any(axis=others))[[0, -1]]
+        t_lo, t_hi = np.flatnonzero((first > 0).any(axis=others))[[0, -1]]
+        count[axis] = (hi - lo + 1, min(hi, t_hi + 2) - max(lo, t_lo - 2) + 1)
+    z, y, x = count[2], count[1], count[0]  # axial, coronal, sagittal normals
+    assert near.slices["run"] == z[0] + z[1] + 2 * y[1] + 2 * x[1] < every.slices["run"]
+    seg.backend = _Bright(100.0)  # no tumor in the first view: every slice of every view
+    assert seg.segment(case.image).slices["run"] == every.slices["run"]
 
 
 def test_a_view_flipped_back_is_the_mirror_of_the_flipped_image(case, accurate):

@@ -62,6 +62,11 @@ MODES: dict[str, tuple[tuple[str, bool], ...]] = {
     "fast": (("axial", False),),
     "accurate": tuple((plane, flip) for plane in PLANES for flip in (False, True)),
 }
+# With tumor slices, the views after the first run only their slices that cross the box of the
+# tumor the first view found (after postprocessing), widened by VIEW_MARGIN voxels each way, and
+# take the first view's probabilities elsewhere: about 70 % of accurate mode's slices on the 27
+# labelled cases (docs/benchmarks.md, "Accurate mode's tumor slices").
+VIEW_MARGIN = 16
 
 
 def read_case(
@@ -204,8 +209,9 @@ class Segmenter:
         can lose only tumor under ``infer.TUMOR_STRIDE`` slices thick cut off from the rest
         (the postprocessed labels of the 17 labelled cases stay as they are; the raw ones do
         not); default: with ``postprocess``. ``segment_case(save_raw=True)`` runs every slice
-        regardless. ``mode``: one of ``MODES``; ``accurate`` runs every slice of every view
-        and averages their probabilities (``tumor_slices`` does not apply). ``resample``:
+        regardless. ``mode``: one of ``MODES``; ``accurate`` averages the probabilities of
+        every view, with ``tumor_slices`` those of the views after the first only near the
+        tumor the first found (``VIEW_MARGIN``). ``resample``:
         bring images that are not 1 mm to 1 mm for the network (``segment_case``, and
         ``segment`` given an affine)."""
         if mode not in MODES:
@@ -239,7 +245,7 @@ class Segmenter:
         return {"weights": str(self.weights), "sha256": self._sha256,
                 "backend": self.backend.name, "device": self.backend.device,
                 "precision": self.backend.precision, "brain_window_margin": self.margin,
-                "tumor_slices": self.tumor_slices and self.mode == "fast", "mode": self.mode,
+                "tumor_slices": self.tumor_slices, "mode": self.mode,
                 "labels_by": ("argmax" if self.threshold is None else
                               f"region probabilities > {self.threshold:g}"),
                 "views": [f"{plane}{' flipped' if flip else ''}"
@@ -262,7 +268,7 @@ class Segmenter:
             grid = network_grid(affine, image.shape[1:], self.resample)
             return self._segment_grid(to_network(image, grid), grid, on_batch, all_slices)
         if self.mode != "fast":
-            return self._segment_views(image, on_batch)
+            return self._segment_views(image, on_batch, all_slices=all_slices)
         t0 = time.perf_counter()
         slices, geometry = preprocess(image, self.crop)
         return self._segment(slices, geometry, on_batch, all_slices,
@@ -270,48 +276,88 @@ class Segmenter:
 
     def view_probabilities(
         self, image: np.ndarray, plane: str = "axial", flip: bool = False,
-        on_batch: Callable[[int], None] | None = None, stats: dict | None = None,
+        on_batch: Callable[[int], None] | None = None, stats: dict | None = None, *,
+        box: tuple[slice, slice, slice] | None = None, fill: np.ndarray | None = None,
     ) -> np.ndarray:
         """The network's softmax probabilities ``(K, X, Y, Z)`` float32 for ``image``
         ``(4, X, Y, Z)`` seen along ``plane``, flipped left-right first with ``flip`` (and the
         result flipped back), every brain slice run; background 1 outside the crop window.
 
-        ``stats``, if given, gets ``preprocess`` and ``infer`` seconds and ``brain`` slices
-        added to what it holds.
+        ``box`` (slices of X, Y, Z): run only this view's slices that cross it and take the
+        probabilities elsewhere from ``fill`` ``(K, X, Y, Z)`` (the preprocessing, z-scores
+        included, is still that of the whole image). ``stats``, if given, gets
+        ``preprocess`` and ``infer`` seconds, ``brain`` slices and ``run`` slices added to
+        what it holds.
         """
         t0 = time.perf_counter()
         view = image[:, ::-1] if flip else image  # BraTS: X runs left-right
         slices, geometry = preprocess(to_plane(view, plane), self.crop)
         windows = None if self.margin is None else brain_windows(slices, self.margin)
+        crossing = None
+        if box is not None:
+            inside = np.zeros(image.shape[1:], bool)
+            inside[box] = True
+            # per slice of this view (its last axis), whether it crosses the box
+            crossing = to_plane(inside[::-1] if flip else inside, plane).any(axis=(0, 1))
+            run = crossing[geometry.z0:geometry.z1]
+            slices = slices[run]
+            windows = None if windows is None else [w for w, r in zip(windows, run) if r]
         t1 = time.perf_counter()
         probs = predict_probabilities(self.backend, slices, self.batch_size, on_batch, windows)
+        if crossing is not None:
+            every = np.zeros((len(run), *probs.shape[1:]), np.float32)
+            every[:, 0] = 1
+            every[run] = probs
+            probs = every
         probs[:, 0] -= 1  # uncrop pads with 0: background is then 1 outside the crop window
         volume = from_plane(uncrop(probs, geometry), plane)
         volume[0] += 1
         if stats is not None:
             for key, value in (("preprocess", t1 - t0), ("infer", time.perf_counter() - t1),
-                               ("brain", len(slices))):
+                               ("brain", geometry.n_slices), ("run", len(slices))):
                 stats[key] = stats.get(key, 0) + value
-        return volume[:, ::-1] if flip else volume
+        volume = volume[:, ::-1] if flip else volume
+        if crossing is not None:
+            ran = from_plane(np.broadcast_to(crossing, to_plane(inside, plane).shape), plane)
+            np.copyto(volume, fill, where=~(ran[::-1] if flip else ran))
+        return volume
+
+    def _tumor_box(self, probs: np.ndarray) -> tuple[slice, slice, slice] | None:
+        """The box of the postprocessed tumor in ``probs`` (K, X, Y, Z), widened by
+        ``VIEW_MARGIN``; None where there is none."""
+        labels = _postprocess(region_labels(probs, self.threshold))
+        if not labels.any():
+            return None
+        from scipy import ndimage
+
+        box = ndimage.find_objects((labels > 0).view(np.uint8))[0]
+        return tuple(slice(max(b.start - VIEW_MARGIN, 0), min(b.stop + VIEW_MARGIN, n))
+                     for b, n in zip(box, labels.shape))
 
     def _segment_views(
         self, image: np.ndarray, on_batch: Callable[[int], None] | None,
         views: Sequence[tuple[str, bool]] | None = None, back: Grid | None = None,
+        all_slices: bool = False,
     ) -> Segmentation:
         """Every view of ``views`` (default ``MODES[self.mode]``): the mean of their softmax
-        probabilities, labelled by ``region_labels`` with the weights' threshold. With ``back``,
+        probabilities, labelled by ``region_labels`` with the weights' threshold. With tumor
+        slices (not ``all_slices``) the views after the first run near its tumor only
+        (``VIEW_MARGIN``); every slice where it found none. With ``back``,
         the probabilities are brought linearly to the input grid of ``back`` (a resampled one)
         before the labels and postprocessing there: on the validation cases resampled to
         0.5 x 0.5 x 1 and 1 x 1 x 3 mm slightly better than the labels by nearest neighbour
         (docs/model-card.md)."""
         stats: dict = {}
-        fused = wt_sum = wt_squares = None
+        fused = wt_sum = wt_squares = first = box = None
         views = MODES[self.mode] if views is None else views
         for plane, flip in views:
-            volume = self.view_probabilities(image, plane, flip, on_batch, stats)
+            volume = self.view_probabilities(image, plane, flip, on_batch, stats, box=box,
+                                             fill=first)
             wt = 1 - volume[0]  # the whole tumor's probability in this view
             if fused is None:
                 fused, wt_sum, wt_squares = np.array(volume), wt, wt * wt
+                if self.tumor_slices and not all_slices and len(views) > 1:
+                    first, box = volume, self._tumor_box(volume)
             else:
                 fused += volume
                 wt_sum += wt
@@ -328,7 +374,7 @@ class Segmenter:
                    "postprocess": time.perf_counter() - t2}
         several = len(views) > 1  # one view: nothing to compare it with
         return Segmentation(labels, raw, timings, {"brain": stats["brain"],
-                                                   "run": stats["brain"]},
+                                                   "run": stats["run"]},
                             uncertainty=spread if several else None,
                             qc=quality(spread, labels, self.qc_review) if several else None)
 
@@ -348,7 +394,8 @@ class Segmenter:
                 preprocess_s += time.perf_counter() - t0
             seg = self._segment(*prepared, on_batch, all_slices, preprocess_s)
         else:
-            seg = self._segment_views(image, on_batch, back=grid if grid.resampled else None)
+            seg = self._segment_views(image, on_batch, back=grid if grid.resampled else None,
+                                      all_slices=all_slices)
             seg.timings["preprocess"] += preprocess_s
         if grid.resampled:  # already on the input grid
             return seg
@@ -458,8 +505,8 @@ class Segmenter:
             "grid": grid_info(grid, case.case_id),
             "mode": self.mode,
             "model": {**self.model_info(),
-                      "tumor_slices": (self.tumor_slices and not save_raw and self.mode == "fast"
-                                       and not grid.resampled)},
+                      "tumor_slices": (self.tumor_slices and not save_raw
+                                       and (self.mode != "fast" or not grid.resampled))},
             "slices": seg.slices,
             **({"qc": seg.qc} if seg.qc is not None else {}),
             "timings_s": timings,

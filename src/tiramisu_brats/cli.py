@@ -209,8 +209,9 @@ def segment(
         "brats: 0/1/2/4 (2017-2021); brats2023: 0/1/2/3."))] = "brats",
     mode: Annotated[str, typer.Option(help=(
         "fast: one axial pass (seconds); accurate: the mean of the network's probabilities "
-        "over axial, coronal and sagittal slices, each also flipped left-right (every slice "
-        "of each; slower, more accurate: docs/model-card.md)."))] = "fast",
+        "over axial, coronal and sagittal slices, each also flipped left-right (with tumor "
+        "slices, the views after the first near its tumor only; slower, more accurate: "
+        "docs/model-card.md)."))] = "fast",
     resample: Annotated[bool, typer.Option(help=(
         "Resample images that are not 1 mm to 1 mm for the network (the label map is "
         "written on the input's grid all the same)."))] = True,
@@ -224,7 +225,9 @@ def segment(
         "--all-slices/--tumor-slices", show_default=False, help=(
             "Run the network on every brain slice, or on every fourth one and then only "
             "those next to tumor, until each run of tumor slices ends (faster; loses only tumor "
-            "under 4 slices thick cut off from the rest). Default: tumor slices, "
+            "under 4 slices thick cut off from the rest); in accurate mode, every slice of "
+            "every view or, after the first view, those near the tumor it found. "
+            "Default: tumor slices, "
             "every slice with --no-postprocess; --save-raw runs every slice."))] = None,
     save_raw: Annotated[bool, typer.Option(help=(
         "Also write <name>_raw.nii.gz, before postprocessing."))] = False,
