@@ -12,8 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tiramisu_brats.data import CACHE_VERSION, cache_volume, dequantize
-from tiramisu_brats.preprocess import CROP, PLANES
+from tiramisu_brats.data import cache_volume, dequantize
 
 
 def unpack(args: tuple[Path, Path]) -> str:
@@ -22,9 +21,8 @@ def unpack(args: tuple[Path, Path]) -> str:
     arrays = np.load(_io.BytesIO(lzma.decompress(blob)))
     codes = np.cumsum(arrays["codes_dz"], axis=3, dtype=np.uint8)  # wraps as the diff did
     case_id = path.name.removesuffix(".npz.xz")
-    meta = {"version": CACHE_VERSION, "crop": list(CROP),
-            "source": "packed:" + hashlib.sha256(blob).hexdigest()[:16], "planes": list(PLANES)}
-    cache_volume(case_id, dequantize(codes), arrays["labels"], cache_dir, meta)
+    cache_volume(case_id, dequantize(codes), arrays["labels"], cache_dir,
+                 "packed:" + hashlib.sha256(blob).hexdigest()[:16])
     return case_id
 
 

@@ -325,14 +325,10 @@ class Segmenter:
     def _tumor_box(self, probs: np.ndarray) -> tuple[slice, slice, slice] | None:
         """The box of the postprocessed tumor in ``probs`` (K, X, Y, Z), widened by
         ``VIEW_MARGIN``; None where there is none."""
-        labels = _postprocess(region_labels(probs, self.threshold))
-        if not labels.any():
-            return None
-        from scipy import ndimage
+        from tiramisu_brats.postprocess import bounding_box
 
-        box = ndimage.find_objects((labels > 0).view(np.uint8))[0]
-        return tuple(slice(max(b.start - VIEW_MARGIN, 0), min(b.stop + VIEW_MARGIN, n))
-                     for b, n in zip(box, labels.shape))
+        tumor = _postprocess(region_labels(probs, self.threshold)) > 0
+        return bounding_box(tumor, VIEW_MARGIN) if tumor.any() else None
 
     def _segment_views(
         self, image: np.ndarray, on_batch: Callable[[int], None] | None,

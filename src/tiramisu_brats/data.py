@@ -86,15 +86,20 @@ def cache_case(files: io.CaseFiles, cache_dir: Path, crop: tuple[int, int] = CRO
         raise io.InputError(f"{files.images[0].parent}: no segmentation (_seg) for training")
     case_id = io.safe_case_id(files.case_id)
     meta_path = cache_dir / f"{case_id}.json"
-    meta = {"version": CACHE_VERSION, "crop": list(crop), "source": _fingerprint(files),
-            "planes": list(planes)}
+    meta = _cache_meta(_fingerprint(files), crop, planes)
     fresh = meta_path.exists() and all(p.exists() for plane in planes
                                        for p in cache_paths(cache_dir, case_id, plane))
     if fresh and json.loads(meta_path.read_text()) == meta:
         return load_cached(cache_dir, case_id)
     meta_path.unlink(missing_ok=True)  # the entry is incomplete until the marker is back
     image, labels = read_network_case(files)
-    return cache_volume(case_id, image, labels, cache_dir, meta)
+    return cache_volume(case_id, image, labels, cache_dir, meta["source"], crop, planes)
+
+
+def _cache_meta(source: str, crop: tuple[int, int], planes: Sequence[str]) -> dict:
+    """A cache entry's JSON marker: what it was made from and how."""
+    return {"version": CACHE_VERSION, "crop": list(crop), "source": source,
+            "planes": list(planes)}
 
 
 def read_network_case(files: io.CaseFiles) -> tuple[np.ndarray, np.ndarray]:
@@ -111,12 +116,13 @@ def read_network_case(files: io.CaseFiles) -> tuple[np.ndarray, np.ndarray]:
 
 
 def cache_volume(case_id: str, image: np.ndarray, labels: np.ndarray, cache_dir: Path,
-                 meta: dict) -> list[CachedCase]:
+                 source: str, crop: tuple[int, int] = CROP, planes: Sequence[str] = PLANES,
+                 ) -> list[CachedCase]:
     """Write the cache entry of one case already in the network's orientation: ``image``
-    ``(C, X, Y, Z)``, ``labels`` ``(X, Y, Z)`` BraTS labels, in the crop and planes of ``meta``
-    (the entry's JSON marker, written last)."""
-    crop = tuple(meta["crop"])
-    for plane in meta["planes"]:
+    ``(C, X, Y, Z)``, ``labels`` ``(X, Y, Z)`` BraTS labels, once per plane of ``planes``;
+    ``source`` names what it was made from (in the entry's JSON marker, written last)."""
+    meta = _cache_meta(source, crop, planes)
+    for plane in planes:
         slices, geometry = preprocess(to_plane(image, plane), crop)
         img_path, cls_path = cache_paths(cache_dir, case_id, plane)
         _save_npy(img_path, quantize(slices))

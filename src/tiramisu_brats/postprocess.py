@@ -49,7 +49,7 @@ def _check_labels(labels: np.ndarray) -> None:
         raise ValueError(f"label values must be in {LABELS}, found {bad}")
 
 
-def _bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
+def bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
     """Slices of the bounding box of ``mask`` (which must hold a voxel) grown by ``margin``."""
     box = ndi.find_objects(mask.view(np.uint8))[0]  # bool seen as 0/1 labels, no copy
     return tuple(slice(max(s.start - margin, 0), min(s.stop + margin, n))
@@ -75,7 +75,7 @@ def _nearest_labels(
     ``margin``; that is exact whenever every target's nearest seed in the box is at most
     ``margin`` away (a seed outside the box is farther), else the whole array is used.
     """
-    box = _bounding_box(targets, margin)
+    box = bounding_box(targets, margin)
     for region in (box, (slice(None),) * labels.ndim):
         sub_seeds = seeds[region]
         if not sub_seeds.any():
@@ -123,7 +123,7 @@ def postprocess(
 
     # The closing never leaves the bounding box of what it closes, so all the work happens
     # inside the tumor's bounding box.
-    box_t = _bounding_box(tumor, 0)
+    box_t = bounding_box(tumor, 0)
     orig = labels[box_t].astype(np.uint8)  # a copy: the input is never touched
     mask = orig > 0
     closed = _binary_closing(mask, ball(radius)) | mask if radius > 0 else mask
