@@ -8,7 +8,7 @@ the spread of the whole-tumor probability across views inside the predicted tumo
 
 Usage:
   python scripts/ablation.py --cases ID,ID,... [--model W] [--data-root ../shared/data]
-                             [--json OUT.json]
+                             [--json OUT.json] [--precision fp32|bf16|int8]
 Prints Markdown tables (per case and means).
 """
 
@@ -58,6 +58,8 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--data-root", type=Path, default=Path("../shared/data"))
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--precision", default=None,
+                        help="openvino's precision (default: segment's, infer.choose_precision)")
     parser.add_argument("--qc-threshold", type=float, default=None,
                         help="score the QC candidates inside the tumor of region_labels(T) "
                              "(default: the model's decision, export.decision)")
@@ -65,8 +67,9 @@ def main() -> None:
     wanted = [c.strip() for c in args.cases.split(",")]
     folders = {io.find_case_files(f).case_id: f for f in find_training_cases(
         [args.data_root / "brats-labeled", args.data_root / "brats-labeled-extra"])}
-    seg = api.Segmenter(args.model)
-    accurate = api.Segmenter(args.model, mode="accurate")  # as segment runs it: tumor slices
+    seg = api.Segmenter(args.model, precision=args.precision)
+    accurate = api.Segmenter(args.model, precision=args.precision, mode="accurate")  # tumor slices
+    print(f"precision {seg.backend.precision} ({seg.backend.why})", flush=True)
     threshold = seg.threshold if args.qc_threshold is None else args.qc_threshold
     chosen = "post" if seg.threshold is None else f"post_regions_{seg.threshold:g}"
     rows = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import numpy as np
@@ -514,3 +515,54 @@ def test_the_weights_decision_rule_labels_the_case_and_is_recorded(tmp_path, tin
         assert (labels == region_labels(probs, threshold)).mean() > 0.999
     accurate = api.Segmenter(weights, "torch", crop=(64, 64), mode="accurate")
     assert "0.5)" in accurate.segment(image).qc["why"]
+
+
+def test_quantize_int8_says_what_is_wrong_before_any_work(tmp_path, tiny_weights, small_cases):
+    from tiramisu_brats.synthetic import write_case
+
+    write_case(make_case(0, shape=(48, 40, 32)), tmp_path / "unlabelled", with_seg=False)
+    with pytest.raises(io.InputError, match="no labelled cases in .*unlabelled"):
+        api.quantize_int8(tmp_path / "unlabelled", tiny_weights)
+    with pytest.raises(io.InputError, match="held-out cases not among the labelled ones: nope"):
+        api.quantize_int8(small_cases, tiny_weights, holdout=["syn-0", "nope"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("nncf") is None, reason="nncf not installed")
+def test_quantize_int8_checks_every_case_and_records_the_check(tmp_path, tiny_weights,
+                                                              small_cases, monkeypatch):
+    import shutil
+
+    from tiramisu_brats import export
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("TIRAMISU_BRATS_CACHE", raising=False)
+    weights = shutil.copy(tiny_weights, tmp_path / "tiny.safetensors")
+    seen = []
+    result = api.quantize_int8(small_cases, weights, holdout=["syn-2"], on_case=seen.append)
+    assert seen == ["syn-0", "syn-1", "syn-0", "syn-1", "syn-2"]  # read (not syn-2), checked
+    path, check, rows = result["path"], result["check"], result["cases"]
+    assert path == tmp_path / "tiny.int8.xml" and path.with_suffix(".bin").is_file()
+    record = export.recorded(path)
+    assert record["weights_sha256"] == export.file_sha256(weights)
+    assert record["calibration"].startswith("cases:2:") and record["max_drop"] == 0.001
+    assert record["labels_check"] == check
+    assert [(r["case"], r["holdout"]) for r in rows] == [
+        ("syn-0", False), ("syn-1", False), ("syn-2", True)]
+    for row in rows:
+        assert len(row["fp32"]) == len(row["int8"]) == 3
+        assert row["change"] == max(abs(a - b) for a, b in zip(row["fp32"], row["int8"]))
+    worst = max(rows, key=lambda r: r["change"])
+    assert check == {"kept": worst["change"] <= 0.01, "cases": 3,
+                     "largest_change": round(worst["change"], 4), "worst_case": worst["case"],
+                     "tolerance": 0.01, "reference": "openvino fp32, fast mode",
+                     "held_out": ["syn-2"]}
+    # The fp32 column is what the fp32 default path gives.
+    files = io.find_case_files(small_cases / "syn-1")
+    case, expert = io.read_case(files), io.read_label_map(files.seg)[0]
+    labels = api.Segmenter(weights, precision="fp32").segment(case.image, affine=case.affine).labels
+    assert rows[1]["fp32"] == [metrics.dice(metrics.region_mask(labels, r),
+                                            metrics.region_mask(expert, r))
+                               for r in metrics.REGIONS]
+    monkeypatch.setattr(infer, "cpu_info", lambda: ("", frozenset({"avx2"})))
+    assert infer.choose_precision("openvino", weights)[0] == ("int8" if check["kept"] else "bf16")

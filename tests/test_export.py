@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 
 import numpy as np
@@ -95,7 +96,7 @@ def test_int8_without_calibration_or_an_int8_model_is_a_clear_error(tmp_path, ti
     with pytest.raises(export.CalibrationNeeded):
         infer.load_backend(backend, weights, precision="int8")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.safetensors"]  # nothing made
-    with pytest.raises(ValueError, match="without calibration slices"):
+    with pytest.raises(export.CalibrationNeeded):  # a calibration named: only that one will do
         export.model_file(weights, "int8", backend, calibration_id="mine")
 
 
@@ -147,3 +148,33 @@ def test_decision_read_from_the_header(tmp_path, random_weights):
         save_file(tensors, str(weights), metadata={**header, "decision": bad})
         with pytest.raises(ValueError, match="decision"):
             export.decision(weights)
+
+
+def test_an_int8_models_check_goes_into_its_record_and_names_it_the_one_that_keeps_labels(
+        tmp_path, tiny):
+    weights = shutil.copy(tiny, tmp_path / "tiny.safetensors")
+    path = tmp_path / "tiny.int8.xml"
+    path.write_text("<net/>")
+    sha = export.file_sha256(weights)
+    export.sidecar(path).write_text(json.dumps({"weights_sha256": sha, "calibration": "mine"}))
+    assert export.int8_that_keeps_labels(weights) is None  # never checked
+    check = {"kept": True, "cases": 3, "largest_change": 0.002, "tolerance": 0.01}
+    export.record_check(path, check)
+    assert export.recorded(path) == {"weights_sha256": sha, "calibration": "mine",
+                                     "labels_check": check}
+    assert export.int8_that_keeps_labels(weights) == (path, check)
+    assert export.model_file(weights, "int8", calibration_id="mine") == path
+    with pytest.raises(export.CalibrationNeeded):  # another calibration asked for: none here
+        export.model_file(weights, "int8", calibration_id="other")
+    export.record_check(path, {**check, "kept": False})
+    assert export.int8_that_keeps_labels(weights) is None
+
+
+def test_the_shipped_int8_model_belongs_to_the_shipped_weights_and_kept_their_labels():
+    weights = export.default_weights()
+    found = export.int8_that_keeps_labels(weights)
+    assert found is not None, "no int8 model beside the shipped weights whose record says kept"
+    path, check = found
+    assert path == weights.with_name("tiramisu-brats.int8.xml") and path.with_suffix(".bin").is_file()
+    assert check["cases"] == 27 and check["largest_change"] <= check["tolerance"] == 0.01
+    assert export.recorded(path)["calibration"].startswith("cases:20:")

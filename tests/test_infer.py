@@ -214,6 +214,64 @@ needs_nncf = pytest.mark.skipif(importlib.util.find_spec("nncf") is None,
                                 reason="nncf not installed (pip install 'tiramisu-brats[int8]')")
 
 
+def _int8_named(weights: Path, check: dict | None) -> Path:
+    """An IR beside ``weights`` in the place of their int8 model, recording ``check`` (fp32
+    inside: which model the default picks is tested here, not what int8 computes)."""
+    import openvino as ov
+
+    path = weights.with_name(weights.stem + ".int8.xml")
+    ov.save_model(ov.Core().read_model(weights.with_suffix(".onnx")), path)
+    record = {"weights_sha256": export.file_sha256(weights), "calibration": "test"}
+    if check is not None:
+        record["labels_check"] = check
+    export.sidecar(path).write_text(json.dumps(record))
+    return path
+
+
+def test_the_default_is_int8_only_where_its_model_kept_the_labels_on_a_cpu_that_favours_it(
+        tmp_path, tiny, monkeypatch):
+    from tiramisu_brats.api import Segmenter
+
+    weights = shutil.copy(tiny, tmp_path / "tiny.safetensors")
+    shutil.copy(tiny.with_suffix(".onnx"), tmp_path / "tiny.onnx")
+    shutil.copy(export.sidecar(tiny.with_suffix(".onnx")), export.sidecar(tmp_path / "tiny.onnx"))
+    avx2 = ("Some CPU", frozenset({"avx2", "fma"}))
+    monkeypatch.setattr(infer, "cpu_info", lambda: avx2)
+    precision, why, path = infer.choose_precision("openvino", weights)
+    assert (precision, path) == ("bf16", None)
+    assert why.startswith("fp32: no int8 model of these weights that keeps the labels")
+    kept = {"kept": True, "cases": 27, "tolerance": 0.01, "largest_change": 0.0042}
+    _int8_named(weights, None)  # quantized, never checked
+    assert infer.choose_precision("openvino", weights)[0] == "bf16"
+    _int8_named(weights, {**kept, "kept": False})
+    assert infer.choose_precision("openvino", weights)[0] == "bf16"
+    made = _int8_named(weights, kept)
+    precision, why, path = infer.choose_precision("openvino", weights)
+    assert (precision, path) == ("int8", made)
+    assert why == ("int8: the CPU has avx2, and this int8 model kept Dice within 0.01 of fp32 "
+                   "on 27 labelled cases (largest change 0.0042)")
+    backend = infer.load_backend("openvino", weights)
+    assert (backend.precision, backend.why) == ("int8", why)
+    info = Segmenter(weights).model_info()
+    assert (info["precision"], info["precision_why"]) == ("int8", why)
+    assert infer.load_backend("openvino", weights, precision="fp32").why == "asked for"
+    # Not where the CPU has no int8 instructions, nor off the CPU, nor with other backends.
+    assert infer.choose_precision("openvino", weights, device="gpu")[0] == "bf16"
+    assert infer.choose_precision("torch", weights)[:2] == ("fp32", "the torch backend's default")
+    monkeypatch.setattr(infer, "cpu_info", lambda: ("Old CPU", frozenset({"sse4_2"})))
+    precision, why, _ = infer.choose_precision("openvino", weights)
+    assert (precision, why) == ("bf16", "fp32: the CPU has none of avx2, avx512_vnni, amx_int8 "
+                                        "for int8; the CPU does not compute in bf16")
+    monkeypatch.setattr(infer, "cpu_info", lambda: ("", frozenset({"avx512_vnni",
+                                                                   "avx512_bf16"})))
+    assert infer.choose_precision("openvino", weights)[0] == "int8"
+    shutil.copy(tiny, weights)  # the same weights again: still theirs
+    assert infer.choose_precision("openvino", weights)[0] == "int8"
+    with open(weights, "ab") as f:  # other weights: the int8 model is not theirs
+        f.write(b" ")
+    assert infer.choose_precision("openvino", weights)[0] == "bf16"
+
+
 @needs_nncf
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ONNX_BACKENDS)

@@ -86,18 +86,18 @@ def sidecar(path: Path) -> Path:
     return Path(path).with_name(Path(path).name + ".json")
 
 
-def recorded(path: Path) -> dict[str, str]:
+def recorded(path: Path) -> dict:
     """What a made model file was made from, from its ``sidecar``."""
     return json.loads(sidecar(path).read_text())
 
 
-def _record(path: Path, **facts: str) -> Path:
+def _record(path: Path, **facts: object) -> Path:
     """Write ``path``'s sidecar: after the model file, so that it marks the file complete."""
     io.atomic_write_text(sidecar(path), json.dumps(facts, sort_keys=True), overwrite=True)
     return path
 
 
-def _matches(path: Path, expected: dict[str, str]) -> bool:
+def _matches(path: Path, expected: dict[str, object]) -> bool:
     try:
         meta = recorded(path)
     except FileNotFoundError:
@@ -159,7 +159,8 @@ def _nncf(source: Path):
 
 
 def quantize(source: Path, path: Path, calibration: np.ndarray,
-             calibration_id: str | None = None) -> Path:
+             calibration_id: str | None = None, validation: np.ndarray | None = None,
+             max_drop: float = 0.001) -> Path:
     """Quantize an fp32 ONNX export to int8 with NNCF post-training quantization.
 
     ``path`` ending in ``.xml`` gets an OpenVINO IR quantized on OpenVINO's graph (what the
@@ -168,6 +169,11 @@ def quantize(source: Path, path: Path, calibration: np.ndarray,
     ``(N, C, H, W)`` float32 that look like the real input. The result records (``sidecar``)
     the weights' sha256 and the calibration: ``calibration_id``, default the slices' shape and
     hash.
+
+    ``validation`` (IR only): slices ``(M, C, H, W)`` float32 on which the int8 labels must
+    agree with fp32's: NNCF's accuracy control then keeps in floating point, one by one, the
+    layers whose quantization costs most, until the Dice of the int8 labels against fp32's
+    (WT, TC, ET pooled over the slices, averaged) is within ``max_drop`` of 1.
     """
     nncf = _nncf(source)
     props = {"weights_sha256": recorded(source)["weights_sha256"],
@@ -177,11 +183,17 @@ def quantize(source: Path, path: Path, calibration: np.ndarray,
     if path.suffix == ".xml":
         import openvino as ov
 
-        model = nncf.quantize(ov.Core().read_model(source), nncf.Dataset(items),
-                              subset_size=len(items))
+        model = ov.Core().read_model(source)
+        if validation is None:
+            model = nncf.quantize(model, nncf.Dataset(items), subset_size=len(items))
+        else:
+            model = _quantize_keeping_labels(nncf, model, items, validation, max_drop)
+            props["max_drop"] = max_drop
         io.atomic_write(path, lambda tmp: ov.save_model(model, tmp, compress_to_fp16=False),
                         overwrite=True, companions=(".bin",))
         return _record(path, **props)
+    if validation is not None:
+        raise ValueError(f"{path}: accuracy-controlled int8 is made as an OpenVINO IR (.xml)")
     import onnx
 
     model = nncf.quantize(onnx.load(str(source)), nncf.Dataset([{"slices": x} for x in items]),
@@ -190,32 +202,61 @@ def quantize(source: Path, path: Path, calibration: np.ndarray,
     return _record(path, **props)
 
 
+# Each region as the network's classes (0 background, 1 necrosis, 2 edema, 3 enhancing).
+_REGION_CLASSES = ((1, 2, 3), (1, 3), (3,))
+
+
+def _quantize_keeping_labels(nncf, model, items: list[np.ndarray], validation: np.ndarray,
+                             max_drop: float):
+    """``nncf.quantize_with_accuracy_control`` of an OpenVINO model, the metric the agreement
+    of the labels with those of the fp32 model on ``validation``."""
+    import openvino as ov
+
+    reference = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    request = reference.create_infer_request()
+    data = [(np.ascontiguousarray(x[None], np.float32),
+             request.infer({0: x[None]})[0].argmax(1)[0]) for x in validation]
+
+    def agreement(compiled, samples) -> tuple[float, list[float]]:
+        run = compiled.create_infer_request()
+        both, total, each = np.zeros(3), np.zeros(3), []
+        for x, ref in samples:
+            pred = run.infer({0: x})[0].argmax(1)[0]
+            dice = []
+            for k, classes in enumerate(_REGION_CLASSES):
+                a, b = np.isin(pred, classes), np.isin(ref, classes)
+                both[k] += 2 * np.count_nonzero(a & b)
+                total[k] += np.count_nonzero(a) + np.count_nonzero(b)
+                dice.append(2 * np.count_nonzero(a & b) / max(a.sum() + b.sum(), 1))
+            each.append(float(np.mean(dice)))
+        return float(np.mean(np.where(total > 0, both / np.maximum(total, 1), 1.0))), each
+
+    log.info("accuracy control on %d slices, max drop %g", len(data), max_drop)
+    return nncf.quantize_with_accuracy_control(
+        model, nncf.Dataset(items), nncf.Dataset(data), validation_fn=agreement,
+        max_drop=max_drop, drop_type=nncf.DropType.ABSOLUTE, subset_size=len(items))
+
+
 def model_file(weights: Path, precision: str = "fp32", backend: str = "openvino",
                calibration: np.ndarray | None = None, calibration_id: str | None = None
                ) -> Path:
     """The model file a backend runs for ``weights``: ``<stem>.onnx`` (fp32), or for int8
     ``<stem>.int8.xml`` (``backend`` openvino, an IR) or ``<stem>.int8.onnx`` (onnxruntime).
 
-    Looked for beside the weights, then in ``cache_dir()``, and used only if it records the
-    weights' sha256 (and, given ``calibration``, the same: ``calibration_id``, default the
-    slices' shape and hash; without it any int8 model of these weights will do, e.g. a shipped
-    one calibrated on real cases); else made (exported with PyTorch, quantized with NNCF on
-    ``calibration``: without it ``CalibrationNeeded`` is raised) and written to
-    ``$TIRAMISU_BRATS_CACHE`` when set, else beside the weights when that folder is writable,
-    else to ``cache_dir()``.
+    Looked for beside the weights, then in ``cache_dir()`` (``candidates``), and used only if
+    it records the weights' sha256 (and, given ``calibration`` or ``calibration_id``, that
+    calibration: ``calibration_id``, default the slices' shape and hash; without either any
+    int8 model of these weights will do, e.g. a shipped one made by ``api.quantize_int8``);
+    else made (exported with PyTorch, quantized with NNCF on ``calibration``: without it
+    ``CalibrationNeeded`` is raised) and written to ``$TIRAMISU_BRATS_CACHE`` when set, else
+    beside the weights when that folder is writable, else to ``cache_dir()``.
     """
-    if calibration_id is not None and calibration is None:
-        raise ValueError(f"calibration_id {calibration_id!r} given without calibration slices")
     weights = Path(weights)
-    suffix = ".onnx"
-    if precision == "int8":
-        suffix = ".int8.xml" if backend == "openvino" else ".int8.onnx"
     sha = file_sha256(weights)
-    expected = {"weights_sha256": sha}
-    if calibration is not None:
+    expected: dict[str, object] = {"weights_sha256": sha}
+    if calibration is not None or calibration_id is not None:
         expected["calibration"] = calibration_id or _calibration_id(calibration)
-    beside = weights.with_name(weights.stem + suffix)
-    cached = cache_dir() / f"{weights.stem}-{sha[:16]}{suffix}"
+    beside, cached = candidates(weights, precision, backend, sha)
     for path in (beside, cached):
         if path.is_file() and _matches(path, expected):
             log.info("using %s", path)
@@ -226,8 +267,7 @@ def model_file(weights: Path, precision: str = "fp32", backend: str = "openvino"
             raise CalibrationNeeded(
                 f"{weights}: no int8 model of these weights beside them or in {cache_dir()}, "
                 "and quantizing to int8 needs calibration slices")
-    target = beside if _writable(weights.parent) else cached
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target = made_file(weights, precision, backend, sha)
     if precision == "int8":
         return quantize(model_file(weights), target, calibration, expected["calibration"])
     try:
@@ -237,6 +277,48 @@ def model_file(weights: Path, precision: str = "fp32", backend: str = "openvino"
             f"{weights}: no ONNX export of these weights beside them or in {cache_dir()}, and "
             "making one needs PyTorch: pip install 'tiramisu-brats[torch]'") from None
     return export_onnx(weights, target)
+
+
+def candidates(weights: Path, precision: str = "fp32", backend: str = "openvino",
+               sha: str | None = None) -> tuple[Path, Path]:
+    """Where ``model_file`` looks for the model file of ``weights``: beside them, and in
+    ``cache_dir()`` under their name and sha256 (``sha``, computed when not given)."""
+    weights = Path(weights)
+    suffix = ".onnx"
+    if precision == "int8":
+        suffix = ".int8.xml" if backend == "openvino" else ".int8.onnx"
+    sha = sha or file_sha256(weights)
+    return (weights.with_name(weights.stem + suffix),
+            cache_dir() / f"{weights.stem}-{sha[:16]}{suffix}")
+
+
+def made_file(weights: Path, precision: str = "fp32", backend: str = "openvino",
+              sha: str | None = None) -> Path:
+    """Where a model file made for ``weights`` is written (its folder made): beside them when
+    that folder is writable and ``$TIRAMISU_BRATS_CACHE`` unset, else in ``cache_dir()``."""
+    beside, cached = candidates(weights, precision, backend, sha)
+    target = beside if _writable(Path(weights).parent) else cached
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return target
+
+
+def record_check(path: Path, check: dict) -> None:
+    """Add to a made int8 model's record how its labels compared with fp32's
+    (``api.quantize_int8``: ``kept``, ``cases``, ``largest_change``, ...)."""
+    _record(path, **{**recorded(path), "labels_check": check})
+
+
+def int8_that_keeps_labels(weights: Path, backend: str = "openvino") -> tuple[Path, dict] | None:
+    """The int8 model of ``weights`` (beside them or cached) whose record says that its labels
+    kept Dice within the tolerance of fp32's on every case checked, and that check; None
+    where there is none."""
+    sha = file_sha256(weights)
+    for path in candidates(weights, "int8", backend, sha):
+        if path.is_file() and _matches(path, {"weights_sha256": sha}):
+            check = recorded(path).get("labels_check")
+            if isinstance(check, dict) and check.get("kept") is True:
+                return path, check
+    return None
 
 
 def _writable(folder: Path) -> bool:

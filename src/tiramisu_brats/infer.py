@@ -25,7 +25,12 @@ from pathlib import Path
 import numpy as np
 
 from tiramisu_brats import io
-from tiramisu_brats.export import cache_dir, default_weights, model_file
+from tiramisu_brats.export import (
+    cache_dir,
+    default_weights,
+    int8_that_keeps_labels,
+    model_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +38,12 @@ BACKENDS = ("openvino", "onnxruntime", "torch")
 DEFAULT_BACKEND = "openvino"
 PRECISIONS = ("fp32", "bf16", "int8")
 SUPPORTED = {"openvino": PRECISIONS, "onnxruntime": ("fp32", "int8"), "torch": ("fp32", "bf16")}
-# Each backend's fastest precision that keeps Dice within 0.01 of fp32 on every labelled case
-# (docs/benchmarks.md); int8 does not.
+# Each backend's precision when none is asked for; openvino's is chosen per CPU and weights
+# (choose_precision): int8 where its model kept the labels, else bf16 (fp32 on CPUs without it).
 DEFAULT_PRECISION = {"openvino": "bf16", "onnxruntime": "fp32", "torch": "fp32"}
+# Instruction sets with which OpenVINO's int8 kernels beat its fp32 and bf16 ones on this
+# network (docs/benchmarks.md, "Speed" and "Speed as an AVX2-only CPU").
+INT8_ISA = ("avx2", "avx512_vnni", "amx_int8")
 _OV_TYPES = {"bf16": "bf16", "f32": "fp32", "f16": "fp16"}
 # Whether a backend runs whole slices by default rather than each slice's brain window. PyTorch
 # on the CPU keeps about 250 MB per new input shape (2.6 GB peak on a BraTS case, against 1.5 GB
@@ -90,13 +98,40 @@ def _proc_cpuinfo() -> tuple[str, frozenset[str]]:
     return fields.get("model name", ""), frozenset(fields.get("flags", "").split())
 
 
+def choose_precision(name: str, weights: Path, device: str | None = None
+                     ) -> tuple[str, str, Path | None]:
+    """The precision backend ``name`` runs ``weights`` in when none is asked for, why, and
+    for int8 the model file chosen.
+
+    openvino on the CPU: int8 where the CPU has one of ``INT8_ISA`` and an int8 model of the
+    weights records that it kept every checked case's Dice within the tolerance of fp32
+    (``export.int8_that_keeps_labels``, made by ``api.quantize_int8``); else bf16, which
+    OpenVINO computes in fp32 on CPUs without bf16. Other backends: ``DEFAULT_PRECISION``."""
+    if name != "openvino" or (device or "cpu") != "cpu":
+        return DEFAULT_PRECISION[name], f"the {name} backend's default", None
+    flags = cpu_info()[1]
+    fast = [f for f in INT8_ISA if f in flags]
+    found = int8_that_keeps_labels(weights) if fast else None
+    if found is not None:
+        path, check = found
+        return "int8", (f"int8: the CPU has {', '.join(fast)}, and this int8 model kept Dice "
+                        f"within {check.get('tolerance')} of fp32 on {check.get('cases')} "
+                        f"labelled cases (largest change {check.get('largest_change')})"), path
+    why = ("no int8 model of these weights that keeps the labels" if fast else
+           f"the CPU has none of {', '.join(INT8_ISA)} for int8")
+    if has_bf16():
+        return "bf16", f"bf16: {why}; the CPU computes in bf16", None
+    return "bf16", f"fp32: {why}; the CPU does not compute in bf16", None
+
+
 class Backend:
     """A loaded network: ``backend(batch)`` → logits; ``predict(slices)`` and
-    ``label_batches(batches)`` → labels."""
+    ``label_batches(batches)`` → labels. ``why``: why it runs in its ``precision``."""
 
     name = "?"
     device = "cpu"
     precision = "fp32"
+    why = "asked for"
     batch_size = 8
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
@@ -184,7 +219,9 @@ class OpenVINOBackend(Backend):
     """OpenVINO; ``label_batches`` keeps one batch in flight per infer request.
 
     Compiled models are cached in ``cache_dir()/openvino``. ``fp32`` forces f32 arithmetic
-    (OpenVINO would otherwise pick bf16 on CPUs with AVX512-BF16 or AMX); ``bf16`` asks for it.
+    (OpenVINO would otherwise pick bf16 on CPUs with AVX512-BF16 or AMX); ``bf16`` asks for it,
+    and so does ``int8`` for the layers its model keeps in floating point (faster; the labels
+    are checked by ``api.quantize_int8`` on the CPU it runs on, and in docs/benchmarks.md).
     """
 
     name = "openvino"
@@ -207,7 +244,7 @@ class OpenVINOBackend(Backend):
         except OSError as err:
             log.info("no OpenVINO model cache (%s)", err)
         config = {"PERFORMANCE_HINT": hint or self.HINT,
-                  "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" and (
+                  "INFERENCE_PRECISION_HINT": "bf16" if precision in ("bf16", "int8") and (
                       self.device != "cpu" or has_bf16()) else "f32"}
         if self.device == "cpu":
             config["INFERENCE_NUM_THREADS"] = threads or cpu_count()
@@ -269,26 +306,30 @@ def load_backend(name: str = DEFAULT_BACKEND, weights: Path | None = None, *,
     ``precision``: ``fp32``, ``bf16`` (openvino, torch) or ``int8`` (openvino, onnxruntime;
     the int8 model ``export.model_file`` finds or quantizes on the ``calibration`` slices,
     recorded as ``calibration_id``: without them any int8 model of these weights, and
-    ``export.CalibrationNeeded`` where there is none); default ``DEFAULT_PRECISION[name]``.
+    ``export.CalibrationNeeded`` where there is none); default ``choose_precision``.
     The backend's ``precision`` says what it computes in. ``threads``: CPU threads, default
     all cores.
     """
     weights = Path(weights) if weights is not None else default_weights()
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
-    asked = precision
-    precision = precision or DEFAULT_PRECISION[name]
-    if precision not in SUPPORTED[name]:
+    if precision is not None and precision not in SUPPORTED[name]:
         raise ValueError(f"precision {precision!r} is not available with the {name} backend "
                          f"(choose one of {', '.join(SUPPORTED[name])})")
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: model weights not found")
+    asked, why, model = precision, "asked for", None
+    if precision is None:
+        precision, why, model = choose_precision(name, weights, device)
     if name == "torch":
-        return TorchBackend(weights, device=device, threads=threads, precision=asked)
-    model = model_file(weights, "int8" if precision == "int8" else "fp32", name, calibration,
-                       calibration_id)
-    cls = OpenVINOBackend if name == "openvino" else OnnxRuntimeBackend
-    return cls(model, device=device, threads=threads, precision=precision)
+        backend: Backend = TorchBackend(weights, device=device, threads=threads, precision=asked)
+    else:
+        model = model or model_file(weights, "int8" if precision == "int8" else "fp32", name,
+                                    calibration, calibration_id)
+        cls = OpenVINOBackend if name == "openvino" else OnnxRuntimeBackend
+        backend = cls(model, device=device, threads=threads, precision=precision)
+    backend.why = why
+    return backend
 
 
 def predict_labels(
