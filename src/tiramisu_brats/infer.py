@@ -42,7 +42,8 @@ SUPPORTED = {"openvino": PRECISIONS, "onnxruntime": ("fp32", "int8"), "torch": (
 # (choose_precision): int8 where its model kept the labels, else bf16 (fp32 on CPUs without it).
 DEFAULT_PRECISION = {"openvino": "bf16", "onnxruntime": "fp32", "torch": "fp32"}
 # Instruction sets with which OpenVINO's int8 kernels beat its fp32 and bf16 ones on this
-# network (docs/benchmarks.md, "Speed" and "Speed as an AVX2-only CPU").
+# network: measured for avx2 and avx512_vnni (docs/benchmarks.md, "Speed" and "Speed as an
+# AVX2-only CPU"); amx_int8 is OpenVINO's fastest int8 path, not measured here.
 INT8_ISA = ("avx2", "avx512_vnni", "amx_int8")
 _OV_TYPES = {"bf16": "bf16", "f32": "fp32", "f16": "fp16"}
 # Whether a backend runs whole slices by default rather than each slice's brain window. PyTorch
