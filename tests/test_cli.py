@@ -260,3 +260,13 @@ def test_shipped_model_segments_real_cases(real_data, tmp_path, case):
 
 def test_the_shipped_model_is_in_the_package():
     assert default_weights().is_file()
+
+
+def test_quantize_says_what_is_wrong_without_labelled_cases(tmp_path, tiny_weights):
+    from tiramisu_brats.synthetic import make_case, write_case
+
+    write_case(make_case(0, shape=(48, 40, 32)), tmp_path / "cases", with_seg=False)
+    result = run("quantize", tmp_path / "cases", "--model", tiny_weights, "--no-progress")
+    assert result.exit_code == 2, result.output
+    assert "no labelled cases in" in result.output and "Traceback" not in result.output
+    assert not list(tmp_path.glob("**/*.int8.*")) and not list(tiny_weights.parent.glob("*.int8.*"))
