@@ -67,7 +67,6 @@ ACCURACY_CONFIGS: list[Config] = [REFERENCE, ("openvino", "fp32", False, True, "
                                   DEFAULT]
 ISA = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 STAGES = ("load", "preprocess", "infer", "postprocess", "save")
-REGIONS = tuple(metrics.REGIONS)
 INTRO = ("Seconds per patient on the CPU for each inference backend and precision, written by "
          "`benchmarks/speed.py` (see its docstring for what is measured).")
 
@@ -130,7 +129,7 @@ def segment_options(config: Config) -> list[str]:
 
 
 def dices(a: np.ndarray, b: np.ndarray) -> list[float]:
-    return [metrics.dice(metrics.region_mask(a, r), metrics.region_mask(b, r)) for r in REGIONS]
+    return list(metrics.region_dice(a, b).values())
 
 
 def measure(args: argparse.Namespace, weights: Path, tmp: Path) -> list[dict]:

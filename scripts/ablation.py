@@ -25,6 +25,7 @@ from scipy.stats import spearmanr
 from tiramisu_brats import api, io, metrics
 from tiramisu_brats.data import find_training_cases
 from tiramisu_brats.infer import region_labels
+from tiramisu_brats.metrics import region_dice
 from tiramisu_brats.postprocess import postprocess
 
 VIEWS = [(p, f) for p in ("axial", "coronal", "sagittal") for f in (False, True)]
@@ -37,12 +38,6 @@ COMBOS = {
 MIN_ET = (0, 100, 250, 500)
 KEEP = (0.5, 1.0)  # postprocess keeps components of this share of the largest (default 0.1)
 REGION_T = (0.2, 0.25, 0.3, 0.35, 0.4, 0.5)  # on the region probabilities
-
-
-def dice3(labels: np.ndarray, ref: np.ndarray) -> dict[str, float]:
-    return {r: metrics.Confusion.from_masks(metrics.region_mask(labels, r),
-                                            metrics.region_mask(ref, r)).dice
-            for r in ("WT", "TC", "ET")}
 
 
 def relabel_small_et(labels: np.ndarray, n: int) -> np.ndarray:
@@ -85,12 +80,13 @@ def main() -> None:
             fused = sum(probs[v] for v in views) / len(views)
             raw = io.CLASS_TO_LABEL[fused.argmax(0)]
             post = postprocess(raw)
-            row[name] = {"raw": dice3(raw, ref), "post": dice3(post, ref),
-                         **{f"post_min_et_{n}": dice3(relabel_small_et(post, n), ref)
+            row[name] = {"raw": region_dice(raw, ref), "post": region_dice(post, ref),
+                         **{f"post_min_et_{n}": region_dice(relabel_small_et(post, n), ref)
                             for n in MIN_ET if n},
-                         **{f"post_keep_{k}": dice3(postprocess(raw, keep_fraction=k), ref)
+                         **{f"post_keep_{k}": region_dice(postprocess(raw, keep_fraction=k), ref)
                             for k in KEEP},
-                         **{f"post_regions_{t}": dice3(postprocess(region_labels(fused, t)), ref)
+                         **{f"post_regions_{t}": region_dice(postprocess(region_labels(fused, t)),
+                                                             ref)
                             for t in REGION_T}}
             wt = np.stack([1 - probs[v][0] for v in views])  # whole-tumor probability per view
             inside = postprocess(region_labels(fused, threshold)) > 0
@@ -110,7 +106,7 @@ def main() -> None:
         t0 = time.perf_counter()
         near = accurate.segment(case.image)
         row["accurate_tumor_slices"] = {
-            "dice": dice3(near.labels, ref), "seconds": time.perf_counter() - t0,
+            "dice": region_dice(near.labels, ref), "seconds": time.perf_counter() - t0,
             "run": near.slices["run"], "brain": near.slices["brain"],
             "voxels_unlike_every_slice": int(np.count_nonzero(
                 near.labels != postprocess(region_labels(sum(probs.values()) / len(VIEWS),

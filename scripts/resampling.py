@@ -56,8 +56,7 @@ def main() -> None:
         case = io.read_case(files)
         ref = io.read_label_map(files.seg)[0]
         base = postprocess(io.CLASS_TO_LABEL[seg.view_probabilities(case.image).argmax(0)])
-        at_1mm = [metrics.dice(metrics.region_mask(base, r), metrics.region_mask(ref, r))
-                  for r in metrics.REGIONS]
+        at_1mm = list(metrics.region_dice(base, ref).values())
         for spacing in spacings:
             image, labels, affine = resampled(case.image, ref, case.affine, spacing)
             grid = network_grid(affine, image.shape[1:])
@@ -69,9 +68,7 @@ def main() -> None:
             soft = postprocess(io.CLASS_TO_LABEL[linear.argmax(0)])
             row = [at_1mm]
             for pred in (nearest, soft):
-                row.append([metrics.dice(metrics.region_mask(pred, r),
-                                         metrics.region_mask(labels, r))
-                            for r in metrics.REGIONS])
+                row.append(list(metrics.region_dice(pred, labels).values()))
             key = "x".join(f"{z:g}" for z in spacing)
             sums.setdefault(key, []).append(row)
             print(f"| {case_id} | {key} | " + " | ".join(

@@ -521,7 +521,7 @@ def test_quantize_int8_says_what_is_wrong_before_any_work(tmp_path, tiny_weights
     from tiramisu_brats.synthetic import write_case
 
     write_case(make_case(0, shape=(48, 40, 32)), tmp_path / "unlabelled", with_seg=False)
-    with pytest.raises(io.InputError, match="no labelled cases in .*unlabelled"):
+    with pytest.raises(io.InputError, match=r"no labelled cases in .*unlabelled"):
         api.quantize_int8(tmp_path / "unlabelled", tiny_weights)
     with pytest.raises(io.InputError, match="held-out cases not among the labelled ones: nope"):
         api.quantize_int8(small_cases, tiny_weights, holdout=["syn-0", "nope"])

@@ -18,6 +18,7 @@ from tiramisu_brats.metrics import (
     dice,
     evaluate_case,
     hd95,
+    region_dice,
     region_mask,
     sensitivity,
     specificity,
@@ -333,3 +334,11 @@ def test_property_symmetry_and_ranges(pred, ref, spacing):
     assert c.tp + c.fp + c.fn + c.tn == pred.size
     assert 0.0 <= c.sensitivity <= 1.0
     assert 0.0 <= c.specificity <= 1.0
+
+
+def test_region_dice_gives_each_region_of_two_label_maps():
+    pred = np.array([[[0, 1, 2, 4]]], np.uint8)
+    ref = np.array([[[2, 1, 4, 4]]], np.uint8)
+    # WT 3 vs 4 voxels, 3 shared; TC {1, 4} 2 vs 3, 2 shared; ET 1 vs 2, 1 shared
+    assert region_dice(pred, ref) == pytest.approx({"WT": 6 / 7, "TC": 4 / 5, "ET": 2 / 3})
+    assert region_dice(pred * 0, ref * 0) == {"WT": 1.0, "TC": 1.0, "ET": 1.0}

@@ -554,6 +554,7 @@ def quantize_int8(
     Returns ``{"path", "check", "cases"}``, ``cases`` one row per case: ``case``,
     ``holdout``, ``fp32`` and ``int8`` Dice (WT, TC, ET), ``change`` (the largest of the 3).
     """
+    import copy
     import hashlib
 
     from tiramisu_brats import export, metrics
@@ -586,14 +587,15 @@ def quantize_int8(
     calibration = pool[rng.permutation(len(pool))[:calibration_size]]
     validation = candidates[rng.permutation(len(candidates))[:validation_size]]
     used = sorted(set(ids) - set(holdout))
-    calibration_id = (f"cases:{len(used)}:{hashlib.sha256(','.join(used).encode()).hexdigest()[:12]}"
-                      f":every 3rd axial slice:{len(calibration)}:seed {seed}")
+    used_hash = hashlib.sha256(",".join(used).encode()).hexdigest()[:12]
+    calibration_id = (f"cases:{len(used)}:{used_hash}:every 3rd axial slice:"
+                      f"{len(calibration)}:seed {seed}")
     sha = file_sha256(weights)
     path = export.quantize(export.model_file(weights), export.made_file(weights, "int8", sha=sha),
                            calibration, calibration_id, validation, max_drop)
     reference = Segmenter(weights, "openvino", precision="fp32")
-    quantized = Segmenter(weights, "openvino", precision="fp32")
-    quantized.backend = OpenVINOBackend(path, precision="int8")  # this one, not another found
+    quantized = copy.copy(reference)  # the same settings, this int8 model (not another found)
+    quantized.backend = OpenVINOBackend(path, precision="int8")
     rows = []
     for f in files:
         if on_case is not None:
@@ -602,8 +604,7 @@ def quantize_int8(
         row: dict = {"case": f.case_id, "holdout": f.case_id in holdout}
         for key, segmenter in (("fp32", reference), ("int8", quantized)):
             labels = segmenter.segment(case.image, affine=case.affine).labels
-            row[key] = [metrics.dice(metrics.region_mask(labels, r), metrics.region_mask(expert, r))
-                        for r in metrics.REGIONS]
+            row[key] = list(metrics.region_dice(labels, expert).values())
         row["change"] = max(abs(a - b) for a, b in zip(row["fp32"], row["int8"]))
         rows.append(row)
     worst = max(rows, key=lambda r: r["change"])

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tiramisu_brats import io
+from tiramisu_brats import io, metrics
 
 log = logging.getLogger(__name__)
 
@@ -202,10 +202,6 @@ def quantize(source: Path, path: Path, calibration: np.ndarray,
     return _record(path, **props)
 
 
-# Each region as the network's classes (0 background, 1 necrosis, 2 edema, 3 enhancing).
-_REGION_CLASSES = ((1, 2, 3), (1, 3), (3,))
-
-
 def _quantize_keeping_labels(nncf, model, items: list[np.ndarray], validation: np.ndarray,
                              max_drop: float):
     """``nncf.quantize_with_accuracy_control`` of an OpenVINO model, the metric the agreement
@@ -215,20 +211,21 @@ def _quantize_keeping_labels(nncf, model, items: list[np.ndarray], validation: n
     reference = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     request = reference.create_infer_request()
     data = [(np.ascontiguousarray(x[None], np.float32),
-             request.infer({0: x[None]})[0].argmax(1)[0]) for x in validation]
+             io.CLASS_TO_LABEL[request.infer({0: x[None]})[0].argmax(1)[0]]) for x in validation]
 
     def agreement(compiled, samples) -> tuple[float, list[float]]:
+        # Per region, summed over the slices: twice the overlap, and the two masks' sizes.
         run = compiled.create_infer_request()
         both, total, each = np.zeros(3), np.zeros(3), []
         for x, ref in samples:
-            pred = run.infer({0: x})[0].argmax(1)[0]
-            dice = []
-            for k, classes in enumerate(_REGION_CLASSES):
-                a, b = np.isin(pred, classes), np.isin(ref, classes)
-                both[k] += 2 * np.count_nonzero(a & b)
-                total[k] += np.count_nonzero(a) + np.count_nonzero(b)
-                dice.append(2 * np.count_nonzero(a & b) / max(a.sum() + b.sum(), 1))
-            each.append(float(np.mean(dice)))
+            pred = io.CLASS_TO_LABEL[run.infer({0: x})[0].argmax(1)[0]]
+            masks = [(metrics.region_mask(pred, r), metrics.region_mask(ref, r))
+                     for r in metrics.REGIONS]
+            overlap = np.array([2 * np.count_nonzero(m & e) for m, e in masks])
+            sizes = np.array([np.count_nonzero(m) + np.count_nonzero(e) for m, e in masks])
+            both += overlap
+            total += sizes
+            each.append(float(np.mean(overlap / np.maximum(sizes, 1))))
         return float(np.mean(np.where(total > 0, both / np.maximum(total, 1), 1.0))), each
 
     log.info("accuracy control on %d slices, max drop %g", len(data), max_drop)

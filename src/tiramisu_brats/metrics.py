@@ -147,6 +147,11 @@ def dice(pred: np.ndarray, ref: np.ndarray) -> float:
     return Confusion.from_masks(pred, ref).dice
 
 
+def region_dice(pred: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+    """Dice of each region of :data:`REGIONS` (WT, TC, ET) between two label maps."""
+    return {r: dice(region_mask(pred, r), region_mask(ref, r)) for r in REGIONS}
+
+
 def sensitivity(pred: np.ndarray, ref: np.ndarray) -> float:
     """Sensitivity of two same-shape binary masks (see :attr:`Confusion.sensitivity`)."""
     return Confusion.from_masks(pred, ref).sensitivity
