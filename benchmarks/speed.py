@@ -20,8 +20,13 @@ reference and of the faster paths on every labelled case there: the default must
 ``--cohort FOLDER`` adds one default ``segment`` process over a folder of cases: seconds per
 case, cores kept busy, and how long each case waited for its reading.
 
-Writes the section "CPU inference" of docs/benchmarks.md (its subsections "Speed", "Cohort" and
-"Reduced precision on every labelled case" are each replaced by a new run of their kind).
+``--demo`` adds, in rounds as above, ``tiramisu-brats demo`` against ``segment`` of the
+synthetic case the demo writes and of ``--case`` (a real case of the same size): the seconds
+the demo spends segmenting must be those of ``segment``.
+
+Writes the section "CPU inference" of docs/benchmarks.md (its subsections "Speed", "Cohort",
+"Demo" and "Reduced precision on every labelled case" are each replaced by a new run of their
+kind).
 """
 
 from __future__ import annotations
@@ -235,6 +240,64 @@ def cohort_markdown(row: dict, args: argparse.Namespace, weights_note: str) -> s
     ]) + "\n"
 
 
+def demo(args: argparse.Namespace, weights: Path, tmp: Path) -> list[dict]:
+    """``demo`` (all of it: writing the synthetic case, segmenting, the report) and ``segment``
+    of that synthetic case and of ``args.case``, each a fresh process, default options."""
+    import shutil
+
+    log = tmp / "log.txt"
+    model = ["--model", str(weights), *(["--threads", str(args.threads)] if args.threads else [])]
+    out = tmp / "demo"
+    demo_cmd = [*segment_command(), "demo", "-o", str(out), "--overwrite", "--no-progress", *model]
+    print("demo: warm-up", file=sys.stderr, flush=True)
+    run_child(demo_cmd, log)
+    synthetic = shutil.copytree(out / "input" / "synthetic-000", tmp / "synthetic-000")
+    jobs = [("`tiramisu-brats demo`", demo_cmd, out / "synthetic-000.json")]
+    for name, case in (("synthetic-000", synthetic), (args.case.name, args.case)):
+        target = tmp / f"{name}.nii.gz"
+        cmd = [*segment_command(), "segment", str(case), "-o", str(target), "--overwrite",
+               "--no-progress", *model]
+        run_child(cmd, log)
+        jobs.append((f"`tiramisu-brats segment` {name}", cmd, target.with_name(name + ".json")))
+    runs: list[list[tuple[float, float]]] = [[] for _ in jobs]
+    for i in range(args.runs):
+        for (name, cmd, summary), done in zip(jobs, runs):
+            wall = run_child(cmd, log)[0]
+            done.append((wall, json.loads(summary.read_text())["timings_s"]["total"]))
+            print(f"  round {i + 1}, {name}: {wall:.1f} s", file=sys.stderr, flush=True)
+    rows = []
+    for (name, _, summary), done in zip(jobs, runs):
+        info = json.loads(summary.read_text())
+        rows.append({"command": name, "wall": statistics.median(w for w, _ in done),
+                     "walls": [w for w, _ in done],
+                     "segmenting": statistics.median(t for _, t in done),
+                     "shape": "x".join(map(str, info["shape"])),
+                     "run": info["slices"]["run"], "brain": info["slices"]["brain"]})
+    return rows
+
+
+def demo_markdown(rows: list[dict], args: argparse.Namespace, weights_note: str) -> str:
+    lines = [
+        f"`{args.command}` on {datetime.date.today()}: each command a fresh process with the "
+        f"default options, {weights_note}; median of {args.runs} runs after one warm-up run "
+        "each, taken in rounds. The demo writes the synthetic case first and a report after "
+        "segmenting (end to end counts them); segmenting: reading to saving, from the JSON "
+        "beside the label map.",
+        "",
+        f"- CPU: {cpu_name()}, {infer.cpu_count()} cores available to the process "
+        f"(load average {load_average()} after).",
+        "",
+        "| command | case shape | brain slices | slices run | segmenting (s) | "
+        "end to end (s) | each run (s) |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['command']} | {r['shape']} | {r['brain']} | {r['run']} | "
+                     f"{fmt(r['segmenting'])} | {fmt(r['wall'])} | "
+                     + " / ".join(fmt(w, 1) for w in r["walls"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def fmt(value: float | None, digits: int = 2) -> str:
     return "" if value is None else f"{value:.{digits}f}"
 
@@ -394,8 +457,10 @@ def main() -> None:
     parser.add_argument("--accuracy-cases", type=Path, nargs="+",
                         help="folders of labelled cases")
     parser.add_argument("--cohort", type=Path, help="folder of cases: seconds per case")
+    parser.add_argument("--demo", action="store_true", help=(
+        "tiramisu-brats demo against segment of its synthetic case and of --case"))
     parser.add_argument("--no-speed", action="store_true", help=(
-        "skip the per-configuration runs (only --cohort and --accuracy-cases)"))
+        "skip the per-configuration runs (only --cohort, --demo and --accuracy-cases)"))
     args = parser.parse_args()
     args.command = shlex.join(["python", "benchmarks/speed.py", *sys.argv[1:]])
     args.load_before = load_average()
@@ -419,6 +484,8 @@ def main() -> None:
             write_doc("Speed", speed_markdown(rows, args, note))
         if args.cohort:
             write_doc("Cohort", cohort_markdown(cohort(args, weights, tmp), args, note))
+        if args.demo:
+            write_doc("Demo", demo_markdown(demo(args, weights, tmp), args, note))
         if args.accuracy_cases:
             write_doc("Reduced precision on every labelled case",
                       accuracy_markdown(accuracy(args.accuracy_cases, weights), args, note))

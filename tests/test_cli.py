@@ -214,7 +214,30 @@ def test_demo_runs_the_whole_job(tiny_weights, tmp_path):
     assert (demo / "report" / "metrics.csv").exists()
     assert (demo / "report" / "overlay_synthetic-000.png").exists()
     assert "Dice against the known tumor" in result.output
+    assert not (demo / "synthetic-000_raw.nii.gz").exists()
+    assert not (demo / "report" / "metrics_raw.csv").exists()
+    # The demo segments as segment does: the same slices through the network, the same labels.
+    seg = tmp_path / "seg.nii.gz"
+    assert run("segment", demo / "input" / "synthetic-000", "-o", seg, "--model", tiny_weights,
+               "--backend", "torch", "--no-progress").exit_code == 0
+    ours = json.loads((demo / "synthetic-000.json").read_text())
+    theirs = json.loads(seg.with_name("seg.json").read_text())
+    assert ours["slices"] == theirs["slices"] and ours["model"] == theirs["model"]
+    assert ours["model"]["tumor_slices"]
+    assert np.array_equal(nib.load(seg).get_fdata(),
+                          nib.load(demo / "synthetic-000.nii.gz").get_fdata())
     assert run("demo", "-o", demo, "--model", tiny_weights, "--no-progress").exit_code == 2
+
+
+@pytest.mark.slow
+def test_demo_save_raw_adds_the_map_before_postprocessing(tiny_weights, tmp_path):
+    result = run("demo", "-o", tmp_path, "--model", tiny_weights, "--backend", "torch",
+                 "--save-raw", "--no-progress")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "synthetic-000.json").read_text())
+    assert summary["slices"]["run"] == summary["slices"]["brain"]  # every slice for the raw map
+    assert (tmp_path / "synthetic-000_raw.nii.gz").exists()
+    assert (tmp_path / "report" / "metrics_raw.csv").exists()
 
 
 def test_missing_modality_is_a_one_line_error(small_cases, tiny_weights, tmp_path):

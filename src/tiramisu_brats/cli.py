@@ -310,12 +310,16 @@ def demo(
     seed: Annotated[int, typer.Option(help="Seed of the synthetic case.")] = 0,
     model: Annotated[Path | None, typer.Option(help="Weights; default: shipped.")] = None,
     backend: Annotated[str, typer.Option(help="Inference backend.")] = "openvino",
+    save_raw: Annotated[bool, typer.Option(help=(
+        "Also write the map before postprocessing, for box plots before and after it in the "
+        "report (runs the network on every slice: slower than segment)."))] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing demo folder.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
-    """The whole job on an embedded default: a synthetic case in, labels and report out."""
-    from tiramisu_brats.api import Segmenter
+    """The whole job on an embedded default: a synthetic case in, labels and report out.
+    The case is segmented exactly as ``segment`` does it."""
     from tiramisu_brats.api import evaluate as run_evaluate
+    from tiramisu_brats.api import segment_cohort
     from tiramisu_brats.synthetic import make_case, write_case
 
     start = time.perf_counter()
@@ -328,12 +332,11 @@ def demo(
             case = write_case(synthetic, output / "input")
             console.print(f"synthetic case written to {case}", highlight=False)
         files = io.find_case_files(case)
-        segmenter = Segmenter(model, backend)
         label_path = output / f"{io.safe_case_id(files.case_id)}.nii.gz"
         with progress_bar(progress) as bar:
-            task = bar.add_task(f"segmenting {files.case_id}", total=None)
-            summary = segmenter.segment_case(files, label_path, overwrite=True, save_raw=True,
-                                             on_batch=lambda n: bar.advance(task, n))
+            summary, = segment_cohort(case, label_path, model=model, backend=backend,
+                                      save_raw=save_raw, overwrite=True,
+                                      on_event=SegmentProgress(bar)).results
         console.print(_timing_table([summary]))
         vols = summary["volumes_ml"]
         out.print(f"tumor volumes (ml): whole {vols['WT_ml']:.1f}, core {vols['TC_ml']:.1f}, "
