@@ -338,10 +338,11 @@ def speed_markdown(rows: list[dict], args: argparse.Namespace, weights_note: str
         "- End to end: one `tiramisu-brats segment` process, interpreter start and imports "
         f"included; stages from the JSON it writes; peak RSS of the process; {int8_note(args)}. "
         "Whole slices: 192 x 160; brain windows: each slice's brain "
-        "bounding box + 8 px. All slices: every brain slice; tumor slices: every fourth one, "
-        "then those next to tumor until each run of tumor slices ends (`infer.predict_labels`), "
-        "so brain slices per infer second "
-        "count slices not run as well.",
+        "bounding box + 8 px, rounded up to multiples of 32 (sizes few slices share grown "
+        "to a larger one in use, `preprocess.SHAPE_COST`). All slices: every brain slice; "
+        "tumor slices: every fourth one, then those next to tumor until each run of tumor "
+        "slices ends (`infer.predict_labels`), so brain slices per infer second count slices "
+        "not run as well.",
         *(f"- Default precision here: {r['why']}." for r in rows if r["config"] == DEFAULT),
         "",
         "| " + " | ".join(header) + " |",

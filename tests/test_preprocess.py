@@ -121,7 +121,7 @@ def test_brain_windows_hold_each_slices_brain_with_its_margin():
     slices[1, 0, 10:150, 5:150] = 2.0  # 140 + 16 -> 160 rows, 145 + 16 -> 160 columns
     slices[3, :, 0:192, 100:101] = 3.0  # touches the top and bottom: the whole height
     before = slices.copy()
-    windows = brain_windows(slices, margin=8)
+    windows = brain_windows(slices, margin=8, shape_cost=0)
     np.testing.assert_array_equal(slices, before)
     assert windows[2] is None
     assert windows[0] == (slice(79, 111), slice(56, 88))  # centred on the brain
@@ -134,9 +134,34 @@ def test_brain_windows_hold_each_slices_brain_with_its_margin():
         inside = np.zeros(s.shape[1:], bool)
         inside[w] = True
         assert not (s.any(axis=0) & ~inside).any()  # no brain pixel left out
-    assert brain_windows(slices, margin=0)[1] == (slice(0, 160), slice(0, 160))
+    assert brain_windows(slices, margin=0, shape_cost=0)[1] == (slice(0, 160), slice(0, 160))
     with pytest.raises(ValueError, match="multiples of 32"):
         brain_windows(np.zeros((1, 4, 100, 96), np.float32))
+
+
+def test_rare_window_sizes_grow_into_larger_ones_in_use():
+    slices = np.zeros((7, 1, 192, 160), np.float32)
+    for k in range(4):  # 4 slices of 112 x 112 rows/columns of brain: windows 128 x 128
+        slices[k, 0, 40:152, 20:132] = 1.0
+    slices[4, 0, 60:100, 50:80] = 1.0  # one of 64 x 64: 12,288 px more as 128 x 128
+    slices[5, 0, 10:180, 0:150] = 1.0  # 192 x 160 ...
+    slices[6, 0, 20:160, 60:76] = 1.0  # ... and 160 x 32: 25,600 px more as 192 x 160
+
+    def sizes(windows):
+        return [(w[0].stop - w[0].start, w[1].stop - w[1].start) for w in windows]
+
+    small = sizes(brain_windows(slices, margin=8, shape_cost=0))
+    assert small == [(128, 128)] * 4 + [(64, 64), (192, 160), (160, 32)]
+    # 12,288 < 13,000: the lone 64 x 64 joins 128 x 128, 160 x 32 stays.
+    assert sizes(brain_windows(slices, margin=8, shape_cost=13_000)) == (
+        [(128, 128)] * 5 + [(192, 160), (160, 32)])
+    # Then 25,600: 160 x 32 into 192 x 160; 128 x 128 (5 slices: 5 x 14,336) stays.
+    grown = brain_windows(slices, margin=8, shape_cost=30_000)
+    assert sizes(grown) == [(128, 128)] * 5 + [(192, 160)] * 2
+    for s, w in zip(slices, grown):  # still centred on the brain, which it holds with margin
+        rows, cols = np.flatnonzero(s[0].any(1)), np.flatnonzero(s[0].any(0))
+        assert w[0].start <= max(rows[0] - 8, 0) and w[0].stop >= min(rows[-1] + 9, 192)
+        assert w[1].start <= max(cols[0] - 8, 0) and w[1].stop >= min(cols[-1] + 9, 160)
 
 
 @pytest.mark.parametrize("plane", pp.PLANES)

@@ -24,6 +24,11 @@ PLANES = ("axial", "coronal", "sagittal")
 # slices are always taken along the last axis (BraTS: X left-right, Y front-back, Z up-down).
 _PLANE_AXES = {"axial": (0, 1, 2), "coronal": (0, 2, 1), "sagittal": (1, 2, 0)}
 MARGIN = 8  # pixels of background around each slice's brain window
+# What one more distinct window size costs, in pixels of slices run: a runtime prepares its
+# kernels for each new input shape (OpenVINO: about as long as running a 192 x 160 slice
+# twice); windows of a size few slices share are grown to a larger size in use
+# (docs/benchmarks.md, "Fewer window sizes").
+SHAPE_COST = 60_000
 
 
 @dataclass(frozen=True)
@@ -304,12 +309,17 @@ def uncrop(slices: np.ndarray, geometry: Geometry) -> np.ndarray:
 
 
 def brain_windows(
-    slices: np.ndarray, margin: int = MARGIN, multiple: int = MULTIPLE
+    slices: np.ndarray, margin: int = MARGIN, multiple: int = MULTIPLE,
+    shape_cost: int = SHAPE_COST,
 ) -> list[tuple[slice, slice] | None]:
     """Per slice of ``(Z', C, H, W)``, the window ``(rows, columns)`` around its brain: the
     bounding box of its nonzero pixels grown by ``margin`` on every side, then to a multiple of
     ``multiple`` (what the network takes), centred on the brain and kept inside the slice.
     ``None`` for a slice without brain.
+
+    Then fewer distinct sizes (``_fewer_sizes``): the windows of one size grow to a larger
+    size in use where that adds fewer pixels over all their slices than ``shape_cost``
+    (0: every window as small as it can be).
 
     The brain's top and bottom slices hold little brain: with a margin of 8 the network sees
     about three quarters of the pixels of whole slices on BraTS cases (docs/benchmarks.md).
@@ -319,20 +329,50 @@ def brain_windows(
         raise ValueError(f"slices of {height} x {width}: not multiples of {multiple}")
     mask = _any_nonzero(slices, axis=1)
     rows, cols = mask.any(axis=2), mask.any(axis=1)
-    windows: list[tuple[slice, slice] | None] = []
+    boxes: list[tuple[tuple[int, int], tuple[int, int]] | None] = []
     for r, c in zip(rows, cols, strict=True):
         if not r.any():
+            boxes.append(None)
+            continue
+        ends = [np.flatnonzero(present)[[0, -1]] for present in (r, c)]
+        boxes.append(((int(ends[0][0]), int(ends[0][1]) + 1),
+                      (int(ends[1][0]), int(ends[1][1]) + 1)))
+    sizes = [None if box is None else (
+        min(height, _round_up(box[0][1] - box[0][0] + 2 * margin, multiple)),
+        min(width, _round_up(box[1][1] - box[1][0] + 2 * margin, multiple))) for box in boxes]
+    grown = _fewer_sizes([s for s in sizes if s is not None], shape_cost)
+    windows: list[tuple[slice, slice] | None] = []
+    for box, size in zip(boxes, sizes, strict=True):
+        if box is None or size is None:
             windows.append(None)
             continue
         window = []
-        for present, n in ((r, height), (c, width)):
-            idx = np.flatnonzero(present)
-            lo, hi = int(idx[0]), int(idx[-1]) + 1
-            size = min(n, _round_up(hi - lo + 2 * margin, multiple))
-            start = min(max((lo + hi) // 2 - size // 2, 0), n - size)
-            window.append(slice(start, start + size))
+        for (lo, hi), m, n in zip(box, grown[size], (height, width), strict=True):
+            start = min(max((lo + hi) // 2 - m // 2, 0), n - m)
+            window.append(slice(start, start + m))
         windows.append((window[0], window[1]))
     return windows
+
+
+def _fewer_sizes(
+    sizes: list[tuple[int, int]], cost: int
+) -> dict[tuple[int, int], tuple[int, int]]:
+    """Each window size in ``sizes`` (one per slice) → the size its windows get: greedily, the
+    size whose slices would gain the fewest pixels by growing to a larger size in use (at
+    least as tall and as wide) joins it, while that is fewer than ``cost`` pixels."""
+    count: dict[tuple[int, int], int] = {}
+    for size in sizes:
+        count[size] = count.get(size, 0) + 1
+    into = {size: size for size in count}
+    while True:
+        moves = [(k * (t[0] * t[1] - s[0] * s[1]), s, t) for s, k in count.items()
+                 for t in count if t != s and t[0] >= s[0] and t[1] >= s[1]]
+        if not moves or min(moves)[0] >= cost:
+            break
+        _, small, large = min(moves)
+        count[large] += count.pop(small)
+        into = {s: large if t == small else t for s, t in into.items()}
+    return into
 
 
 def zscore(slices: np.ndarray) -> np.ndarray:
