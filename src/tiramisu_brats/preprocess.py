@@ -12,6 +12,7 @@ Pure functions: inputs are never modified.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,10 +25,10 @@ PLANES = ("axial", "coronal", "sagittal")
 # slices are always taken along the last axis (BraTS: X left-right, Y front-back, Z up-down).
 _PLANE_AXES = {"axial": (0, 1, 2), "coronal": (0, 2, 1), "sagittal": (1, 2, 0)}
 MARGIN = 8  # pixels of background around each slice's brain window
-# What one more distinct window size costs, in pixels of slices run: a runtime prepares its
-# kernels for each new input shape (OpenVINO: about as long as running a 192 x 160 slice
-# twice); windows of a size few slices share are grown to a larger size in use
-# (docs/benchmarks.md, "Fewer window sizes").
+# What one more distinct window size is taken to cost, in pixels of brain slices (two
+# 192 x 160 slices): a runtime prepares its kernels for each new input shape, so windows of a
+# size few slices share are grown to a larger size in use (chosen among 0, 30,000, 60,000 and
+# 120,000 on four cases: docs/benchmarks.md, "Fewer window sizes").
 SHAPE_COST = 60_000
 
 
@@ -360,9 +361,7 @@ def _fewer_sizes(
     """Each window size in ``sizes`` (one per slice) → the size its windows get: greedily, the
     size whose slices would gain the fewest pixels by growing to a larger size in use (at
     least as tall and as wide) joins it, while that is fewer than ``cost`` pixels."""
-    count: dict[tuple[int, int], int] = {}
-    for size in sizes:
-        count[size] = count.get(size, 0) + 1
+    count = Counter(sizes)
     into = {size: size for size in count}
     while True:
         moves = [(k * (t[0] * t[1] - s[0] * s[1]), s, t) for s, k in count.items()
