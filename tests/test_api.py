@@ -76,6 +76,29 @@ def test_accurate_tumor_slices_run_the_later_views_near_the_first_views_tumor(
     assert seg.segment(case.image).slices["run"] == every.slices["run"]
 
 
+@pytest.mark.parametrize("plane", ["axial", "coronal", "sagittal"])
+@pytest.mark.parametrize("flip", [False, True])
+def test_a_view_near_a_box_runs_the_slices_crossing_it_and_fills_the_rest(
+        case, accurate, plane, flip):
+    box = (slice(20, 41), slice(12, 30), slice(5, 17))  # not symmetric in X, flipped or not
+    fill = np.full((4, 64, 64, 40), 0.25, np.float32)
+    whole = accurate.view_probabilities(case.image, plane, flip)
+    stats = {}
+    near = accurate.view_probabilities(case.image, plane, flip, box=box, fill=fill,
+                                       stats=stats)
+    axis = {"axial": 2, "coronal": 1, "sagittal": 0}[plane]
+    crossing = np.zeros(case.image.shape[1 + axis], bool)
+    crossing[box[axis]] = True
+    index = [slice(None)] * 4
+    index[1 + axis] = crossing
+    # the same slices, batched with others (float rounding of the batch's convolutions)
+    np.testing.assert_allclose(near[tuple(index)], whole[tuple(index)], atol=1e-6)
+    index[1 + axis] = ~crossing
+    assert (near[tuple(index)] == 0.25).all()
+    brain = (case.image != 0).any(axis=tuple(a for a in range(4) if a != 1 + axis))
+    assert stats["run"] == np.count_nonzero(brain & crossing)
+
+
 def test_a_view_flipped_back_is_the_mirror_of_the_flipped_image(case, accurate):
     mirrored = np.ascontiguousarray(case.image[:, ::-1])
     a = accurate.view_probabilities(case.image, "coronal", flip=True)

@@ -43,6 +43,7 @@ from tiramisu_brats.preprocess import (
     brain_windows,
     from_plane,
     network_grid,
+    plane_normal,
     preprocess,
     to_input,
     to_network,
@@ -296,11 +297,10 @@ class Segmenter:
         windows = None if self.margin is None else brain_windows(slices, self.margin)
         crossing = None
         if box is not None:
-            inside = np.zeros(image.shape[1:], bool)
-            inside[box] = True
-            # per slice of this view (its last axis), whether it crosses the box
-            crossing = to_plane(inside[::-1] if flip else inside, plane).any(axis=(0, 1))
-            run = crossing[geometry.z0:geometry.z1]
+            axis = plane_normal(plane)
+            crossing = np.zeros(image.shape[1 + axis], bool)  # per slice, in volume order
+            crossing[box[axis]] = True
+            run = (crossing[::-1] if flip and axis == 0 else crossing)[geometry.z0:geometry.z1]
             slices = slices[run]
             windows = None if windows is None else [w for w, r in zip(windows, run) if r]
         t1 = time.perf_counter()
@@ -318,9 +318,10 @@ class Segmenter:
                                ("brain", geometry.n_slices), ("run", len(slices))):
                 stats[key] = stats.get(key, 0) + value
         volume = volume[:, ::-1] if flip else volume
-        if crossing is not None:
-            ran = from_plane(np.broadcast_to(crossing, to_plane(inside, plane).shape), plane)
-            np.copyto(volume, fill, where=~(ran[::-1] if flip else ran))
+        if crossing is not None:  # the slices not run keep fill's probabilities
+            shape = [1, 1, 1, 1]
+            shape[1 + axis] = -1
+            np.copyto(volume, fill, where=~crossing.reshape(shape))
         return volume
 
     def _tumor_box(self, probs: np.ndarray) -> tuple[slice, slice, slice] | None:

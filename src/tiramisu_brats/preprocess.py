@@ -224,6 +224,13 @@ def to_plane(volume: np.ndarray, plane: str) -> np.ndarray:
     return volume.transpose(*range(n), *(n + a for a in _PLANE_AXES[plane]))
 
 
+def plane_normal(plane: str) -> int:
+    """The volume axis (0 X, 1 Y, 2 Z) along which ``plane``'s slices are taken."""
+    if plane not in _PLANE_AXES:
+        raise ValueError(f"unknown plane {plane!r}: choose one of {', '.join(PLANES)}")
+    return _PLANE_AXES[plane][2]
+
+
 def from_plane(volume: np.ndarray, plane: str) -> np.ndarray:
     """The inverse of ``to_plane``: back to ``(..., X, Y, Z)`` (a view)."""
     n = volume.ndim - 3
