@@ -170,6 +170,7 @@ def test_planes_round_trip_and_put_the_plane_normal_last(plane):
     view = pp.to_plane(volume, plane)
     normal = {"axial": 7, "coronal": 6, "sagittal": 5}[plane]
     assert view.shape[0] == 2 and view.shape[-1] == normal
+    assert volume.shape[1 + pp.plane_normal(plane)] == normal
     assert np.shares_memory(view, volume)
     np.testing.assert_array_equal(pp.from_plane(view, plane), volume)
     # A coronal slice is the volume at one Y, a sagittal one at one X.
@@ -182,6 +183,8 @@ def test_planes_round_trip_and_put_the_plane_normal_last(plane):
 def test_unknown_plane_is_refused():
     with pytest.raises(ValueError, match="unknown plane 'oblique'"):
         pp.to_plane(np.zeros((1, 2, 2, 2)), "oblique")
+    with pytest.raises(ValueError, match="unknown plane 'oblique'"):
+        pp.plane_normal("oblique")
 
 
 def _reoriented(volume: np.ndarray, affine: np.ndarray, ornt: np.ndarray):
