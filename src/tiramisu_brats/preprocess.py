@@ -337,23 +337,23 @@ def brain_windows(
         raise ValueError(f"slices of {height} x {width}: not multiples of {multiple}")
     mask = _any_nonzero(slices, axis=1)
     rows, cols = mask.any(axis=2), mask.any(axis=1)
-    boxes: list[tuple[tuple[int, int], tuple[int, int]] | None] = []
+    # per slice with brain: its (lo, hi) rows and columns, and its window's (rows, columns)
+    found: list[tuple[list[tuple[int, int]], tuple[int, int]] | None] = []
     for r, c in zip(rows, cols, strict=True):
         if not r.any():
-            boxes.append(None)
+            found.append(None)
             continue
-        ends = [np.flatnonzero(present)[[0, -1]] for present in (r, c)]
-        boxes.append(((int(ends[0][0]), int(ends[0][1]) + 1),
-                      (int(ends[1][0]), int(ends[1][1]) + 1)))
-    sizes = [None if box is None else (
-        min(height, _round_up(box[0][1] - box[0][0] + 2 * margin, multiple)),
-        min(width, _round_up(box[1][1] - box[1][0] + 2 * margin, multiple))) for box in boxes]
-    grown = _fewer_sizes([s for s in sizes if s is not None], shape_cost)
+        box = [(int(i[0]), int(i[-1]) + 1) for i in (np.flatnonzero(r), np.flatnonzero(c))]
+        size = tuple(min(n, _round_up(hi - lo + 2 * margin, multiple))
+                     for (lo, hi), n in zip(box, (height, width), strict=True))
+        found.append((box, (size[0], size[1])))
+    grown = _fewer_sizes([f[1] for f in found if f is not None], shape_cost)
     windows: list[tuple[slice, slice] | None] = []
-    for box, size in zip(boxes, sizes, strict=True):
-        if box is None or size is None:
+    for item in found:
+        if item is None:
             windows.append(None)
             continue
+        box, size = item
         window = []
         for (lo, hi), m, n in zip(box, grown[size], (height, width), strict=True):
             start = min(max((lo + hi) // 2 - m // 2, 0), n - m)
