@@ -184,6 +184,8 @@ def test_unknown_plane_is_refused():
     with pytest.raises(ValueError, match="unknown plane 'oblique'"):
         pp.to_plane(np.zeros((1, 2, 2, 2)), "oblique")
     with pytest.raises(ValueError, match="unknown plane 'oblique'"):
+        pp.from_plane(np.zeros((1, 2, 2, 2)), "oblique")
+    with pytest.raises(ValueError, match="unknown plane 'oblique'"):
         pp.plane_normal("oblique")
 
 

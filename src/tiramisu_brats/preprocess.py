@@ -215,26 +215,29 @@ def to_input(labels: np.ndarray, grid: Grid, linear: bool = False) -> np.ndarray
     return np.ascontiguousarray(_apply(labels, back))
 
 
+def _plane_axes(plane: str) -> tuple[int, int, int]:
+    """The volume axes that become ``plane``'s rows, columns and slice index."""
+    if plane not in _PLANE_AXES:
+        raise ValueError(f"unknown plane {plane!r}: choose one of {', '.join(PLANES)}")
+    return _PLANE_AXES[plane]
+
+
 def to_plane(volume: np.ndarray, plane: str) -> np.ndarray:
     """A view of ``volume`` ``(..., X, Y, Z)`` with the normal of ``plane`` (one of ``PLANES``)
     as its last axis, so that ``preprocess`` of it gives that plane's slices (no copy)."""
-    if plane not in _PLANE_AXES:
-        raise ValueError(f"unknown plane {plane!r}: choose one of {', '.join(PLANES)}")
     n = volume.ndim - 3
-    return volume.transpose(*range(n), *(n + a for a in _PLANE_AXES[plane]))
+    return volume.transpose(*range(n), *(n + a for a in _plane_axes(plane)))
 
 
 def plane_normal(plane: str) -> int:
     """The volume axis (0 X, 1 Y, 2 Z) along which ``plane``'s slices are taken."""
-    if plane not in _PLANE_AXES:
-        raise ValueError(f"unknown plane {plane!r}: choose one of {', '.join(PLANES)}")
-    return _PLANE_AXES[plane][2]
+    return _plane_axes(plane)[2]
 
 
 def from_plane(volume: np.ndarray, plane: str) -> np.ndarray:
     """The inverse of ``to_plane``: back to ``(..., X, Y, Z)`` (a view)."""
     n = volume.ndim - 3
-    inverse = np.argsort(_PLANE_AXES[plane])
+    inverse = np.argsort(_plane_axes(plane))
     return volume.transpose(*range(n), *(n + int(a) for a in inverse))
 
 
