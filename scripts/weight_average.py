@@ -1,0 +1,74 @@
+"""Candidates made from trained weights without training: the uniform average of several
+fine-tunes that share one start (a "model soup", Wortsman et al. 2022), and BatchNorm
+statistics recomputed with dropout off.
+
+Why the second: the model is BN-ReLU-conv-dropout, and the dropout's output feeds the next
+layers' BatchNorm through the concatenations. Training keeps the running variance of inputs
+that dropout scaled up; inference runs without dropout, so the statistics it normalizes with
+are not those of what it sees (Li et al., CVPR 2019). Recomputing them in train mode with
+dropout off, on training slices drawn as training draws them (``data.PatchSampler``, 80 % through
+tumor, full 192 x 160 slices of the three planes), removes that shift.
+
+Then the result's Dice on the validation cases' cached axial slices (argmax, before
+postprocessing: what a training run's ``log.csv`` reports) is printed; score it in the full
+pipeline with ``scripts/ablation.py --model OUT``. docs/model-card.md has the figures.
+
+Usage: python scripts/weight_average.py OUT.safetensors W.safetensors [W ...] --cache CACHE
+           --val-cases ID,ID,... [--bn-batches 40] [--seed 0]
+``--bn-batches 0`` keeps the averaged running statistics.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tiramisu_brats.data import PatchSampler, dequantize, open_cache, select
+from tiramisu_brats.model import load_model, read_config, save_weights
+from tiramisu_brats.train import validate
+
+parser = argparse.ArgumentParser(description=__doc__)
+parser.add_argument("out", type=Path)
+parser.add_argument("weights", type=Path, nargs="+", help="weights sharing one architecture")
+parser.add_argument("--cache", type=Path, required=True, help="a three-plane training cache")
+parser.add_argument("--val-cases", required=True, help="held out of the BatchNorm slices")
+parser.add_argument("--bn-batches", type=int, default=40, help="batches of 16 slices")
+parser.add_argument("--seed", type=int, default=0)
+args = parser.parse_args()
+
+models = [load_model(w) for w in args.weights]
+model = models[0]
+states = [m.state_dict() for m in models]
+averaged = {name: sum(s[name].double() for s in states).div(len(states)).to(t.dtype)
+            if t.is_floating_point() else t for name, t in states[0].items()}
+model.load_state_dict(averaged)
+
+val_ids = args.val_cases.split(",")
+cases = open_cache(args.cache)
+if args.bn_batches:
+    sampler = PatchSampler([c for c in cases if c.case_id not in val_ids], (192, 160))
+    rng = np.random.default_rng(args.seed)
+    model.train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None  # a plain mean over the batches
+        elif isinstance(module, torch.nn.Dropout):
+            module.eval()
+    with torch.no_grad():
+        for _ in range(args.bn_batches):
+            images, _ = sampler.sample(rng, 16)
+            model(torch.from_numpy(dequantize(images)))
+    model.eval()
+
+_, meta = read_config(args.weights[0])
+save_weights(model, args.out, metadata={
+    **{k: meta[k] for k in ("train_config",) if k in meta},
+    "made_from": json.dumps({"average_of": [str(w) for w in args.weights],
+                             "bn_batches_of_16": args.bn_batches, "seed": args.seed})})
+dice = validate(model, select(cases, val_ids), torch.device("cpu"))
+print(f"{args.out}: validation (cached axial slices, argmax) "
+      + " / ".join(f"{r} {v:.3f}" for r, v in dice.items())
+      + f", mean {np.mean(list(dice.values())):.3f}")
