@@ -14,7 +14,7 @@ postprocessing: what a training run's ``log.csv`` reports) is printed; score it 
 pipeline with ``scripts/ablation.py --model OUT``. docs/model-card.md has the figures.
 
 Usage: python scripts/weight_average.py OUT.safetensors W.safetensors [W ...] --cache CACHE
-           --val-cases ID,ID,... [--bn-batches 40] [--seed 0]
+           --val-cases ID,ID,... [--bn-batches 40] [--tumor-share 0.8] [--seed 0]
 ``--bn-batches 0`` keeps the averaged running statistics.
 """
 
@@ -35,6 +35,8 @@ parser.add_argument("weights", type=Path, nargs="+", help="weights sharing one a
 parser.add_argument("--cache", type=Path, required=True, help="a three-plane training cache")
 parser.add_argument("--val-cases", required=True, help="held out of the BatchNorm slices")
 parser.add_argument("--bn-batches", type=int, default=40, help="batches of 16 slices")
+parser.add_argument("--tumor-share", type=float, default=0.8,
+                    help="share of the BatchNorm slices drawn through tumor (training's: 0.8)")
 parser.add_argument("--seed", type=int, default=0)
 args = parser.parse_args()
 
@@ -48,7 +50,8 @@ model.load_state_dict(averaged)
 val_ids = args.val_cases.split(",")
 cases = open_cache(args.cache)
 if args.bn_batches:
-    sampler = PatchSampler([c for c in cases if c.case_id not in val_ids], (192, 160))
+    sampler = PatchSampler([c for c in cases if c.case_id not in val_ids], (192, 160),
+                           args.tumor_share)
     rng = np.random.default_rng(args.seed)
     model.train()
     for module in model.modules():
@@ -67,7 +70,8 @@ _, meta = read_config(args.weights[0])
 save_weights(model, args.out, metadata={
     **{k: meta[k] for k in ("train_config",) if k in meta},
     "made_from": json.dumps({"average_of": [str(w) for w in args.weights],
-                             "bn_batches_of_16": args.bn_batches, "seed": args.seed})})
+                             "bn_batches_of_16": args.bn_batches, "tumor_share": args.tumor_share,
+                             "seed": args.seed})})
 dice = validate(model, select(cases, val_ids), torch.device("cpu"))
 print(f"{args.out}: validation (cached axial slices, argmax) "
       + " / ".join(f"{r} {v:.3f}" for r, v in dice.items())
