@@ -27,6 +27,7 @@ import torch
 
 from tiramisu_brats.data import PatchSampler, dequantize, open_cache, select
 from tiramisu_brats.model import load_model, read_config, save_weights
+from tiramisu_brats.preprocess import CROP
 from tiramisu_brats.train import validate
 
 parser = argparse.ArgumentParser(description=__doc__)
@@ -50,8 +51,7 @@ model.load_state_dict(averaged)
 val_ids = args.val_cases.split(",")
 cases = open_cache(args.cache)
 if args.bn_batches:
-    sampler = PatchSampler([c for c in cases if c.case_id not in val_ids], (192, 160),
-                           args.tumor_share)
+    sampler = PatchSampler([c for c in cases if c.case_id not in val_ids], CROP, args.tumor_share)
     rng = np.random.default_rng(args.seed)
     model.train()
     for module in model.modules():
@@ -68,7 +68,7 @@ if args.bn_batches:
 
 _, meta = read_config(args.weights[0])
 save_weights(model, args.out, metadata={
-    **{k: meta[k] for k in ("train_config",) if k in meta},
+    **({"train_config": meta["train_config"]} if "train_config" in meta else {}),
     "made_from": json.dumps({"average_of": [str(w) for w in args.weights],
                              "bn_batches_of_16": args.bn_batches, "tumor_share": args.tumor_share,
                              "seed": args.seed})})
