@@ -138,6 +138,27 @@ def test_soft_dice_loss_is_0_for_a_perfect_prediction_and_near_1_for_a_wrong_one
     assert soft_dice_loss(background, none).item() == pytest.approx(0, abs=1e-6)
 
 
+def test_region_dice_loss_scores_the_regions_not_the_classes():
+    from tiramisu_brats.train import region_dice_loss, soft_dice_loss
+
+    target = torch.zeros(2, 8, 8, dtype=torch.long)
+    target[:, 2:6, 2:6] = 2
+    target[:, 3:5, 3:5] = 1  # necrosis inside edema, no enhancing tumor
+    onehot = lambda t: torch.nn.functional.one_hot(t, 4).permute(0, 3, 1, 2).float() * 50  # noqa: E731
+    assert region_dice_loss(onehot(target), target).item() == pytest.approx(0, abs=1e-6)
+    # Necrosis called enhancing: WT and TC are right, ET (8 voxels where there is none) wrong.
+    swapped = torch.where(target == 1, 3, target)
+    assert region_dice_loss(onehot(swapped), target).item() == pytest.approx(
+        1 - (1 + 1 + 1 / 9) / 3, abs=1e-4)
+    # The class Dice counts necrosis and enhancing both wrong.
+    assert soft_dice_loss(onehot(swapped), target).item() == pytest.approx(
+        1 - (1 / 9 + 1 + 1 / 9) / 3, abs=1e-4)
+    # Gradients reach the logits.
+    logits = torch.zeros(2, 4, 8, 8, requires_grad=True)
+    region_dice_loss(logits, target).backward()
+    assert logits.grad.abs().sum() > 0
+
+
 def test_dice_ce_and_the_cosine_schedule(cache, tmp_path):
     rows = train(cache[:2], [], tmp_path, _config(epochs=4, steps_per_epoch=2, loss="dice_ce",
                                                   schedule="cosine", lr=1e-3),
@@ -146,3 +167,12 @@ def test_dice_ce_and_the_cosine_schedule(cache, tmp_path):
     expected = [1e-3 * 0.5 * (1 + np.cos(np.pi * (2 * k + 1) / 8)) for k in range(4)]
     np.testing.assert_allclose([r["lr"] for r in rows], expected, rtol=1e-9)
     assert all(np.isfinite(r["train_loss"]) and r["train_loss"] > 0 for r in rows)
+
+
+def test_region_dice_ce_trains(cache, tmp_path):
+    rows = train(cache[:2], [], tmp_path, _config(epochs=1, steps_per_epoch=2,
+                                                  loss="region_dice_ce"),
+                 device=torch.device("cpu"))
+    assert np.isfinite(rows[0]["train_loss"]) and rows[0]["train_loss"] > 0
+    with pytest.raises(ValueError, match="loss must be one of"):
+        _config(loss="dice")

@@ -450,7 +450,9 @@ def train(
     tumor_share: Annotated[float, typer.Option(min=0, max=1)] = 0.8,
     lr: Annotated[float, typer.Option(min=0)] = 1e-3,
     weight_decay: Annotated[float, typer.Option(min=0)] = 1e-4,
-    loss: Annotated[str, typer.Option(help="ce (reference) or dice_ce.")] = "ce",
+    loss: Annotated[str, typer.Option(
+        help="ce (reference), dice_ce (+ Dice of the tumor classes) or region_dice_ce "
+             "(+ Dice of the regions WT, TC, ET).")] = "ce",
     schedule: Annotated[str, typer.Option(help="constant (reference) or cosine.")] = "constant",
     minutes: Annotated[float | None, typer.Option(help="Time budget.")] = None,
     growth_rate: Annotated[int, typer.Option(help="8: reference; 16: FC-DenseNet103.")] = 8,
