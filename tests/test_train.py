@@ -114,8 +114,30 @@ def test_training_on_three_planes(small_cases, tmp_path):
         _config(planes=("oblique",))
 
 
+def test_augmentation_strength_reaches_augment(cache, tmp_path, monkeypatch):
+    from tiramisu_brats import train as ttrain
+
+    seen = []
+
+    def recording(images, classes, generator, **kw):
+        seen.append(kw)
+        return data.augment(images, classes, generator, **kw)
+
+    monkeypatch.setattr(ttrain, "augment", recording)
+    config = _config(epochs=1, steps_per_epoch=2, rotate_deg=30, zoom=0.25, intensity=0.2)
+    train(cache[:2], [], tmp_path, config, device=torch.device("cpu"))
+    assert seen == [dict(rotate_deg=30, scale=0.25, intensity=0.2)] * 2
+    assert TrainConfig.from_json((tmp_path / "train_config.json").read_text()) == config
+    for bad in (dict(rotate_deg=200), dict(zoom=0.6), dict(intensity=-0.1)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            _config(**bad)
+
+
 def test_config_of_runs_before_planes_still_reads():
     old = _config().to_json().replace('"planes": ["axial"], ', "")
+    old = old.replace('"rotate_deg": 10.0, ', "").replace(', "zoom": 0.1}', "}")
+    old = old.replace('"intensity": 0.1, ', "")
+    assert '"rotate_deg"' not in old and '"zoom"' not in old and '"intensity"' not in old
     old = old.replace('"init": "", "init_sha256": "", ', "")
     assert '"planes"' not in old and '"init"' not in old
     old = old[:-1] + ', "extra": {}}'

@@ -448,6 +448,12 @@ def train(
     patch: Annotated[tuple[int, int], typer.Option(help="Patch H W (multiples of 32).")] = (
         128, 128),
     tumor_share: Annotated[float, typer.Option(min=0, max=1)] = 0.8,
+    rotate_deg: Annotated[float, typer.Option(min=0, max=180, help=(
+        "Augmentation: rotation within ± this many degrees."))] = 10.0,
+    zoom: Annotated[float, typer.Option(min=0, max=0.5, help=(
+        "Augmentation: zoom within ± this fraction."))] = 0.1,
+    intensity: Annotated[float, typer.Option(min=0, max=1, help=(
+        "Augmentation: per-modality intensity gain and shift within ± this."))] = 0.1,
     lr: Annotated[float, typer.Option(min=0)] = 1e-3,
     weight_decay: Annotated[float, typer.Option(min=0)] = 1e-4,
     loss: Annotated[str, typer.Option(
@@ -487,9 +493,10 @@ def train(
             on_start=steps.start, on_step=steps.step,
             model=TiramisuConfig(growth_rate=growth_rate), epochs=epochs,
             steps_per_epoch=steps_per_epoch, batch_size=batch_size, patch=patch,
-            tumor_share=tumor_share, lr=lr, weight_decay=weight_decay, loss=loss,
-            schedule=schedule, minutes=minutes, seed=seed, compile=compile,
-            micro_batches=micro_batches, planes=[p.strip() for p in planes.split(",")])
+            tumor_share=tumor_share, rotate_deg=rotate_deg, zoom=zoom, intensity=intensity,
+            lr=lr, weight_decay=weight_decay, loss=loss, schedule=schedule, minutes=minutes,
+            seed=seed, compile=compile, micro_batches=micro_batches,
+            planes=[p.strip() for p in planes.split(",")])
     if not run.world.main:  # only rank 0 prints
         return
     if run.rows:

@@ -68,6 +68,11 @@ class TrainConfig:
     batch_size: int = 8
     patch: tuple[int, int] = (128, 128)
     tumor_share: float = 0.8
+    # Augmentation (data.augment): rotation within ±rotate_deg degrees, zoom within ±zoom,
+    # per-modality intensity gain and shift within ±intensity; flips always.
+    rotate_deg: float = 10.0
+    zoom: float = 0.1
+    intensity: float = 0.1
     lr: float = 1e-3
     weight_decay: float = 1e-4
     # "ce" (the reference), "dice_ce" (+ soft Dice of the tumor classes) or "region_dice_ce"
@@ -105,7 +110,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < (name != "seed"):
                 raise ValueError(f"{name}={value!r} must be an integer >= {int(name != 'seed')}")
-        for name, lo, hi in (("tumor_share", 0, 1), ("lr", 0, 10), ("weight_decay", 0, 1)):
+        for name, lo, hi in (("tumor_share", 0, 1), ("lr", 0, 10), ("weight_decay", 0, 1),
+                             ("rotate_deg", 0, 180), ("zoom", 0, 0.5), ("intensity", 0, 1)):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not lo <= value <= hi:
                 raise ValueError(f"{name}={value!r} must be a number in [{lo}, {hi}]")
@@ -704,7 +710,8 @@ def _step(run: _Run) -> float:
     codes, classes = run.sampler.sample(run.rng, config.batch_size)
     x = (_to_device(codes, device).float() - QUANT_OFFSET) * QUANT_STEP  # = dequantize
     y = _to_device(classes, device).long()
-    x, y = augment(x, y, run.gen)  # all of the batch: the generator stays shared
+    x, y = augment(x, y, run.gen, rotate_deg=config.rotate_deg, scale=config.zoom,
+                   intensity=config.intensity)  # all of the batch: the generator stays shared
     x, y = x[run.share], y[run.share]
     if run.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
