@@ -279,13 +279,18 @@ def in_turn(function: Callable[[], object], device: torch.device | None = None):
         barrier(device)
     return result
 
+def _dice_loss(probs: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """1 - mean over channels of the soft Dice of ``probs`` and ``truth`` (N, R, H, W), each
+    channel's sums over the whole batch; + 1 smoothing, so a channel empty in both scores 1."""
+    inter = (probs * truth).sum((0, 2, 3))
+    denom = probs.sum((0, 2, 3)) + truth.sum((0, 2, 3))
+    return 1 - ((2 * inter + 1) / (denom + 1)).mean()
+
+
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """1 - mean soft Dice over the tumor classes; logits (N, K, H, W), target (N, H, W)."""
-    probs = logits.float().softmax(1)[:, 1:]
     onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2)[:, 1:].float()
-    inter = (probs * onehot).sum((0, 2, 3))
-    denom = probs.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
-    return 1 - ((2 * inter + 1) / (denom + 1)).mean()
+    return _dice_loss(logits.float().softmax(1)[:, 1:], onehot)
 
 
 def region_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -298,10 +303,7 @@ def region_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor
     for r, classes in enumerate(REGION_CLASSES.values()):
         member[r, list(classes)] = 1
     probs = torch.einsum("rk,nkhw->nrhw", member, logits.float().softmax(1))
-    truth = member[:, target].permute(1, 0, 2, 3)
-    inter = (probs * truth).sum((0, 2, 3))
-    denom = probs.sum((0, 2, 3)) + truth.sum((0, 2, 3))
-    return 1 - ((2 * inter + 1) / (denom + 1)).mean()
+    return _dice_loss(probs, member[:, target].permute(1, 0, 2, 3))
 
 
 def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
