@@ -55,7 +55,6 @@ LOG_COLUMNS = ("epoch", "train_loss", "val_dice_WT", "val_dice_TC", "val_dice_ET
                "val_dice_mean", "lr", "seconds", "slices_seen")
 # Class indices of each region (0 background, 1 necrosis, 2 edema, 3 enhancing).
 REGION_CLASSES = {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}
-LOSSES = ("ce", "dice_ce", "region_dice_ce")
 
 
 @dataclass(frozen=True)
@@ -279,6 +278,7 @@ def in_turn(function: Callable[[], object], device: torch.device | None = None):
         barrier(device)
     return result
 
+
 def _dice_loss(probs: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     """1 - mean over channels of the soft Dice of ``probs`` and ``truth`` (N, R, H, W), each
     channel's sums over the whole batch; + 1 smoothing, so a channel empty in both scores 1."""
@@ -304,6 +304,11 @@ def region_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor
         member[r, list(classes)] = 1
     probs = torch.einsum("rk,nkhw->nrhw", member, logits.float().softmax(1))
     return _dice_loss(probs, member[:, target].permute(1, 0, 2, 3))
+
+
+# The training losses: cross-entropy alone ("ce", the reference), or with one of these added.
+DICE_LOSSES = {"dice_ce": soft_dice_loss, "region_dice_ce": region_dice_loss}
+LOSSES = ("ce", *DICE_LOSSES)
 
 
 def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -731,10 +736,8 @@ def _step(run: _Run) -> float:
             with torch.autocast(**run.autocast):
                 logits = run.step_model(xj)
             loss = F.cross_entropy(logits.float(), yj)
-            if config.loss == "dice_ce":
-                loss = loss + soft_dice_loss(logits, yj)
-            elif config.loss == "region_dice_ce":
-                loss = loss + region_dice_loss(logits, yj)
+            if config.loss in DICE_LOSSES:
+                loss = loss + DICE_LOSSES[config.loss](logits, yj)
             (loss / local if local > 1 else loss).backward()
         step_loss += loss.detach()
         if sums is not None:
