@@ -677,6 +677,34 @@ def test_training_sigkilled_resumes_from_last_checkpoint_via_cli(
         assert _losses(list(csv.DictReader(f))) == _losses(rows_a)
 
 
+@pytest.mark.slow
+def test_a_finished_run_lengthened_via_cli_gives_the_longer_run(
+    uninterrupted_run, tmp_path: Path
+) -> None:
+    """A 2-epoch run resumed with --epochs 3 is run A (3 epochs from the start), loss for loss;
+    a changed recipe option is refused and the run left as it was."""
+    import dataclasses
+
+    from tiramisu_brats.data import select
+    from tiramisu_brats.train import train
+
+    root, cases, config, rows_a = uninterrupted_run
+    run = tmp_path / "run"
+    train(select(cases, config.train_cases), select(cases, config.val_cases), run,
+          dataclasses.replace(config, epochs=2))
+    before = (run / "checkpoint.safetensors").read_bytes()
+    result = cli("train", root / "cache", "-o", run, "--resume", "--epochs", 3, "--lr", 0.5,
+                 "--no-progress")
+    assert_error_line(result, rf"{re.escape(str(run))}: a resumed run keeps its recipe; it "
+                              r"differs in lr \(0.5, stored 0.001\)")
+    assert (run / "checkpoint.safetensors").read_bytes() == before
+    result = cli("train", root / "cache", "-o", run, "--resume", "--epochs", 3, "--no-progress")
+    assert result.exit_code == 0, result.output
+    with open(run / "log.csv", newline="") as f:
+        assert _losses(list(csv.DictReader(f))) == _losses(rows_a)
+    assert json.loads((run / "train_config.json").read_text())["epochs"] == 3
+
+
 # ---------------------------------------------------------------------- untrusted files
 
 

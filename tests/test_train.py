@@ -1,4 +1,5 @@
 import csv
+import dataclasses
 
 import numpy as np
 import pytest
@@ -62,6 +63,25 @@ def test_resume_continues_at_the_right_epoch_with_the_same_optimizer_state(cache
     a = load_model(tmp_path / "a" / "model_last.safetensors").state_dict()
     b = load_model(tmp_path / "b" / "model_last.safetensors").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_resumed_run_may_be_lengthened_but_keeps_its_recipe():
+    from tiramisu_brats.train import resumed_config
+
+    stored = _config(planes=("axial", "coronal"))
+    assert resumed_config(stored, {}) == stored
+    # Options repeated as the CLI passes them (lists) are no change.
+    assert resumed_config(stored, {"planes": ["axial", "coronal"], "patch": [32, 32],
+                                   "lr": 1e-3}) == stored
+    longer = resumed_config(stored, {"epochs": 5, "minutes": 30.0})
+    assert (longer.epochs, longer.minutes) == (5, 30.0)
+    assert dataclasses.replace(longer, epochs=3, minutes=None) == stored
+    with pytest.raises(ValueError, match=r"differs in lr \(0.0005, stored 0.001\), seed \(4"):
+        resumed_config(stored, {"epochs": 5, "lr": 5e-4, "seed": 4})
+    cosine = _config(schedule="cosine")
+    assert resumed_config(cosine, {"epochs": 3}) == cosine
+    with pytest.raises(ValueError, match=r"cosine schedule is laid over its length \(3 epochs"):
+        resumed_config(cosine, {"epochs": 4})
 
 
 def test_a_run_folder_is_not_overwritten_without_resume(cache, tmp_path):

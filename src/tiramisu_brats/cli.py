@@ -431,8 +431,15 @@ class TrainProgress:
                             description=f"epoch {epoch}/{self.epochs} loss {value:.3f}")
 
 
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether the option ``name`` was given (command line or environment), not defaulted."""
+    source = ctx.get_parameter_source(name)  # compared by name: click's or Typer's own enum
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
 @app.command()
 def train(
+    ctx: typer.Context,
     data: Annotated[list[Path], typer.Argument(help=(
         "Folder(s) of labelled cases (any layout segment reads), or one cache folder."))],
     output: Annotated[Path, typer.Option("--output", "-o", help="Run folder.")] = ...,
@@ -472,7 +479,9 @@ def train(
     init: Annotated[Path | None, typer.Option(help=(
         "Weights to start from (fine-tune), e.g. the shipped model."))] = None,
     compile: Annotated[bool, typer.Option(help="torch.compile the model.")] = False,
-    resume: Annotated[bool, typer.Option(help="Continue the run in OUTPUT.")] = False,
+    resume: Annotated[bool, typer.Option(help=(
+        "Continue the run in OUTPUT with its recipe; --epochs or --minutes given with it "
+        "lengthen the run (constant schedule)."))] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Train the Tiramisu on labelled BraTS cases (CUDA when present, else all CPU cores).
@@ -482,6 +491,16 @@ def train(
     from tiramisu_brats import train as ttrain
     from tiramisu_brats.model import TiramisuConfig
 
+    recipe = dict(
+        model=TiramisuConfig(growth_rate=growth_rate), epochs=epochs,
+        steps_per_epoch=steps_per_epoch, batch_size=batch_size, patch=patch,
+        tumor_share=tumor_share, rotate_deg=rotate_deg, zoom=zoom, intensity=intensity, lr=lr,
+        weight_decay=weight_decay, loss=loss, schedule=schedule, minutes=minutes, seed=seed,
+        compile=compile, micro_batches=micro_batches,
+        planes=[p.strip() for p in planes.split(",")])
+    if resume:  # the stored recipe, lengthened or repeated by the options given
+        option = {"model": "growth_rate"}
+        recipe = {k: v for k, v in recipe.items() if _given(ctx, option.get(k, k))}
     exists = "pass --resume to continue it, or another output folder"
     with user_errors(exists), progress_bar(progress) as bar:
         steps = TrainProgress(bar)
@@ -490,13 +509,7 @@ def train(
             val_cases=[v.strip() for v in val_cases.split(",")] if val_cases else (),
             val_fraction=val_fraction, init=init,
             on_cache=lambda folders: bar.track(folders, description="caching cases"),
-            on_start=steps.start, on_step=steps.step,
-            model=TiramisuConfig(growth_rate=growth_rate), epochs=epochs,
-            steps_per_epoch=steps_per_epoch, batch_size=batch_size, patch=patch,
-            tumor_share=tumor_share, rotate_deg=rotate_deg, zoom=zoom, intensity=intensity,
-            lr=lr, weight_decay=weight_decay, loss=loss, schedule=schedule, minutes=minutes,
-            seed=seed, compile=compile, micro_batches=micro_batches,
-            planes=[p.strip() for p in planes.split(",")])
+            on_start=steps.start, on_step=steps.step, **recipe)
     if not run.world.main:  # only rank 0 prints
         return
     if run.rows:

@@ -840,8 +840,9 @@ def run_from_folders(
     ``init``: weights to start from (fine-tuning), recorded with their sha256. ``recipe``: the
     other fields of ``TrainConfig`` (``epochs``, ``batch_size``, ``model``, ``planes``, ...);
     ``micro_batches`` defaults to one per process. ``resume``: continue the run in
-    ``output`` with its stored config (the recipe, ``fold``, ``val_*`` and ``init`` are then
-    not used).
+    ``output`` with its stored config (``fold``, ``val_*`` and ``init`` are then not used);
+    ``recipe`` may then lengthen it (``epochs``, ``minutes``: see ``resumed_config``) and
+    repeat, but not change, the rest.
 
     Under torchrun every process calls this with the same arguments and joins the process
     group (``distributed``); rank 0 caches the cases first, the others then find them cached
@@ -859,6 +860,11 @@ def run_from_folders(
     output = Path(output)
     with distributed(device) as (world, device):
         config = _stored_config(output) if resume else None
+        if config is not None:
+            try:
+                config = resumed_config(config, recipe)
+            except ValueError as err:
+                raise io.InputError(f"{output}: {err}") from None
         if len(dirs) == 1 and tdata.is_cache(dirs[0]):
             cases = tdata.open_cache(dirs[0])
         else:
@@ -885,6 +891,31 @@ def _stored_config(run_dir: Path) -> TrainConfig:
         return TrainConfig.from_json(path.read_text())
     except (ValueError, TypeError, KeyError) as err:
         raise io.InputError(f"{path}: {err}") from None
+
+
+def resumed_config(stored: TrainConfig, recipe: dict) -> TrainConfig:
+    """The config a resumed run goes on with: ``stored``, lengthened where ``recipe`` (fields
+    of ``TrainConfig``) asks for more ``epochs`` or ``minutes``.
+
+    With the constant schedule the lengthened run is the run that had asked for that length
+    from the start (the random states go on from the checkpoint). A cosine schedule is laid
+    over the run's length, so lengthening it would change the learning rates of the epochs
+    already run: refused, as is any other field of ``recipe`` that differs from ``stored``.
+    """
+    length = ("epochs", "minutes")
+    given = {k: tuple(v) if k in ("planes", "patch") else v for k, v in recipe.items()}
+    changed = sorted(k for k, v in given.items() if v != getattr(stored, k))
+    fixed = [k for k in changed if k not in length]
+    if fixed:
+        raise ValueError(
+            "a resumed run keeps its recipe; it differs in "
+            + ", ".join(f"{k} ({given[k]!r}, stored {getattr(stored, k)!r})" for k in fixed))
+    if changed and stored.schedule == "cosine":
+        raise ValueError(
+            f"this run's cosine schedule is laid over its length ({stored.epochs} epochs"
+            + (f", {stored.minutes} minutes" if stored.minutes is not None else "")
+            + "); lengthening it would change the learning rates of the epochs already run")
+    return dataclasses.replace(stored, **{k: given[k] for k in changed})
 
 
 def _new_config(ids: list[str], world: World, fold: tuple[int, int] | None,
