@@ -102,6 +102,35 @@ def test_augment_keeps_shapes_labels_and_background():
     assert torch.allclose(xi.abs().sum(), x.abs().sum(), rtol=1e-4)
 
 
+def test_gamma_augmentation_is_one_power_curve_per_sample_and_modality():
+    # An image the flips leave as it is, so that input and output pixels correspond.
+    r = torch.arange(16, dtype=torch.float32) - 7.5
+    ring = (r[:, None] ** 2 + r[None] ** 2) / 100
+    x = torch.zeros(64, 4, 32, 32)
+    x[:, :, 8:24, 8:24] = ring - 0.5 + torch.arange(4.0)[:, None, None]  # one range each
+    y = torch.zeros(64, 32, 32, dtype=torch.long)
+    plain = dict(rotate_deg=0, scale=0, intensity=0)
+    xg, _ = data.augment(x, y, torch.Generator().manual_seed(0), gamma=0.5, **plain)
+    brain = x[:, :, 8:24, 8:24]
+    lo, hi = brain.amin((2, 3), keepdim=True), brain.amax((2, 3), keepdim=True)
+    out = xg[:, :, 8:24, 8:24]
+    torch.testing.assert_close(out.amin((2, 3), keepdim=True), lo)  # the range is kept
+    torch.testing.assert_close(out.amax((2, 3), keepdim=True), hi)
+    assert (xg[:, :, :8] == 0).all()  # background stays 0
+    a, b = (brain - lo) / (hi - lo), (out - lo) / (hi - lo)
+    mid = (a > 0.05) & (a < 0.95)
+    power = torch.where(mid, b.clamp_min(1e-9).log() / a.clamp_min(1e-9).log(), 0.0)
+    per = power.sum((2, 3)) / mid.sum((2, 3))  # one exponent per sample and modality ...
+    spread = (torch.where(mid, power, per[..., None, None]) - per[..., None, None]).abs()
+    assert spread.amax() < 1e-3
+    assert per.min() >= 1 / 1.5 - 1e-4 and per.max() <= 1.5 + 1e-4  # ... within its range
+    assert per.min() < 0.8 and per.max() > 1.3
+    # gamma 0 draws nothing: the stream, and the batch, are those without the option.
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    torch.testing.assert_close(data.augment(x, y, g1)[0], data.augment(x, y, g2, gamma=0)[0])
+    assert torch.equal(g1.get_state(), g2.get_state())
+
+
 def test_augmentation_matrices_are_scaled_rotations_or_flipped_ones():
     theta = data.augment_matrices(4096, torch.Generator().manual_seed(0), rotate_deg=10,
                                   scale=0.1)

@@ -461,6 +461,9 @@ def train(
         "Augmentation: zoom within ± this fraction."))] = 0.1,
     intensity: Annotated[float, typer.Option(min=0, max=1, help=(
         "Augmentation: per-modality intensity gain and shift within ± this."))] = 0.1,
+    gamma: Annotated[float, typer.Option(min=0, max=2, help=(
+        "Augmentation: per-modality gamma curve, exponent within [1/(1+G), 1+G]; 0: none."
+    ))] = 0.0,
     lr: Annotated[float, typer.Option(min=0)] = 1e-3,
     weight_decay: Annotated[float, typer.Option(min=0)] = 1e-4,
     loss: Annotated[str, typer.Option(
@@ -494,9 +497,9 @@ def train(
     recipe = dict(
         model=TiramisuConfig(growth_rate=growth_rate), epochs=epochs,
         steps_per_epoch=steps_per_epoch, batch_size=batch_size, patch=patch,
-        tumor_share=tumor_share, rotate_deg=rotate_deg, zoom=zoom, intensity=intensity, lr=lr,
-        weight_decay=weight_decay, loss=loss, schedule=schedule, minutes=minutes, seed=seed,
-        compile=compile, micro_batches=micro_batches,
+        tumor_share=tumor_share, rotate_deg=rotate_deg, zoom=zoom, intensity=intensity,
+        gamma=gamma, lr=lr, weight_decay=weight_decay, loss=loss, schedule=schedule,
+        minutes=minutes, seed=seed, compile=compile, micro_batches=micro_batches,
         planes=[p.strip() for p in planes.split(",")])
     if resume:  # the stored recipe, lengthened or repeated by the options given
         option = {"model": "growth_rate"}

@@ -295,15 +295,21 @@ def augment_matrices(n: int, generator, device=None, *, rotate_deg: float = 10.0
 
 
 def augment(images, classes, generator, *, rotate_deg: float = 10.0, scale: float = 0.1,
-            intensity: float = 0.1):
+            intensity: float = 0.1, gamma: float = 0.0):
     """Augment a batch on its own device, with PyTorch.
 
     ``images`` (N, C, H, W) float z-scores, ``classes`` (N, H, W) int64. Random left-right and
     front-back flips, rotation within ±``rotate_deg`` and scaling within ±``scale``
-    (``augment_matrices``; bilinear for images, nearest for classes), and per-sample,
-    per-modality intensity scale and shift within ±``intensity`` (inside the brain only).
+    (``augment_matrices``; bilinear for images, nearest for classes), per-sample,
+    per-modality intensity scale and shift within ±``intensity`` (inside the brain only),
+    then, where ``gamma`` > 0, a per-sample, per-modality gamma curve (exponent drawn
+    log-uniformly in [1 / (1 + gamma), 1 + gamma]) over the slice's brain range, which keeps
+    that range but changes the contrast inside it (nnU-Net's gamma augmentation). With
+    ``gamma`` 0 no number is drawn for it: the random stream is that of runs before it.
     Returns new tensors.
     """
+    import math
+
     import torch
     import torch.nn.functional as F
 
@@ -315,6 +321,14 @@ def augment(images, classes, generator, *, rotate_deg: float = 10.0, scale: floa
     gain = 1 + (torch.rand(n, c, 1, 1, generator=generator, device=dev) * 2 - 1) * intensity
     shift = (torch.rand(n, c, 1, 1, generator=generator, device=dev) * 2 - 1) * intensity
     images = (images * gain + shift) * brain
+    if gamma > 0:
+        power = torch.exp((torch.rand(n, c, 1, 1, generator=generator, device=dev) * 2 - 1)
+                          * math.log1p(gamma))
+        inside, big = brain.bool(), torch.finfo(images.dtype).max
+        lo = torch.where(inside, images, big).amin(dim=(2, 3), keepdim=True)
+        span = (torch.where(inside, images, -big).amax(dim=(2, 3), keepdim=True) - lo
+                ).clamp_min(1e-6)  # a slice without brain: any span, zeroed below
+        images = (((images - lo) / span).clamp(0, 1) ** power * span + lo) * brain
     images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros",
                            align_corners=False)
     classes = F.grid_sample(classes[:, None].to(images.dtype), grid, mode="nearest",
