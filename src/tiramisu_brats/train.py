@@ -720,9 +720,9 @@ def _step(run: _Run) -> float:
     codes, classes = run.sampler.sample(run.rng, config.batch_size)
     x = (_to_device(codes, device).float() - QUANT_OFFSET) * QUANT_STEP  # = dequantize
     y = _to_device(classes, device).long()
+    # All of the batch, then this process's share: the generator stays shared.
     x, y = augment(x, y, run.gen, rotate_deg=config.rotate_deg, scale=config.zoom,
-                   intensity=config.intensity, gamma=config.gamma)  # all of the batch: the
-    # generator stays shared
+                   intensity=config.intensity, gamma=config.gamma)
     x, y = x[run.share], y[run.share]
     if run.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
