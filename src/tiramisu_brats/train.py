@@ -100,6 +100,8 @@ class TrainConfig:
     init_sha256: str = ""
 
     def __post_init__(self) -> None:
+        for name in ("patch", "planes", "val_cases", "train_cases"):  # lists (JSON, CLI) too
+            object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.schedule not in ("constant", "cosine"):
@@ -142,11 +144,6 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"invalid training config: unknown keys {unknown}")
         data["model"] = TiramisuConfig.from_dict(data["model"])
-        data["patch"] = tuple(data["patch"])
-        data["val_cases"] = tuple(data["val_cases"])
-        data["train_cases"] = tuple(data["train_cases"])
-        if "planes" in data:
-            data["planes"] = tuple(data["planes"])
         return cls(**data)
 
 
@@ -906,20 +903,20 @@ def resumed_config(stored: TrainConfig, recipe: dict) -> TrainConfig:
     over the run's length, so lengthening it would change the learning rates of the epochs
     already run: refused, as is any other field of ``recipe`` that differs from ``stored``.
     """
-    length = ("epochs", "minutes")
-    given = {k: tuple(v) if k in ("planes", "patch") else v for k, v in recipe.items()}
-    changed = sorted(k for k, v in given.items() if v != getattr(stored, k))
-    fixed = [k for k in changed if k not in length]
+    wanted = dataclasses.replace(stored, **recipe)
+    changed = sorted(k for k in recipe if getattr(wanted, k) != getattr(stored, k))
+    fixed = [k for k in changed if k not in ("epochs", "minutes")]
     if fixed:
         raise ValueError(
             "a resumed run keeps its recipe; it differs in "
-            + ", ".join(f"{k} ({given[k]!r}, stored {getattr(stored, k)!r})" for k in fixed))
+            + ", ".join(f"{k} ({getattr(wanted, k)!r}, stored {getattr(stored, k)!r})"
+                        for k in fixed))
     if changed and stored.schedule == "cosine":
         raise ValueError(
             f"this run's cosine schedule is laid over its length ({stored.epochs} epochs"
             + (f", {stored.minutes} minutes" if stored.minutes is not None else "")
             + "); lengthening it would change the learning rates of the epochs already run")
-    return dataclasses.replace(stored, **{k: given[k] for k in changed})
+    return wanted
 
 
 def _new_config(ids: list[str], world: World, fold: tuple[int, int] | None,
