@@ -121,7 +121,7 @@ def label(config: Config) -> str:
     if mode == "fast":
         text += ", tumor slices" if tumor else ", all slices"
     else:
-        text = (f"`--mode {mode}`: {text}, 3 planes x 2 flips, "
+        text = (f"`--mode {mode}`: {text}, six views (`api.Segmenter.views`), "
                 + ("the views after the first near its tumor" if tumor else "every slice"))
     return text + (" (**default**)" if config == DEFAULT else "")
 

@@ -1,14 +1,16 @@
 """Score the inference recipes (views, postprocessing rules) and QC scores on labelled cases.
 
 For each case the network's probabilities are computed once per view (axial, coronal,
-sagittal; each also flipped left-right) with ``api.Segmenter.view_probabilities``, then every
+sagittal; each also flipped left-right; and the three planes of the weights' partner where
+accurate mode has one, ``export.partner``) with ``api.Segmenter.view_probabilities``, then every
 combination of views is fused, postprocessed (with and without the rule that relabels a small
 enhancing region as necrosis) and scored against the expert. Also the QC score candidates:
 the spread of the whole-tumor probability across views inside the predicted tumor.
 
 Usage:
-  python scripts/ablation.py --cases ID,ID,... [--model W] [--data-root ../shared/data]
-                             [--json OUT.json] [--precision fp32|bf16|int8]
+  python scripts/ablation.py --cases ID,ID,... [--model W] [--partner W2]
+                             [--data-root ../shared/data] [--json OUT.json]
+                             [--precision fp32|bf16|int8]
 Prints Markdown tables (per case and means).
 """
 
@@ -28,13 +30,15 @@ from tiramisu_brats.infer import region_labels
 from tiramisu_brats.metrics import region_dice
 from tiramisu_brats.postprocess import postprocess
 
-VIEWS = [(p, f) for p in ("axial", "coronal", "sagittal") for f in (False, True)]
+# views as (plane, flipped, model): model 1 the partner (api.PARTNER_VIEWS)
+VIEWS = [(p, f, 0) for p in ("axial", "coronal", "sagittal") for f in (False, True)]
 COMBOS = {
-    "axial (fast)": [("axial", False)],
-    "axial + flip": [("axial", False), ("axial", True)],
-    "3 planes": [("axial", False), ("coronal", False), ("sagittal", False)],
-    "3 planes + flips (accurate)": VIEWS,
+    "axial (fast)": [("axial", False, 0)],
+    "axial + flip": [("axial", False, 0), ("axial", True, 0)],
+    "3 planes": [("axial", False, 0), ("coronal", False, 0), ("sagittal", False, 0)],
+    "3 planes + flips": VIEWS,
 }
+FAST, ACCURATE = "axial (fast)", "3 planes + flips"  # ACCURATE: without a partner
 MIN_ET = (0, 100, 250, 500)
 KEEP = (0.5, 1.0)  # postprocess keeps components of this share of the largest (default 0.1)
 REGION_T = (0.2, 0.25, 0.3, 0.35, 0.4, 0.5)  # on the region probabilities
@@ -51,6 +55,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--cases", required=True)
     parser.add_argument("--model", type=Path, default=None)
+    parser.add_argument("--partner", type=Path, default=None,
+                        help="weights to fuse with the model's in accurate mode (default: its "
+                             "partner beside it, export.partner, if any)")
     parser.add_argument("--data-root", type=Path, default=Path("../shared/data"))
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--precision", default=None,
@@ -63,21 +70,33 @@ def main() -> None:
     folders = {io.find_case_files(f).case_id: f for f in find_training_cases(
         [args.data_root / "brats-labeled", args.data_root / "brats-labeled-extra"])}
     seg = api.Segmenter(args.model, precision=args.precision)
-    accurate = api.Segmenter(args.model, precision=args.precision, mode="accurate")  # tumor slices
+    accurate = api.Segmenter(args.model, precision=args.precision, mode="accurate",  # tumor slices
+                             partner=args.partner)
     print(f"precision {seg.backend.precision} ({seg.backend.why})", flush=True)
-    threshold = seg.threshold if args.qc_threshold is None else args.qc_threshold
-    chosen = "post" if seg.threshold is None else f"post_regions_{seg.threshold:g}"
+    combos, views, acc_name = dict(COMBOS), list(VIEWS), ACCURATE
+    if accurate.partner is not None:
+        acc_name = "3 planes + partner's 3 planes"
+        combos[acc_name] = list(accurate.views)
+        views += [v for v in accurate.views if v[2]]
+        print(f"partner {accurate.partner}: {accurate.partner_backend.precision}", flush=True)
+    # the labelling rule and QC threshold of each mode: accurate's are the partner's, if any
+    rules = {name: accurate if name == acc_name else seg for name in combos}
+    qc_threshold = {name: r.threshold if args.qc_threshold is None else args.qc_threshold
+                    for name, r in rules.items()}
+    chosen = {name: "post" if r.threshold is None else f"post_regions_{r.threshold:g}"
+              for name, r in rules.items()}
     rows = []
     for case_id in wanted:
         files = io.find_case_files(folders[case_id])
         case = io.read_case(files, keep_dtype=True)
         ref = io.read_label_map(files.seg)[0]
         t0 = time.perf_counter()
-        probs = {v: seg.view_probabilities(case.image, *v) for v in VIEWS}
+        probs = {(p, f, m): accurate.view_probabilities(case.image, p, f, model=m)
+                 for p, f, m in views}
         seconds = time.perf_counter() - t0
         row = {"case": case_id, "seconds_all_views": seconds}
-        for name, views in COMBOS.items():
-            fused = sum(probs[v] for v in views) / len(views)
+        for name, combo in combos.items():
+            fused = sum(probs[v] for v in combo) / len(combo)
             raw = io.CLASS_TO_LABEL[fused.argmax(0)]
             post = postprocess(raw)
             row[name] = {"raw": region_dice(raw, ref), "post": region_dice(post, ref),
@@ -88,11 +107,11 @@ def main() -> None:
                          **{f"post_regions_{t}": region_dice(postprocess(region_labels(fused, t)),
                                                              ref)
                             for t in REGION_T}}
-            wt = np.stack([1 - probs[v][0] for v in views])  # whole-tumor probability per view
-            inside = postprocess(region_labels(fused, threshold)) > 0
+            wt = np.stack([1 - probs[v][0] for v in combo])  # whole-tumor probability per view
+            inside = postprocess(region_labels(fused, qc_threshold[name])) > 0
             row[name]["wt_ml"] = float(inside.sum() / 1000)
             row[name]["ref_wt_ml"] = float((ref > 0).sum() / 1000)
-            if len(views) > 1 and inside.any():
+            if len(combo) > 1 and inside.any():
                 row[name]["qc_spread"] = float(wt.std(0)[inside].mean())
                 union = (wt > 0.5).any(0)
                 row[name]["qc_spread_union"] = float(wt.std(0)[union].mean())
@@ -109,37 +128,39 @@ def main() -> None:
             "dice": region_dice(near.labels, ref), "seconds": time.perf_counter() - t0,
             "run": near.slices["run"], "brain": near.slices["brain"],
             "voxels_unlike_every_slice": int(np.count_nonzero(
-                near.labels != postprocess(region_labels(sum(probs.values()) / len(VIEWS),
-                                                         seg.threshold))))}
+                near.labels != postprocess(region_labels(
+                    sum(probs[v] for v in accurate.views) / len(accurate.views),
+                    accurate.threshold))))}
         rows.append(row)
-        print(f"{case_id}: {seconds:.1f} s for {len(VIEWS)} views; "
+        print(f"{case_id}: {seconds:.1f} s for {len(views)} views; "
               + "; ".join(f"{n}: WT {row[n]['post']['WT']:.3f} TC {row[n]['post']['TC']:.3f} "
-                          f"ET {row[n]['post']['ET']:.3f}" for n in COMBOS), flush=True)
+                          f"ET {row[n]['post']['ET']:.3f}" for n in combos), flush=True)
     if args.json:
         args.json.write_text(json.dumps({"model": str(seg.weights), "sha256": seg.model_info()
-                                         ["sha256"], "rows": rows}, indent=1))
+                                         ["sha256"], "accurate": accurate.model_info(),
+                                         "rows": rows}, indent=1))
     print("\n| recipe | stage | Dice WT | Dice TC | Dice ET | mean |")
     print("|---|---|---:|---:|---:|---:|")
-    for name in COMBOS:
+    for name in combos:
         for stage in ("raw", "post", *(f"post_min_et_{n}" for n in MIN_ET if n),
                       *(f"post_keep_{k}" for k in KEEP), *(f"post_regions_{t}" for t in REGION_T)):
             m = {r: float(np.mean([row[name][stage][r] for row in rows]))
                  for r in ("WT", "TC", "ET")}
             print(f"| {name} | {stage} | {m['WT']:.3f} | {m['TC']:.3f} | {m['ET']:.3f} | "
                   f"{np.mean(list(m.values())):.3f} |")
-    print(f"\nPer case, labels by the model's decision ({chosen}); QC inside the tumor of "
-          f"region_labels({threshold}):")
+    print(f"\nPer case, labels by each mode's decision (fast {chosen[FAST]}, accurate "
+          f"{acc_name} {chosen[acc_name]}); QC inside the tumor of accurate's labels:")
     print("\n| case | fast: Dice WT / TC / ET | accurate: Dice WT / TC / ET | QC spread "
           "(accurate) | predicted / expert WT ml |")
     print("|---|---|---|---:|---|")
     for row in rows:
-        fast, acc = row["axial (fast)"], row["3 planes + flips (accurate)"]
-        print(f"| {row['case']} | " + " / ".join(f"{fast[chosen][r]:.3f}" for r in fast[chosen])
-              + " | " + " / ".join(f"{acc[chosen][r]:.3f}" for r in acc[chosen])
-              + f" | {acc.get('qc_spread', float('nan')):.3f} | {acc['wt_ml']:.1f} / "
-              f"{acc['ref_wt_ml']:.1f} |")
+        fast, acc = row[FAST][chosen[FAST]], row[acc_name][chosen[acc_name]]
+        print(f"| {row['case']} | " + " / ".join(f"{fast[r]:.3f}" for r in fast)
+              + " | " + " / ".join(f"{acc[r]:.3f}" for r in acc)
+              + f" | {row[acc_name].get('qc_spread', float('nan')):.3f} | "
+              f"{row[acc_name]['wt_ml']:.1f} / {row[acc_name]['ref_wt_ml']:.1f} |")
     print("\n`--mode accurate` as segment runs it (the views after the first near its tumor) "
-          "against every slice of every view, labels by the model's decision:")
+          "against every slice of every view, labels by accurate mode's decision:")
     print("\n| case | slices run / brain slices | seconds | voxels unlike every slice's | "
           "Dice WT / TC / ET |")
     print("|---|---|---:|---:|---|")
@@ -148,10 +169,10 @@ def main() -> None:
         print(f"| {row['case']} | {a['run']} / {a['brain']} | {a['seconds']:.1f} | "
               f"{a['voxels_unlike_every_slice']} | "
               + " / ".join(f"{a['dice'][r]:.3f}" for r in a["dice"]) + " |")
-    print(f"\nQC (Spearman with Dice WT / with mean Dice, {chosen}):")
-    for name in COMBOS:
-        dwt = [row[name][chosen]["WT"] for row in rows]
-        dmean = [np.mean(list(row[name][chosen].values())) for row in rows]
+    print("\nQC (Spearman with Dice WT / with mean Dice, labels by each mode's decision):")
+    for name in combos:
+        dwt = [row[name][chosen[name]]["WT"] for row in rows]
+        dmean = [np.mean(list(row[name][chosen[name]].values())) for row in rows]
         for key in ("qc_spread", "qc_spread_union", "qc_volume_agreement", "qc_view_dice",
                     "qc_mean_wt_prob", "qc_entropy"):
             vals = [row[name].get(key) for row in rows]

@@ -43,6 +43,30 @@ def random_weights():
     return write
 
 
+@pytest.fixture(scope="session")
+def write_partner(tmp_path_factory, random_weights):
+    """``write_partner(weights, decision=None, made_for=None)`` writes other tiny random
+    weights as the partner of ``weights`` (``export.partner``): beside them, their header
+    naming ``made_for`` (default the weights' sha256) and recording ``decision`` (a JSON
+    text)."""
+    from safetensors.numpy import load_file, save_file
+
+    from tiramisu_brats.export import file_sha256
+    from tiramisu_brats.model import read_config
+
+    def write(weights: Path, decision: str | None = None, made_for: str | None = None) -> Path:
+        other = random_weights(tmp_path_factory.mktemp("partner"), seed=1)
+        _, header = read_config(other)
+        header["partner_of"] = made_for or file_sha256(weights)
+        if decision is not None:
+            header["decision"] = decision
+        path = weights.with_name(weights.stem + ".partner.safetensors")
+        save_file(load_file(other), str(path), metadata=header)
+        return path
+
+    return write
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, random_weights) -> Path:
     """Tiny random weights with their ONNX export beside them (exported once per module)."""

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from tiramisu_brats import api, infer, io, metrics
+from tiramisu_brats import api, export, infer, io, metrics
 from tiramisu_brats.postprocess import postprocess
 from tiramisu_brats.synthetic import make_case
 
@@ -35,6 +35,36 @@ def test_accurate_mode_is_the_mean_of_every_views_probabilities(case, accurate):
         len(np.flatnonzero((case.image != 0).any(axis=(0, *(a for a in (1, 2, 3) if a != k)))))
         for k in (1, 2, 3))
     assert seg.slices["run"] == seg.slices["brain"]
+
+
+def test_accurate_mode_fuses_three_planes_of_each_model_when_the_weights_have_a_partner(
+        case, tmp_path, random_weights, write_partner):
+    weights = random_weights(tmp_path)
+    write_partner(weights, decision='{"region_threshold": 0.4, "qc_spread_review": 0.3}')
+    fast = api.Segmenter(weights, "torch", crop=(64, 64))
+    assert fast.partner is None and fast.threshold is None  # fast mode: the weights alone
+    seg = api.Segmenter(weights, "torch", crop=(64, 64), mode="accurate")
+    assert seg.views == api.PARTNER_VIEWS and len(seg.views) == 6
+    assert (seg.threshold, seg.qc_review) == (0.4, 0.3)  # the partner's decision
+    mine, theirs = (seg.view_probabilities(case.image, "coronal", model=m) for m in (0, 1))
+    assert np.abs(mine - theirs).max() > 0.01  # two different networks
+    views = [seg.view_probabilities(case.image, plane, flip, model=model)
+             for plane, flip, model in seg.views]
+    result = seg.segment(case.image, all_slices=True)
+    np.testing.assert_array_equal(result.raw,
+                                  infer.region_labels(np.mean(views, axis=0), 0.4))
+    wt = np.stack([1 - v[0] for v in views])
+    np.testing.assert_allclose(result.uncertainty, wt.std(0), atol=1e-4)  # sums of squares
+    info = seg.model_info()
+    assert info["views"][3:] == ["axial (partner)", "coronal (partner)", "sagittal (partner)"]
+    assert info["partner"]["sha256"] == export.file_sha256(weights.with_name(
+        "tiny.partner.safetensors"))
+    assert info["labels_by"] == "region probabilities > 0.4"
+    with pytest.raises(ValueError, match="no partner model loaded"):
+        fast.view_probabilities(case.image, model=1)
+    alone = api.Segmenter(weights, "torch", crop=(64, 64), mode="accurate", partner=weights)
+    assert alone.threshold is None  # a partner without a decision: the argmax
+    np.testing.assert_allclose(alone.view_probabilities(case.image, "coronal", model=1), mine)
 
 
 class _Bright(infer.Backend):

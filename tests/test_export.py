@@ -150,6 +150,28 @@ def test_decision_read_from_the_header(tmp_path, random_weights):
             export.decision(weights)
 
 
+def test_the_partner_is_found_beside_the_weights_only_when_made_for_them(
+        tmp_path, random_weights, write_partner, caplog):
+    weights = random_weights(tmp_path)
+    assert export.partner(weights) is None
+    path = write_partner(weights)
+    assert path.name == "tiny.partner.safetensors"
+    assert export.partner(weights) == path
+    assert export.partner(weights, export.file_sha256(weights)) == path
+    write_partner(weights, made_for="0" * 64)
+    with caplog.at_level("WARNING"):
+        assert export.partner(weights) is None
+    assert "partner of other weights (sha256 000000000000)" in caplog.text
+
+
+def test_the_shipped_weights_have_their_partner_with_accurate_modes_rule():
+    # New shipped weights need their partner re-made (scripts/package_weights.py --partner-of),
+    # else accurate mode would fall back to the weights alone, with a warning only.
+    found = export.partner(export.default_weights())
+    assert found is not None and found.with_suffix(".onnx").is_file()
+    assert set(export.decision(found)) == {"region_threshold", "qc_spread_review"}
+
+
 def test_an_int8_models_check_goes_into_its_record_and_names_it_the_one_that_keeps_labels(
         tmp_path, tiny):
     weights = shutil.copy(tiny, tmp_path / "tiny.safetensors")

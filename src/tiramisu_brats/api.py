@@ -24,7 +24,13 @@ from pathlib import Path
 import numpy as np
 
 from tiramisu_brats import io
-from tiramisu_brats.export import CalibrationNeeded, decision, default_weights, file_sha256
+from tiramisu_brats.export import (
+    CalibrationNeeded,
+    decision,
+    default_weights,
+    file_sha256,
+)
+from tiramisu_brats.export import partner as find_partner
 from tiramisu_brats.infer import (
     WHOLE_SLICES,
     load_backend,
@@ -63,6 +69,11 @@ MODES: dict[str, tuple[tuple[str, bool], ...]] = {
     "fast": (("axial", False),),
     "accurate": tuple((plane, flip) for plane in PLANES for flip in (False, True)),
 }
+# Accurate mode of weights that have a partner (export.partner): the three planes of each of
+# the two models, (plane, flipped, model) with model 1 the partner. On the validation split
+# this beat the six views of the shipped model alone (docs/model-card.md, "Accurate mode").
+PARTNER_VIEWS: tuple[tuple[str, bool, int], ...] = tuple(
+    (plane, False, model) for model in (0, 1) for plane in PLANES)
 # With tumor slices, the views after the first run only their slices that cross the box of the
 # tumor the first view found (after postprocessing), widened by VIEW_MARGIN voxels each way, and
 # take the first view's probabilities elsewhere: 73 % of accurate mode's slices and the same
@@ -176,6 +187,18 @@ def _postprocess(labels: np.ndarray) -> np.ndarray:
     return run(labels)
 
 
+def _load_backend(name: str, weights: Path, options: dict):
+    """``infer.load_backend``; where no int8 model of the weights exists yet, one made on
+    synthetic slices."""
+    try:
+        return load_backend(name, weights, **options)
+    except CalibrationNeeded:
+        from tiramisu_brats.synthetic import SYNTHETIC_CALIBRATION, calibration_slices
+
+        return load_backend(name, weights, **options, calibration=calibration_slices(),
+                            calibration_id=SYNTHETIC_CALIBRATION)
+
+
 def grid_info(grid: Grid, case_id: str = "") -> dict:
     """What the per-case JSON records of the input's grid; logs what a user should know."""
     spacing = "x".join(f"{z:g}" for z in grid.spacing)
@@ -202,7 +225,7 @@ class Segmenter:
         batch_size: int | None = None, threads: int | None = None, precision: str | None = None,
         device: str | None = None, crop: tuple[int, int] = CROP, postprocess: bool = True,
         whole_slices: bool | None = None, tumor_slices: bool | None = None,
-        mode: str = "fast", resample: bool = True,
+        mode: str = "fast", resample: bool = True, partner: PathLike | None = None,
     ) -> None:
         """``whole_slices``: run the network on whole slices, else on each slice's brain window
         (``preprocess.brain_windows``); default: the backend's (``infer.WHOLE_SLICES``).
@@ -211,26 +234,34 @@ class Segmenter:
         (the postprocessed labels of the 17 labelled cases stay as they are; the raw ones do
         not); default: with ``postprocess``. ``segment_case(save_raw=True)`` runs every slice
         regardless. ``mode``: one of ``MODES``; ``accurate`` averages the probabilities of
-        every view, with ``tumor_slices`` those of the views after the first only near the
-        tumor the first found (``VIEW_MARGIN``). ``resample``:
-        bring images that are not 1 mm to 1 mm for the network (``segment_case``, and
-        ``segment`` given an affine)."""
+        every view (``views``: with a partner model, the three planes of each model,
+        ``PARTNER_VIEWS``, labelled by the partner's decision), with ``tumor_slices`` those of
+        the views after the first only near the tumor the first found (``VIEW_MARGIN``).
+        ``partner``: the weights accurate mode fuses with the model's; default the partner
+        beside them (``export.partner``), if any. ``resample``: bring images that are not
+        1 mm to 1 mm for the network (``segment_case``, and ``segment`` given an affine)."""
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
         self.mode = mode
         self.resample = resample
         self.weights = Path(model) if model is not None else default_weights()
         options = dict(threads=threads, precision=precision, device=device)
-        try:
-            self.backend = load_backend(backend, self.weights, **options)
-        except CalibrationNeeded:  # no int8 model of these weights yet: made on synthetic slices
-            from tiramisu_brats.synthetic import SYNTHETIC_CALIBRATION, calibration_slices
-
-            self.backend = load_backend(backend, self.weights, **options,
-                                        calibration=calibration_slices(),
-                                        calibration_id=SYNTHETIC_CALIBRATION)
+        self.backend = _load_backend(backend, self.weights, options)
         self._sha256 = file_sha256(self.weights)  # of the weights just loaded, once per run
+        # views as (plane, flipped, model): model 0 the weights, 1 their partner
+        self.views = tuple((plane, flip, 0) for plane, flip in MODES[mode])
+        if mode != "accurate":
+            partner = None
+        elif partner is None:
+            partner = find_partner(self.weights, self._sha256)
+        self.partner = None if partner is None else Path(partner)
+        self.partner_backend = None
         rule = decision(self.weights)
+        if self.partner is not None:
+            self.partner_backend = _load_backend(backend, self.partner, options)
+            self._partner_sha256 = file_sha256(self.partner)
+            self.views = PARTNER_VIEWS
+            rule = decision(self.partner)
         self.threshold = rule.get("region_threshold")
         self.qc_review = rule.get("qc_spread_review", QC_SPREAD_REVIEW)
         self.batch_size = batch_size
@@ -242,7 +273,11 @@ class Segmenter:
         self.tumor_slices = postprocess if tumor_slices is None else tumor_slices
 
     def model_info(self) -> dict:
-        """What the per-case JSON records about the model."""
+        """What the per-case JSON records about the model (and its partner, if used)."""
+        extra = {} if self.partner is None else {"partner": {
+            "weights": str(self.partner), "sha256": self._partner_sha256,
+            "precision": self.partner_backend.precision,
+            "precision_why": self.partner_backend.why}}
         return {"weights": str(self.weights), "sha256": self._sha256,
                 "backend": self.backend.name, "device": self.backend.device,
                 "precision": self.backend.precision, "precision_why": self.backend.why,
@@ -250,8 +285,8 @@ class Segmenter:
                 "tumor_slices": self.tumor_slices, "mode": self.mode,
                 "labels_by": ("argmax" if self.threshold is None else
                               f"region probabilities > {self.threshold:g}"),
-                "views": [f"{plane}{' flipped' if flip else ''}"
-                          for plane, flip in MODES[self.mode]]}
+                "views": [f"{plane}{' flipped' if flip else ''}{' (partner)' if model else ''}"
+                          for plane, flip, model in self.views], **extra}
 
     def segment(
         self, image: np.ndarray, on_batch: Callable[[int], None] | None = None, *,
@@ -280,10 +315,12 @@ class Segmenter:
         self, image: np.ndarray, plane: str = "axial", flip: bool = False,
         on_batch: Callable[[int], None] | None = None, stats: dict | None = None, *,
         box: tuple[slice, slice, slice] | None = None, fill: np.ndarray | None = None,
+        model: int = 0,
     ) -> np.ndarray:
         """The network's softmax probabilities ``(K, X, Y, Z)`` float32 for ``image``
         ``(4, X, Y, Z)`` seen along ``plane``, flipped left-right first with ``flip`` (and the
         result flipped back), every brain slice run; background 1 outside the crop window.
+        ``model`` 1: the partner's network (``partner``; accurate mode only).
 
         ``box`` (slices of X, Y, Z): run only this view's slices that cross it and take the
         probabilities elsewhere from ``fill`` ``(K, X, Y, Z)`` (the preprocessing, z-scores
@@ -304,7 +341,10 @@ class Segmenter:
             slices = slices[run]
             windows = None if windows is None else [w for w, r in zip(windows, run) if r]
         t1 = time.perf_counter()
-        probs = predict_probabilities(self.backend, slices, self.batch_size, on_batch, windows)
+        network = self.partner_backend if model else self.backend
+        if network is None:
+            raise ValueError(f"{self.weights}: no partner model loaded (mode {self.mode!r})")
+        probs = predict_probabilities(network, slices, self.batch_size, on_batch, windows)
         if crossing is not None:
             every = np.zeros((len(run), *probs.shape[1:]), np.float32)
             every[:, 0] = 1
@@ -334,10 +374,10 @@ class Segmenter:
 
     def _segment_views(
         self, image: np.ndarray, on_batch: Callable[[int], None] | None,
-        views: Sequence[tuple[str, bool]] | None = None, back: Grid | None = None,
+        views: Sequence[tuple[str, bool, int]] | None = None, back: Grid | None = None,
         all_slices: bool = False,
     ) -> Segmentation:
-        """Every view of ``views`` (default ``MODES[self.mode]``): the mean of their softmax
+        """Every view of ``views`` (default ``self.views``): the mean of their softmax
         probabilities, labelled by ``region_labels`` with the weights' threshold. With tumor
         slices (not ``all_slices``) the views after the first run near its tumor only
         (``VIEW_MARGIN``); every slice where it found none. With ``back``,
@@ -347,10 +387,10 @@ class Segmenter:
         (docs/model-card.md)."""
         stats: dict = {}
         fused = wt_sum = wt_squares = first = box = None
-        views = MODES[self.mode] if views is None else views
-        for plane, flip in views:
+        views = self.views if views is None else views
+        for plane, flip, model in views:
             volume = self.view_probabilities(image, plane, flip, on_batch, stats, box=box,
-                                             fill=first)
+                                             fill=first, model=model)
             wt = 1 - volume[0]  # the whole tumor's probability in this view
             if fused is None:
                 fused, wt_sum, wt_squares = np.array(volume), wt, wt * wt
@@ -446,7 +486,7 @@ class Segmenter:
         sidecar = output.with_name(stem + ".json")
         raw_path = output.with_name(stem + "_raw.nii.gz")
         spread_path = output.with_name(stem + "_uncertainty.nii.gz")
-        if uncertainty and len(MODES[self.mode]) == 1:
+        if uncertainty and len(self.views) == 1:
             raise ValueError(f"an uncertainty map needs several views; mode {self.mode!r} "
                              "has one (mode 'accurate' has six)")
         inputs = {Path(p).resolve() for p in (*files.images, files.seg) if p is not None}

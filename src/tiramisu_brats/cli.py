@@ -211,10 +211,11 @@ def segment(
     label_convention: Annotated[str, typer.Option(help=(
         "brats: 0/1/2/4 (2017-2021); brats2023: 0/1/2/3."))] = "brats",
     mode: Annotated[str, typer.Option(help=(
-        "fast: one axial pass (seconds); accurate: the mean of the network's probabilities "
-        "over axial, coronal and sagittal slices, each also flipped left-right (with tumor "
-        "slices, the views after the first near its tumor only; slower, more accurate: "
-        "docs/model-card.md)."))] = "fast",
+        "fast: one axial pass (seconds); accurate: the mean of the probabilities of several "
+        "views: axial, coronal and sagittal slices of the model and of its partner model "
+        "where the weights have one (the shipped weights do), else of the model alone, each "
+        "plane also flipped left-right (with tumor slices, the views after the first near "
+        "its tumor only; slower, more accurate: docs/model-card.md)."))] = "fast",
     resample: Annotated[bool, typer.Option(help=(
         "Resample images that are not 1 mm to 1 mm for the network (the label map is "
         "written on the input's grid all the same)."))] = True,

@@ -80,6 +80,26 @@ def decision(weights: Path) -> dict[str, float]:
     return values
 
 
+def partner(weights: Path, sha: str | None = None) -> Path | None:
+    """The second model that accurate mode fuses with ``weights``: ``<stem>.partner.safetensors``
+    beside them, whose header names their sha256 (``partner_of``; ``sha``, computed when not
+    given). Its ``decision`` is accurate mode's rule for the two models' views fused. None
+    where there is none, or (with a warning) where it was made for other weights."""
+    weights = Path(weights)
+    path = weights.with_name(weights.stem + ".partner.safetensors")
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        made_for = (f.metadata() or {}).get("partner_of")
+    if made_for != (sha or file_sha256(weights)):
+        log.warning("%s: made as the partner of other weights (sha256 %s), not of %s: accurate "
+                    "mode runs %s alone", path, str(made_for)[:12], weights.name, weights.name)
+        return None
+    return path
+
+
 def sidecar(path: Path) -> Path:
     """The JSON beside a made model file that says what it was made from
     (``{"weights_sha256": ..., "calibration": ...}``)."""
