@@ -24,12 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from tiramisu_brats import io
-from tiramisu_brats.export import (
-    CalibrationNeeded,
-    decision,
-    default_weights,
-    file_sha256,
-)
+from tiramisu_brats.export import CalibrationNeeded, decision, default_weights, file_sha256
 from tiramisu_brats.export import partner as find_partner
 from tiramisu_brats.infer import (
     WHOLE_SLICES,
