@@ -251,12 +251,11 @@ class Segmenter:
             partner = find_partner(self.weights, self._sha256)
         self.partner = None if partner is None else Path(partner)
         self.partner_backend = None
-        rule = decision(self.weights)
         if self.partner is not None:
             self.partner_backend = _load_backend(backend, self.partner, options)
             self._partner_sha256 = file_sha256(self.partner)
             self.views = PARTNER_VIEWS
-            rule = decision(self.partner)
+        rule = decision(self.partner or self.weights)  # accurate mode's rule is the partner's
         self.threshold = rule.get("region_threshold")
         self.qc_review = rule.get("qc_spread_review", QC_SPREAD_REVIEW)
         self.batch_size = batch_size

@@ -59,16 +59,21 @@ def file_sha256(path: Path) -> str:
 DECISION_KEYS = ("region_threshold", "qc_spread_review")
 
 
+def _header(weights: Path, key: str) -> str | None:
+    """The metadata entry ``key`` of a safetensors file's header, None where absent."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="numpy") as f:
+        return (f.metadata() or {}).get(key)
+
+
 def decision(weights: Path) -> dict[str, float]:
     """The decision rule chosen on the validation split for ``weights`` and recorded in their
     header (metadata ``decision``, a JSON object): ``region_threshold`` (how probabilities
     become labels: ``infer.region_labels``) and ``qc_spread_review`` (the view spread above
     which a case is flagged for review: ``api.quality``). ``{}`` where none was recorded (the
     argmax and the default review threshold then apply)."""
-    from safetensors import safe_open
-
-    with safe_open(str(weights), framework="numpy") as f:
-        text = (f.metadata() or {}).get("decision", "{}")
+    text = _header(weights, "decision") or "{}"
     try:
         rule = json.loads(text)
         values = {k: float(rule[k]) for k in DECISION_KEYS if k in rule}
@@ -89,10 +94,7 @@ def partner(weights: Path, sha: str | None = None) -> Path | None:
     path = weights.with_name(weights.stem + ".partner.safetensors")
     if not path.is_file():
         return None
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="numpy") as f:
-        made_for = (f.metadata() or {}).get("partner_of")
+    made_for = _header(path, "partner_of")
     if made_for != (sha or file_sha256(weights)):
         log.warning("%s: made as the partner of other weights (sha256 %s), not of %s: accurate "
                     "mode runs %s alone", path, str(made_for)[:12], weights.name, weights.name)
