@@ -10,6 +10,7 @@ import pytest
 
 from tiramisu_brats import api, export, infer, io, metrics
 from tiramisu_brats.postprocess import postprocess
+from tiramisu_brats.preprocess import preprocess as real_preprocess
 from tiramisu_brats.synthetic import make_case
 
 
@@ -38,7 +39,7 @@ def test_accurate_mode_is_the_mean_of_every_views_probabilities(case, accurate):
 
 
 def test_accurate_mode_fuses_three_planes_of_each_model_when_the_weights_have_a_partner(
-        case, tmp_path, random_weights, write_partner):
+        case, tmp_path, random_weights, write_partner, monkeypatch):
     weights = random_weights(tmp_path)
     write_partner(weights, decision='{"region_threshold": 0.4, "qc_spread_review": 0.3}')
     fast = api.Segmenter(weights, "torch", crop=(64, 64))
@@ -50,7 +51,11 @@ def test_accurate_mode_fuses_three_planes_of_each_model_when_the_weights_have_a_
     assert np.abs(mine - theirs).max() > 0.01  # two different networks
     views = [seg.view_probabilities(case.image, plane, flip, model=model)
              for plane, flip, model in seg.views]
+    planes = []  # the planes segment preprocesses: each once, for both models
+    monkeypatch.setattr(api, "preprocess", lambda image, crop: planes.append(image.shape) or
+                        real_preprocess(image, crop))
     result = seg.segment(case.image, all_slices=True)
+    assert planes == [(4, 64, 64, 40), (4, 64, 40, 64), (4, 64, 40, 64)]
     np.testing.assert_array_equal(result.raw,
                                   infer.region_labels(np.mean(views, axis=0), 0.4))
     wt = np.stack([1 - v[0] for v in views])
@@ -88,12 +93,17 @@ def test_accurate_tumor_slices_run_the_later_views_near_the_first_views_tumor(
     seg.backend = _Bright(2.0)
     near, every = seg.segment(case.image), seg.segment(case.image, all_slices=True)
     np.testing.assert_array_equal(near.labels, every.labels)
-    brain = (case.image != 0).any(axis=0)  # outside it the views' crop windows differ
-    np.testing.assert_allclose(near.uncertainty[brain], every.uncertainty[brain], atol=1e-6)
-    assert near.slices["brain"] == every.slices["run"] == every.slices["brain"]
-    # The first view runs every brain slice; each later one the brain slices along its
-    # normal that cross the box of the first view's postprocessed tumor, widened by 2.
     first = postprocess(io.CLASS_TO_LABEL[seg.view_probabilities(case.image).argmax(0)])
+    tumor = first > 0  # where every view ran (elsewhere the first may not have)
+    np.testing.assert_allclose(near.uncertainty[tumor], every.uncertainty[tumor], atol=1e-6)
+    assert near.slices["brain"] == every.slices["run"] == every.slices["brain"]
+    # The first view runs its tumor slices, as fast mode does; each later one the brain
+    # slices along its normal that cross the box of the first view's postprocessed tumor,
+    # widened by 2.
+    ran = {}
+    infer.predict_labels(seg.backend, real_preprocess(case.image, (64, 64))[0],
+                         tumor_slices=True, stats=ran)
+    brain = (case.image != 0).any(axis=0)
     count = {}
     for axis in range(3):
         others = tuple(a for a in range(3) if a != axis)
@@ -101,9 +111,11 @@ def test_accurate_tumor_slices_run_the_later_views_near_the_first_views_tumor(
         t_lo, t_hi = np.flatnonzero((first > 0).any(axis=others))[[0, -1]]
         count[axis] = (hi - lo + 1, min(hi, t_hi + 2) - max(lo, t_lo - 2) + 1)
     z, y, x = count[2], count[1], count[0]  # axial, coronal, sagittal normals
-    assert near.slices["run"] == z[0] + z[1] + 2 * y[1] + 2 * x[1] < every.slices["run"]
-    seg.backend = _Bright(100.0)  # no tumor in the first view: every slice of every view
-    assert seg.segment(case.image).slices["run"] == every.slices["run"]
+    assert ran["run"] < z[0]
+    assert near.slices["run"] == ran["run"] + z[1] + 2 * y[1] + 2 * x[1] < every.slices["run"]
+    seg.backend = _Bright(100.0)  # no tumor: the first view's coarse pass, then every slice
+    coarse = len(range(0, z[0], infer.TUMOR_STRIDE))
+    assert seg.segment(case.image).slices["run"] == every.slices["run"] - z[0] + coarse
 
 
 @pytest.mark.parametrize("plane", ["axial", "coronal", "sagittal"])

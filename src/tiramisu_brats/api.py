@@ -69,10 +69,11 @@ MODES: dict[str, tuple[tuple[str, bool], ...]] = {
 # this beat the six views of the shipped model alone (docs/model-card.md, "Accurate mode").
 PARTNER_VIEWS: tuple[tuple[str, bool, int], ...] = tuple(
     (plane, False, model) for model in (0, 1) for plane in PLANES)
-# With tumor slices, the views after the first run only their slices that cross the box of the
-# tumor the first view found (after postprocessing), widened by VIEW_MARGIN voxels each way, and
-# take the first view's probabilities elsewhere: 73 % of accurate mode's slices and the same
-# labels on the 7 validation cases (docs/benchmarks.md, "Accurate mode's tumor slices").
+# With tumor slices, the first view runs its slices near tumor (as fast mode does) and the views
+# after it only their slices that cross the box of the tumor the first view found (after
+# postprocessing), widened by VIEW_MARGIN voxels each way, taking the first view's probabilities
+# elsewhere: the same labels as every slice of every view on the 7 validation cases
+# (docs/benchmarks.md, "Accurate mode's tumor slices").
 VIEW_MARGIN = 16
 
 
@@ -309,23 +310,32 @@ class Segmenter:
         self, image: np.ndarray, plane: str = "axial", flip: bool = False,
         on_batch: Callable[[int], None] | None = None, stats: dict | None = None, *,
         box: tuple[slice, slice, slice] | None = None, fill: np.ndarray | None = None,
-        model: int = 0,
+        model: int = 0, prepared: dict | None = None, tumor_slices: bool = False,
     ) -> np.ndarray:
         """The network's softmax probabilities ``(K, X, Y, Z)`` float32 for ``image``
         ``(4, X, Y, Z)`` seen along ``plane``, flipped left-right first with ``flip`` (and the
-        result flipped back), every brain slice run; background 1 outside the crop window.
+        result flipped back), every brain slice run (but see ``box``, ``tumor_slices``);
+        background 1 outside the crop window.
         ``model`` 1: the partner's network (``partner``; accurate mode only).
+        ``tumor_slices``: run only the slices near tumor, as ``infer.predict_labels`` (by the
+        labelling rule, ``threshold``), the others background with probability 1.
 
         ``box`` (slices of X, Y, Z): run only this view's slices that cross it and take the
         probabilities elsewhere from ``fill`` ``(K, X, Y, Z)`` (the preprocessing, z-scores
         included, is still that of the whole image). ``stats``, if given, gets
         ``preprocess`` and ``infer`` seconds, ``brain`` slices and ``run`` slices added to
-        what it holds.
+        what it holds. ``prepared``, if given, keeps each (plane, flip)'s preprocessed slices
+        for the next call on the same image that asks for them (the views of two models).
         """
         t0 = time.perf_counter()
-        view = image[:, ::-1] if flip else image  # BraTS: X runs left-right
-        slices, geometry = preprocess(to_plane(view, plane), self.crop)
-        windows = None if self.margin is None else brain_windows(slices, self.margin)
+        if prepared is not None and (plane, flip) in prepared:
+            slices, geometry, windows = prepared[plane, flip]
+        else:
+            view = image[:, ::-1] if flip else image  # BraTS: X runs left-right
+            slices, geometry = preprocess(to_plane(view, plane), self.crop)
+            windows = None if self.margin is None else brain_windows(slices, self.margin)
+            if prepared is not None:
+                prepared[plane, flip] = slices, geometry, windows
         crossing = None
         if box is not None:
             axis = plane_normal(plane)
@@ -338,7 +348,10 @@ class Segmenter:
         network = self.partner_backend if model else self.backend
         if network is None:
             raise ValueError(f"{self.weights}: no partner model loaded (mode {self.mode!r})")
-        probs = predict_probabilities(network, slices, self.batch_size, on_batch, windows)
+        ran: dict[str, int] = {}
+        probs = predict_probabilities(network, slices, self.batch_size, on_batch, windows,
+                                      tumor_slices=tumor_slices, stats=ran,
+                                      threshold=self.threshold)
         if crossing is not None:
             every = np.zeros((len(run), *probs.shape[1:]), np.float32)
             every[:, 0] = 1
@@ -349,7 +362,7 @@ class Segmenter:
         volume[0] += 1
         if stats is not None:
             for key, value in (("preprocess", t1 - t0), ("infer", time.perf_counter() - t1),
-                               ("brain", geometry.n_slices), ("run", len(slices))):
+                               ("brain", geometry.n_slices), ("run", ran["run"])):
                 stats[key] = stats.get(key, 0) + value
         volume = volume[:, ::-1] if flip else volume
         if crossing is not None:  # the slices not run keep fill's probabilities
@@ -373,8 +386,8 @@ class Segmenter:
     ) -> Segmentation:
         """Every view of ``views`` (default ``self.views``): the mean of their softmax
         probabilities, labelled by ``region_labels`` with the weights' threshold. With tumor
-        slices (not ``all_slices``) the views after the first run near its tumor only
-        (``VIEW_MARGIN``); every slice where it found none. With ``back``,
+        slices (not ``all_slices``) the first view runs its tumor slices and the views after
+        it near its tumor only (``VIEW_MARGIN``); every slice where it found none. With ``back``,
         the probabilities are brought linearly to the input grid of ``back`` (a resampled one)
         before the labels and postprocessing there: on the validation cases resampled to
         0.5 x 0.5 x 1 and 1 x 1 x 3 mm slightly better than the labels by nearest neighbour
@@ -382,13 +395,20 @@ class Segmenter:
         stats: dict = {}
         fused = wt_sum = wt_squares = first = box = None
         views = self.views if views is None else views
-        for plane, flip, model in views:
+        # the two models' views of a plane share its preprocessing, held until the last asks
+        last = {(plane, flip): k for k, (plane, flip, _) in enumerate(views)}
+        prepared: dict = {}
+        near = self.tumor_slices and not all_slices and len(views) > 1
+        for k, (plane, flip, model) in enumerate(views):
             volume = self.view_probabilities(image, plane, flip, on_batch, stats, box=box,
-                                             fill=first, model=model)
+                                             fill=first, model=model, prepared=prepared,
+                                             tumor_slices=near and k == 0)
+            if last[plane, flip] == k:
+                del prepared[plane, flip]
             wt = 1 - volume[0]  # the whole tumor's probability in this view
             if fused is None:
                 fused, wt_sum, wt_squares = np.array(volume), wt, wt * wt
-                if self.tumor_slices and not all_slices and len(views) > 1:
+                if near:
                     first, box = volume, self._tumor_box(volume)
             else:
                 fused += volume

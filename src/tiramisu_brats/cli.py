@@ -230,7 +230,7 @@ def segment(
             "Run the network on every brain slice, or on every fourth one and then only "
             "those next to tumor, until each run of tumor slices ends (faster; loses only tumor "
             "under 4 slices thick cut off from the rest); in accurate mode, every slice of "
-            "every view or, after the first view, those near the tumor it found. "
+            "every view or the first view's tumor slices, then those near the tumor it found. "
             "Default: tumor slices, "
             "every slice with --no-postprocess; --save-raw runs every slice."))] = None,
     save_raw: Annotated[bool, typer.Option(help=(

@@ -361,40 +361,54 @@ def predict_labels(
     if windows is not None and len(windows) != len(slices):
         raise ValueError(f"{len(windows)} windows for {len(slices)} slices")
     out = np.zeros((slices.shape[0], *slices.shape[2:]), np.uint8)
-    stats = {} if stats is None else stats
-    n = len(slices)
+    _passes(len(slices), tumor_slices, on_batch, {} if stats is None else stats,
+            lambda todo: _run(backend, slices, todo, windows, out, batch_size, on_batch,
+                              threshold=threshold),
+            lambda k: out[k].any())
+    return out
+
+
+def _passes(n: int, tumor_slices: bool, on_batch: Callable[[int], None] | None, stats: dict,
+            run: Callable[[list[int]], int], has_tumor: Callable[[int], bool]) -> None:
+    """Run ``n`` slices by ``run(indices)`` (returns how many it ran): all of them, or with
+    ``tumor_slices`` pass after pass as ``predict_labels`` says, ``has_tumor(k)`` telling
+    whether slice k came out with tumor. Sets ``stats["run"]``."""
     todo = list(range(0, n, TUMOR_STRIDE)) if tumor_slices else list(range(n))
     done = np.zeros(n, bool)
     stats["run"] = 0
     while todo:
-        stats["run"] += _run(backend, slices, todo, windows, out, batch_size, on_batch,
-                             threshold=threshold)
+        stats["run"] += run(todo)
         done[todo] = True
         if not tumor_slices:
             break
-        found = [k for k in todo if out[k].any()]
+        found = [k for k in todo if has_tumor(k)]
         todo = sorted({j for k in found for j in range(k - TUMOR_REACH, k + TUMOR_REACH + 1)
                        if 0 <= j < n and not done[j]})
     if on_batch and n - done.sum():
         on_batch(int(n - done.sum()))
     if tumor_slices:
         log.info("tumor slices: %d of %d slices run", stats["run"], n)
-    return out
 
 
 def predict_probabilities(
     backend: Backend, slices: np.ndarray, batch_size: int | None = None,
     on_batch: Callable[[int], None] | None = None,
-    windows: Sequence[tuple[slice, slice] | None] | None = None,
+    windows: Sequence[tuple[slice, slice] | None] | None = None, *, tumor_slices: bool = False,
+    stats: dict[str, int] | None = None, threshold: float | None = None,
 ) -> np.ndarray:
     """Softmax probabilities ``(Z', K, H, W)`` float32 of every slice of ``(Z', C, H, W)``;
     with ``windows`` (as in ``predict_labels``) the network runs inside them only and the
-    rest is background with probability 1."""
+    rest is background with probability 1. ``tumor_slices``, ``stats``: as in
+    ``predict_labels``, tumor by ``region_labels(threshold)``; the slices not run are
+    background with probability 1."""
     if windows is not None and len(windows) != len(slices):
         raise ValueError(f"{len(windows)} windows for {len(slices)} slices")
     out = np.zeros((slices.shape[0], len(io.CLASS_TO_LABEL), *slices.shape[2:]), np.float32)
     out[:, 0] = 1
-    _run(backend, slices, range(len(slices)), windows, out, batch_size, on_batch, softmax=True)
+    _passes(len(slices), tumor_slices, on_batch, {} if stats is None else stats,
+            lambda todo: _run(backend, slices, todo, windows, out, batch_size, on_batch,
+                              softmax=True),
+            lambda k: region_labels(out[k], threshold).any())
     return out
 
 
