@@ -260,11 +260,18 @@ def test_the_default_is_int8_only_where_its_model_kept_the_labels_on_a_cpu_that_
     assert infer.choose_precision("torch", weights)[:2] == ("fp32", "the torch backend's default")
     monkeypatch.setattr(infer, "cpu_info", lambda: ("Old CPU", frozenset({"sse4_2"})))
     precision, why, _ = infer.choose_precision("openvino", weights)
-    assert (precision, why) == ("bf16", "fp32: the CPU has none of avx2, avx512_vnni, amx_int8 "
+    assert (precision, why) == ("bf16", "fp32: the CPU has none of avx2, avx512_vnni "
                                         "for int8; the CPU does not compute in bf16")
     monkeypatch.setattr(infer, "cpu_info", lambda: ("", frozenset({"avx512_vnni",
                                                                    "avx512_bf16"})))
     assert infer.choose_precision("openvino", weights)[0] == "int8"
+    amx = frozenset({"avx2", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8"})
+    monkeypatch.setattr(infer, "cpu_info", lambda: ("", amx))  # bf16 beats int8 with AMX
+    assert infer.choose_precision("openvino", weights) == (
+        "bf16", "bf16: the CPU has amx_bf16, with which OpenVINO computes this network faster "
+        "in bf16 than in int8", None)
+    monkeypatch.setattr(infer, "cpu_info", lambda: ("", frozenset({"avx512_vnni",
+                                                                   "avx512_bf16"})))
     shutil.copy(tiny, weights)  # the same weights again: still theirs
     assert infer.choose_precision("openvino", weights)[0] == "int8"
     with open(weights, "ab") as f:  # other weights: the int8 model is not theirs

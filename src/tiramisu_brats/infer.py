@@ -39,12 +39,16 @@ DEFAULT_BACKEND = "openvino"
 PRECISIONS = ("fp32", "bf16", "int8")
 SUPPORTED = {"openvino": PRECISIONS, "onnxruntime": ("fp32", "int8"), "torch": ("fp32", "bf16")}
 # Each backend's precision when none is asked for; openvino's is chosen per CPU and weights
-# (choose_precision): int8 where its model kept the labels, else bf16 (fp32 on CPUs without it).
+# (choose_precision): int8 where its model kept the labels and it is the faster, else bf16
+# (fp32 on CPUs without it).
 DEFAULT_PRECISION = {"openvino": "bf16", "onnxruntime": "fp32", "torch": "fp32"}
 # Instruction sets with which OpenVINO's int8 kernels beat its fp32 and bf16 ones on this
 # network: measured for avx2 and avx512_vnni (docs/benchmarks.md, "Speed" and "Speed as an
-# AVX2-only CPU"); amx_int8 is OpenVINO's fastest int8 path, not measured here.
-INT8_ISA = ("avx2", "avx512_vnni", "amx_int8")
+# AVX2-only CPU").
+INT8_ISA = ("avx2", "avx512_vnni")
+# With AMX, OpenVINO's bf16 beat its int8 instead (3.27 s against 3.96 s per case end to end,
+# docs/benchmarks.md, "Speed on a CPU with AMX"): there bf16 is the default.
+BF16_ISA = "amx_bf16"
 _OV_TYPES = {"bf16": "bf16", "f32": "fp32", "f16": "fp16"}
 # Whether a backend runs whole slices by default rather than each slice's brain window. PyTorch
 # on the CPU keeps about 250 MB per new input shape (2.6 GB peak on a BraTS case, against 1.5 GB
@@ -104,13 +108,17 @@ def choose_precision(name: str, weights: Path, device: str | None = None
     """The precision backend ``name`` runs ``weights`` in when none is asked for, why, and
     for int8 the model file chosen.
 
-    openvino on the CPU: int8 where the CPU has one of ``INT8_ISA`` and an int8 model of the
-    weights records that it kept every checked case's Dice within the tolerance of fp32
-    (``export.int8_that_keeps_labels``, made by ``api.quantize_int8``); else bf16, which
-    OpenVINO computes in fp32 on CPUs without bf16. Other backends: ``DEFAULT_PRECISION``."""
+    openvino on the CPU: bf16 where the CPU has ``BF16_ISA``; else int8 where it has one of
+    ``INT8_ISA`` and an int8 model of the weights records that it kept every checked case's
+    Dice within the tolerance of fp32 (``export.int8_that_keeps_labels``, made by
+    ``api.quantize_int8``); else bf16, which OpenVINO computes in fp32 on CPUs without bf16.
+    Other backends: ``DEFAULT_PRECISION``."""
     if name != "openvino" or (device or "cpu") != "cpu":
         return DEFAULT_PRECISION[name], f"the {name} backend's default", None
     flags = cpu_info()[1]
+    if BF16_ISA in flags:
+        return "bf16", (f"bf16: the CPU has {BF16_ISA}, with which OpenVINO computes this "
+                        "network faster in bf16 than in int8"), None
     fast = [f for f in INT8_ISA if f in flags]
     found = int8_that_keeps_labels(weights) if fast else None
     if found is not None:
