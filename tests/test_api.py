@@ -128,17 +128,35 @@ def test_a_view_near_a_box_runs_the_slices_crossing_it_and_fills_the_rest(
     stats = {}
     near = accurate.view_probabilities(case.image, plane, flip, box=box, fill=fill,
                                        stats=stats)
+    inside = np.zeros((64, 64, 40), bool)
+    inside[box] = True
+    # the same slices (whole ones with torch), batched with others (float rounding)
+    np.testing.assert_allclose(near[:, inside], whole[:, inside], atol=1e-6)
+    assert (near[:, ~inside] == 0.25).all()
     axis = {"axial": 2, "coronal": 1, "sagittal": 0}[plane]
-    crossing = np.zeros(case.image.shape[1 + axis], bool)
-    crossing[box[axis]] = True
-    index = [slice(None)] * 4
-    index[1 + axis] = crossing
-    # the same slices, batched with others (float rounding of the batch's convolutions)
-    np.testing.assert_allclose(near[tuple(index)], whole[tuple(index)], atol=1e-6)
-    index[1 + axis] = ~crossing
-    assert (near[tuple(index)] == 0.25).all()
+    crossing = inside.any(axis=tuple(a for a in range(3) if a != axis))
     brain = (case.image != 0).any(axis=tuple(a for a in range(4) if a != 1 + axis))
     assert stats["run"] == np.count_nonzero(brain & crossing)
+
+
+def test_with_brain_windows_a_view_near_a_box_runs_one_window_around_it(
+        case, tiny_weights, monkeypatch):
+    seg = api.Segmenter(tiny_weights, "openvino", precision="fp32", mode="accurate",
+                        crop=(64, 64))
+    seen, real = [], api.predict_probabilities
+    monkeypatch.setattr(api, "predict_probabilities", lambda *args, **kw: (
+        seen.append(args[4]) or real(*args, **kw)))
+    box = (slice(28, 34), slice(12, 20), slice(5, 17))  # 6 x 8 in-plane: + 8 each way, to 32
+    seg.view_probabilities(case.image, "axial", box=box, fill=np.zeros((4, 64, 64, 40)))
+    (windows,) = seen
+    geometry = real_preprocess(case.image, (64, 64))[1]
+    rows, cols = (box[0], box[1]) if geometry.h_is_x else (box[1], box[0])
+    x0, y0 = (geometry.x0, geometry.y0) if geometry.h_is_x else (geometry.y0, geometry.x0)
+    assert len(windows) == 12 and all(w == windows[0] for w in windows)  # Z 5:17
+    (r, c) = windows[0]
+    assert (r.stop - r.start, c.stop - c.start) == (32, 32)
+    assert r.start <= rows.start - x0 and rows.stop - x0 <= r.stop
+    assert c.start <= cols.start - y0 and cols.stop - y0 <= c.stop
 
 
 def test_a_view_flipped_back_is_the_mirror_of_the_flipped_image(case, accurate):

@@ -42,9 +42,9 @@ from tiramisu_brats.preprocess import (
     Geometry,
     Grid,
     brain_windows,
+    extract,
     from_plane,
     network_grid,
-    plane_normal,
     preprocess,
     to_input,
     to_network,
@@ -70,9 +70,10 @@ MODES: dict[str, tuple[tuple[str, bool], ...]] = {
 PARTNER_VIEWS: tuple[tuple[str, bool, int], ...] = tuple(
     (plane, False, model) for model in (0, 1) for plane in PLANES)
 # With tumor slices, the first view runs its slices near tumor (as fast mode does) and the views
-# after it only their slices that cross the box of the tumor the first view found (after
-# postprocessing), widened by VIEW_MARGIN voxels each way, taking the first view's probabilities
-# elsewhere: the same labels as every slice of every view on the 7 validation cases
+# after it only the box of the tumor the first view found (after postprocessing), widened by
+# VIEW_MARGIN voxels each way: the slices that cross it, each on one window around the box
+# (grown as brain windows are), taking the first view's probabilities outside the box. On the
+# 7 validation cases: mean Dice within 0.0014 of every slice of every view, in 0.78 of its time
 # (docs/benchmarks.md, "Accurate mode's tumor slices").
 VIEW_MARGIN = 16
 
@@ -320,9 +321,10 @@ class Segmenter:
         ``tumor_slices``: run only the slices near tumor, as ``infer.predict_labels`` (by the
         labelling rule, ``threshold``), the others background with probability 1.
 
-        ``box`` (slices of X, Y, Z): run only this view's slices that cross it and take the
-        probabilities elsewhere from ``fill`` ``(K, X, Y, Z)`` (the preprocessing, z-scores
-        included, is still that of the whole image). ``stats``, if given, gets
+        ``box`` (slices of X, Y, Z): run only this view's slices that cross it (with brain
+        windows, each on the window around its brain inside the box) and take the
+        probabilities outside the box from ``fill`` ``(K, X, Y, Z)`` (the preprocessing,
+        z-scores included, is still that of the whole image). ``stats``, if given, gets
         ``preprocess`` and ``infer`` seconds, ``brain`` slices and ``run`` slices added to
         what it holds. ``prepared``, if given, keeps each (plane, flip)'s preprocessed slices
         for the next call on the same image that asks for them (the views of two models).
@@ -336,14 +338,15 @@ class Segmenter:
             windows = None if self.margin is None else brain_windows(slices, self.margin)
             if prepared is not None:
                 prepared[plane, flip] = slices, geometry, windows
-        crossing = None
+        inside = None
         if box is not None:
-            axis = plane_normal(plane)
-            crossing = np.zeros(image.shape[1 + axis], bool)  # per slice, in volume order
-            crossing[box[axis]] = True
-            run = (crossing[::-1] if flip and axis == 0 else crossing)[geometry.z0:geometry.z1]
+            inside = np.zeros(image.shape[1:], bool)
+            inside[box] = True
+            boxed = extract(to_plane(inside[::-1] if flip else inside, plane), geometry)
+            run = boxed.any(axis=(1, 2))  # the slices that cross the box
             slices = slices[run]
-            windows = None if windows is None else [w for w, r in zip(windows, run) if r]
+            if windows is not None:  # the box is one rectangle in every slice: one window
+                windows = brain_windows(boxed[run, None], self.margin)
         t1 = time.perf_counter()
         network = self.partner_backend if model else self.backend
         if network is None:
@@ -352,7 +355,7 @@ class Segmenter:
         probs = predict_probabilities(network, slices, self.batch_size, on_batch, windows,
                                       tumor_slices=tumor_slices, stats=ran,
                                       threshold=self.threshold)
-        if crossing is not None:
+        if inside is not None:
             every = np.zeros((len(run), *probs.shape[1:]), np.float32)
             every[:, 0] = 1
             every[run] = probs
@@ -365,10 +368,8 @@ class Segmenter:
                                ("brain", geometry.n_slices), ("run", ran["run"])):
                 stats[key] = stats.get(key, 0) + value
         volume = volume[:, ::-1] if flip else volume
-        if crossing is not None:  # the slices not run keep fill's probabilities
-            shape = [1, 1, 1, 1]
-            shape[1 + axis] = -1
-            np.copyto(volume, fill, where=~crossing.reshape(shape))
+        if inside is not None:  # outside the box, fill's probabilities
+            np.copyto(volume, fill, where=~inside)
         return volume
 
     def _tumor_box(self, probs: np.ndarray) -> tuple[slice, slice, slice] | None:
