@@ -169,6 +169,16 @@ def main() -> None:
         print(f"| {row['case']} | {a['run']} / {a['brain']} | {a['seconds']:.1f} | "
               f"{a['voxels_unlike_every_slice']} | "
               + " / ".join(f"{a['dice'][r]:.3f}" for r in a["dice"]) + " |")
+    near = [row["accurate_tumor_slices"] for row in rows]
+    means = {r: np.mean([a["dice"][r] for a in near]) for r in near[0]["dice"]}
+    every = {r: np.mean([row[acc_name][chosen[acc_name]][r] for row in rows]) for r in means}
+    print("| mean (every slice of every view: "
+          + " / ".join(f"{every[r]:.4f}" for r in every) + f", {np.mean(list(every.values())):.4f})"
+          f" | {sum(a['run'] for a in near)} / {sum(a['brain'] for a in near)} | "
+          f"{sum(a['seconds'] for a in near):.1f} | "
+          f"{sum(a['voxels_unlike_every_slice'] for a in near)} | "
+          + " / ".join(f"{means[r]:.4f}" for r in means)
+          + f" ({np.mean(list(means.values())):.4f}) |")
     print("\nQC (Spearman with Dice WT / with mean Dice, labels by each mode's decision):")
     for name in combos:
         dwt = [row[name][chosen[name]]["WT"] for row in rows]
