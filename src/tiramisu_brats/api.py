@@ -322,7 +322,7 @@ class Segmenter:
         labelling rule, ``threshold``), the others background with probability 1.
 
         ``box`` (slices of X, Y, Z): run only this view's slices that cross it (with brain
-        windows, each on the window around its brain inside the box) and take the
+        windows, each on one window around the box, grown as brain windows are) and take the
         probabilities outside the box from ``fill`` ``(K, X, Y, Z)`` (the preprocessing,
         z-scores included, is still that of the whole image). ``stats``, if given, gets
         ``preprocess`` and ``infer`` seconds, ``brain`` slices and ``run`` slices added to
