@@ -120,9 +120,11 @@ def test_the_view_command_says_its_address_and_stops_on_ctrl_c(tmp_path):
 
     folder = write_case(make_case(2, shape=(48, 40, 24), case_id="c"), tmp_path)
     files = io.find_case_files(folder)
+    # A shell's background job ignores SIGINT, and so would the command started from it.
     proc = subprocess.Popen([sys.executable, "-m", "tiramisu_brats", "view", str(folder),
                              str(files.seg)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         line = proc.stdout.readline()
         url = re.search(r"http://127\.0\.0\.1:\d+/", line).group(0)
