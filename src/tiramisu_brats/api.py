@@ -331,13 +331,12 @@ class Segmenter:
         """
         t0 = time.perf_counter()
         if prepared is not None and (plane, flip) in prepared:
-            slices, geometry, windows = prepared[plane, flip]
+            slices, geometry = prepared[plane, flip]
         else:
             view = image[:, ::-1] if flip else image  # BraTS: X runs left-right
             slices, geometry = preprocess(to_plane(view, plane), self.crop)
-            windows = None if self.margin is None else brain_windows(slices, self.margin)
             if prepared is not None:
-                prepared[plane, flip] = slices, geometry, windows
+                prepared[plane, flip] = slices, geometry
         inside = None
         if box is not None:
             inside = np.zeros(image.shape[1:], bool)
@@ -345,8 +344,12 @@ class Segmenter:
             boxed = extract(to_plane(inside[::-1] if flip else inside, plane), geometry)
             run = boxed.any(axis=(1, 2))  # the slices that cross the box
             slices = slices[run]
-            if windows is not None:  # the box is one rectangle in every slice: one window
-                windows = brain_windows(boxed[run, None], self.margin)
+        if self.margin is None:
+            windows = None
+        elif box is None:
+            windows = brain_windows(slices, self.margin)
+        else:  # the box is one rectangle in every slice: one window around it
+            windows = brain_windows(boxed[run, None], self.margin)
         t1 = time.perf_counter()
         network = self.partner_backend if model else self.backend
         if network is None:
