@@ -115,6 +115,46 @@ def test_extract_then_uncrop_gives_back_the_grid(shape, data):
     np.testing.assert_array_equal(uncrop(multi, g)[1], labels * 2)
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    shape=st.tuples(st.integers(3, 70), st.integers(3, 70), st.integers(1, 12)),
+    data=st.data(),
+)
+def test_uncrop_of_a_box_is_that_part_of_the_whole_uncrop(shape, data):
+    rng = np.random.default_rng(1)
+    image = np.zeros((4, *shape), np.float32)
+    brain = tuple(slice(n // 4, max(3 * n // 4, n // 4 + 1)) for n in shape)
+    image[(slice(None), *brain)] = rng.uniform(1, 5, (4, *(s.stop - s.start for s in brain)))
+    g = compute_geometry(image, (32, 32))
+    lo = [data.draw(st.integers(0, n - 1)) for n in shape]
+    box = tuple(slice(a, data.draw(st.integers(a + 1, n))) for a, n in zip(lo, shape))
+    slices = rng.integers(1, 5, (g.n_slices, 2, *g.slice_shape)).astype(np.uint8)
+    part = pp.uncrop(slices[pp.box_slices(g, box)], g, box)
+    np.testing.assert_array_equal(part, pp.uncrop(slices, g)[(slice(None), *box)])
+
+
+def test_a_box_seen_along_a_plane_holds_the_same_voxels():
+    volume = np.arange(5 * 6 * 7).reshape(5, 6, 7)
+    box = (slice(1, 3), slice(2, 6), slice(0, 4))
+    for plane in pp.PLANES:
+        np.testing.assert_array_equal(pp.to_plane(volume, plane)[pp.plane_box(box, plane)],
+                                      pp.to_plane(volume[box], plane))
+
+
+def test_a_box_window_is_the_brain_window_of_its_rectangle():
+    image = _volume()  # brain 10:40 x 8:60 x 3:17: H along Y
+    g = compute_geometry(image, (64, 32))
+    box = (slice(20, 26), slice(30, 41), slice(0, 20))
+    rect = np.zeros((1, 1, *g.slice_shape), bool)
+    rect[0, 0, 30 - g.y0 : 41 - g.y0, 20 - g.x0 : 26 - g.x0] = True
+    window = pp.box_window(g, box, margin=8)
+    assert window == brain_windows(rect, margin=8)[0]
+    assert (window[0].stop - window[0].start, window[1].stop - window[1].start) == (32, 32)
+    assert pp.box_window(g, (slice(0, 1), slice(0, 1), slice(0, 20)), margin=8) is None
+    assert pp.box_slices(g, (slice(0, 5), slice(0, 5), slice(10, 30))) == slice(7, 14)
+    assert pp.box_slices(g, (slice(0, 5), slice(0, 5), slice(18, 30))) == slice(14, 14)
+
+
 def test_brain_windows_hold_each_slices_brain_with_its_margin():
     slices = np.zeros((4, 2, 192, 160), np.float32)
     slices[0, 1, 90:100, 70:75] = 1.0  # a small brain: the smallest window

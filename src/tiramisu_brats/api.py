@@ -41,10 +41,12 @@ from tiramisu_brats.preprocess import (
     SPACING_TOLERANCE,
     Geometry,
     Grid,
+    box_slices,
+    box_window,
     brain_windows,
-    extract,
     from_plane,
     network_grid,
+    plane_box,
     preprocess,
     to_input,
     to_network,
@@ -310,8 +312,8 @@ class Segmenter:
     def view_probabilities(
         self, image: np.ndarray, plane: str = "axial", flip: bool = False,
         on_batch: Callable[[int], None] | None = None, stats: dict | None = None, *,
-        box: tuple[slice, slice, slice] | None = None, fill: np.ndarray | None = None,
-        model: int = 0, prepared: dict | None = None, tumor_slices: bool = False,
+        box: tuple[slice, slice, slice] | None = None, model: int = 0,
+        prepared: dict | None = None, tumor_slices: bool = False,
     ) -> np.ndarray:
         """The network's softmax probabilities ``(K, X, Y, Z)`` float32 for ``image``
         ``(4, X, Y, Z)`` seen along ``plane``, flipped left-right first with ``flip`` (and the
@@ -321,13 +323,13 @@ class Segmenter:
         ``tumor_slices``: run only the slices near tumor, as ``infer.predict_labels`` (by the
         labelling rule, ``threshold``), the others background with probability 1.
 
-        ``box`` (slices of X, Y, Z): run only this view's slices that cross it (with brain
-        windows, each on one window around the box, grown as brain windows are) and take the
-        probabilities outside the box from ``fill`` ``(K, X, Y, Z)`` (the preprocessing,
-        z-scores included, is still that of the whole image). ``stats``, if given, gets
-        ``preprocess`` and ``infer`` seconds, ``brain`` slices and ``run`` slices added to
-        what it holds. ``prepared``, if given, keeps each (plane, flip)'s preprocessed slices
-        for the next call on the same image that asks for them (the views of two models).
+        ``box`` (slices of X, Y, Z): only the probabilities inside it, ``(K, *box shape)``,
+        from this view's slices that cross it (with brain windows, each on one window around
+        the box, grown as brain windows are; the preprocessing, z-scores included, is still
+        that of the whole image). ``stats``, if given, gets ``preprocess`` and ``infer``
+        seconds, ``brain`` slices and ``run`` slices added to what it holds. ``prepared``, if
+        given, keeps each (plane, flip)'s preprocessed slices for the next call on the same
+        image that asks for them (the views of two models).
         """
         t0 = time.perf_counter()
         if prepared is not None and (plane, flip) in prepared:
@@ -337,19 +339,19 @@ class Segmenter:
             slices, geometry = preprocess(to_plane(view, plane), self.crop)
             if prepared is not None:
                 prepared[plane, flip] = slices, geometry
-        inside = None
+        seen = None  # the box as this view's slices see it
         if box is not None:
-            inside = np.zeros(image.shape[1:], bool)
-            inside[box] = True
-            boxed = extract(to_plane(inside[::-1] if flip else inside, plane), geometry)
-            run = boxed.any(axis=(1, 2))  # the slices that cross the box
-            slices = slices[run]
+            if flip:
+                width = image.shape[1]
+                box = (slice(width - box[0].stop, width - box[0].start), *box[1:])
+            seen = plane_box(box, plane)
+            slices = slices[box_slices(geometry, seen)]  # the slices that cross the box
         if self.margin is None:
             windows = None
-        elif box is None:
+        elif seen is None:
             windows = brain_windows(slices, self.margin)
         else:  # the box is one rectangle in every slice: one window around it
-            windows = brain_windows(boxed[run, None], self.margin)
+            windows = [box_window(geometry, seen, self.margin)] * len(slices)
         t1 = time.perf_counter()
         network = self.partner_backend if model else self.backend
         if network is None:
@@ -358,22 +360,14 @@ class Segmenter:
         probs = predict_probabilities(network, slices, self.batch_size, on_batch, windows,
                                       tumor_slices=tumor_slices, stats=ran,
                                       threshold=self.threshold)
-        if inside is not None:
-            every = np.zeros((len(run), *probs.shape[1:]), np.float32)
-            every[:, 0] = 1
-            every[run] = probs
-            probs = every
         probs[:, 0] -= 1  # uncrop pads with 0: background is then 1 outside the crop window
-        volume = from_plane(uncrop(probs, geometry), plane)
+        volume = from_plane(uncrop(probs, geometry, seen), plane)
         volume[0] += 1
         if stats is not None:
             for key, value in (("preprocess", t1 - t0), ("infer", time.perf_counter() - t1),
                                ("brain", geometry.n_slices), ("run", ran["run"])):
                 stats[key] = stats.get(key, 0) + value
-        volume = volume[:, ::-1] if flip else volume
-        if inside is not None:  # outside the box, fill's probabilities
-            np.copyto(volume, fill, where=~inside)
-        return volume
+        return volume[:, ::-1] if flip else volume
 
     def _tumor_box(self, probs: np.ndarray) -> tuple[slice, slice, slice] | None:
         """The box of the postprocessed tumor in ``probs`` (K, X, Y, Z), widened by
@@ -397,38 +391,47 @@ class Segmenter:
         0.5 x 0.5 x 1 and 1 x 1 x 3 mm slightly better than the labels by nearest neighbour
         (docs/model-card.md)."""
         stats: dict = {}
-        fused = wt_sum = wt_squares = first = box = None
         views = self.views if views is None else views
         # the two models' views of a plane share its preprocessing, held until the last asks
         last = {(plane, flip): k for k, (plane, flip, _) in enumerate(views)}
         prepared: dict = {}
         near = self.tumor_slices and not all_slices and len(views) > 1
+        first = box = None
         for k, (plane, flip, model) in enumerate(views):
             volume = self.view_probabilities(image, plane, flip, on_batch, stats, box=box,
-                                             fill=first, model=model, prepared=prepared,
+                                             model=model, prepared=prepared,
                                              tumor_slices=near and k == 0)
             if last[plane, flip] == k:
                 del prepared[plane, flip]
-            wt = 1 - volume[0]  # the whole tumor's probability in this view
-            if fused is None:
-                fused, wt_sum, wt_squares = np.array(volume), wt, wt * wt
-                if near:
-                    first, box = volume, self._tumor_box(volume)
+            if first is None:
+                # the views after the first see only the box (all of the volume without one);
+                # outside it every view is the first, and the views agree
+                first = volume
+                box = self._tumor_box(volume) if near else None
+                where = (slice(None), *(box or ()))
+                fused = np.array(volume[where]) if box else volume
+                wt = 1 - fused[0]  # the whole tumor's probability in this view
+                wt_sum, wt_squares = wt, wt * wt
             else:
                 fused += volume
+                wt = 1 - volume[0]
                 wt_sum += wt
                 wt_squares += wt * wt
         t2 = time.perf_counter()
         fused /= len(views)
         mean = wt_sum / len(views)
-        spread = np.sqrt(np.clip(wt_squares / len(views) - mean * mean, 0, None))
+        several = len(views) > 1  # one view: nothing to compare it with
+        spread = np.zeros(image.shape[1:], np.float32)
+        spread[where[1:]] = np.sqrt(np.clip(wt_squares / len(views) - mean * mean, 0, None))
+        if box:
+            first[where] = fused
+            fused = first
         if back is not None:
             fused, spread = to_input(fused, back, linear=True), to_input(spread, back, True)
         raw = region_labels(fused, self.threshold)
         labels = _postprocess(raw) if self.postprocess else raw
         timings = {"preprocess": stats["preprocess"], "infer": stats["infer"],
                    "postprocess": time.perf_counter() - t2}
-        several = len(views) > 1  # one view: nothing to compare it with
         return Segmentation(labels, raw, timings, {"brain": stats["brain"],
                                                    "run": stats["run"]},
                             uncertainty=spread if several else None,

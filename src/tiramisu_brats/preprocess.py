@@ -229,6 +229,18 @@ def to_plane(volume: np.ndarray, plane: str) -> np.ndarray:
     return volume.transpose(*range(n), *(n + a for a in _plane_axes(plane)))
 
 
+def plane_box(box: tuple[slice, slice, slice], plane: str) -> tuple[slice, slice, slice]:
+    """``box`` (slices of X, Y, Z) as ``to_plane`` sees it: the same voxels of the view."""
+    a, b, c = _plane_axes(plane)
+    return box[a], box[b], box[c]
+
+
+def box_slices(geometry: Geometry, box: tuple[slice, slice, slice]) -> slice:
+    """Which of ``geometry``'s slices (indices into ``Z'``) lie in the Z range of ``box``."""
+    lo = min(max(box[2].start, geometry.z0), geometry.z1)
+    return slice(lo - geometry.z0, max(min(box[2].stop, geometry.z1), lo) - geometry.z0)
+
+
 def plane_normal(plane: str) -> int:
     """The volume axis (0 X, 1 Y, 2 Z) along which ``plane``'s slices are taken."""
     return _plane_axes(plane)[2]
@@ -296,13 +308,20 @@ def extract(volume: np.ndarray, geometry: Geometry, dtype: npt.DTypeLike = None
     return out
 
 
-def uncrop(slices: np.ndarray, geometry: Geometry) -> np.ndarray:
-    """The exact inverse of ``extract``: ``(Z', ..., H, W)`` → ``(..., X, Y, Z)``, 0 elsewhere."""
+def uncrop(slices: np.ndarray, geometry: Geometry,
+           box: tuple[slice, slice, slice] | None = None) -> np.ndarray:
+    """The exact inverse of ``extract``: ``(Z', ..., H, W)`` → ``(..., X, Y, Z)``, 0 elsewhere.
+
+    ``box`` (slices of X, Y, Z, inside the grid): only that part of the volume,
+    ``(..., *box shape)``, from the slices that lie in its Z range (``box_slices``)."""
     g = geometry
-    if slices.shape[0] != g.n_slices or slices.shape[-2:] != g.slice_shape:
+    full = tuple(slice(0, n) for n in g.shape)
+    box = full if box is None else box
+    z = box_slices(g, box)
+    if slices.shape[0] != z.stop - z.start or slices.shape[-2:] != g.slice_shape:
         raise ValueError(
             f"slices of shape {slices.shape} do not match geometry "
-            f"({g.n_slices}, ..., {g.slice_shape[0]}, {g.slice_shape[1]})"
+            f"({z.stop - z.start}, ..., {g.slice_shape[0]}, {g.slice_shape[1]})"
         )
     lead = slices.shape[1:-2]
     n = len(lead)
@@ -310,10 +329,14 @@ def uncrop(slices: np.ndarray, geometry: Geometry) -> np.ndarray:
     lead_axes = tuple(range(1, n + 1))
     order = (*lead_axes, n + 1, n + 2, 0) if g.h_is_x else (*lead_axes, n + 2, n + 1, 0)
     window = slices.transpose(order)
-    out = np.zeros((*lead, *g.shape), dtype=slices.dtype)
-    sx = slice(max(g.x0, 0), min(g.x0 + g.size_x, g.shape[0]))
-    sy = slice(max(g.y0, 0), min(g.y0 + g.size_y, g.shape[1]))
-    out[..., sx, sy, g.z0 : g.z1] = window[
+    out = np.zeros((*lead, *(s.stop - s.start for s in box)), dtype=slices.dtype)
+    bx, by, bz = box
+    sx = slice(max(g.x0, 0, bx.start), max(min(g.x0 + g.size_x, g.shape[0], bx.stop), 0))
+    sy = slice(max(g.y0, 0, by.start), max(min(g.y0 + g.size_y, g.shape[1], by.stop), 0))
+    if sx.start >= sx.stop or sy.start >= sy.stop:
+        return out
+    out[..., sx.start - bx.start : sx.stop - bx.start, sy.start - by.start : sy.stop - by.start,
+        z.start + g.z0 - bz.start : z.stop + g.z0 - bz.start] = window[
         ..., sx.start - g.x0 : sx.stop - g.x0, sy.start - g.y0 : sy.stop - g.y0, :
     ]
     return out
@@ -363,6 +386,19 @@ def brain_windows(
             window.append(slice(start, start + m))
         windows.append((window[0], window[1]))
     return windows
+
+
+def box_window(geometry: Geometry, box: tuple[slice, slice, slice], margin: int = MARGIN,
+               multiple: int = MULTIPLE) -> tuple[slice, slice] | None:
+    """The window ``(rows, columns)`` of ``geometry``'s slices around the rectangle that
+    ``box`` (slices of X, Y, Z) cuts out of each, grown as ``brain_windows`` grows a slice's
+    brain; None where the box misses the crop window."""
+    g = geometry
+    rows = slice(*np.clip([box[0].start - g.x0, box[0].stop - g.x0], 0, g.size_x))
+    cols = slice(*np.clip([box[1].start - g.y0, box[1].stop - g.y0], 0, g.size_y))
+    rect = np.zeros((1, 1, *g.slice_shape), bool)
+    rect[(0, 0, rows, cols) if g.h_is_x else (0, 0, cols, rows)] = True
+    return brain_windows(rect, margin, multiple)[0]
 
 
 def _fewer_sizes(
