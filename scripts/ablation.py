@@ -10,7 +10,7 @@ the spread of the whole-tumor probability across views inside the predicted tumo
 Usage:
   python scripts/ablation.py --cases ID,ID,... [--model W] [--partner W2]
                              [--data-root ../shared/data] [--json OUT.json]
-                             [--precision fp32|bf16|int8]
+                             [--precision fp32|bf16|int8] [--view-margin N]
 Prints Markdown tables (per case and means).
 """
 
@@ -65,7 +65,11 @@ def main() -> None:
     parser.add_argument("--qc-threshold", type=float, default=None,
                         help="score the QC candidates inside the tumor of region_labels(T) "
                              "(default: the model's decision, export.decision)")
+    parser.add_argument("--view-margin", type=int, default=api.VIEW_MARGIN,
+                        help="accurate mode's margin around the first view's tumor box, for "
+                             "its table as segment runs it (default: api.VIEW_MARGIN)")
     args = parser.parse_args()
+    api.VIEW_MARGIN = args.view_margin
     wanted = [c.strip() for c in args.cases.split(",")]
     folders = {io.find_case_files(f).case_id: f for f in find_training_cases(
         [args.data_root / "brats-labeled", args.data_root / "brats-labeled-extra"])}
@@ -159,8 +163,9 @@ def main() -> None:
               + " | " + " / ".join(f"{acc[r]:.3f}" for r in acc)
               + f" | {row[acc_name].get('qc_spread', float('nan')):.3f} | "
               f"{row[acc_name]['wt_ml']:.1f} / {row[acc_name]['ref_wt_ml']:.1f} |")
-    print("\n`--mode accurate` as segment runs it (the views after the first near its tumor) "
-          "against every slice of every view, labels by accurate mode's decision:")
+    print("\n`--mode accurate` as segment runs it (the views after the first near its tumor, "
+          f"VIEW_MARGIN {api.VIEW_MARGIN}) against every slice of every view, labels by "
+          "accurate mode's decision:")
     print("\n| case | slices run / brain slices | seconds | voxels unlike every slice's | "
           "Dice WT / TC / ET |")
     print("|---|---|---:|---:|---|")
