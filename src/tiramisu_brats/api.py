@@ -386,7 +386,8 @@ class Segmenter:
         """Every view of ``views`` (default ``self.views``): the mean of their softmax
         probabilities, labelled by ``region_labels`` with the weights' threshold. With tumor
         slices (not ``all_slices``) the first view runs its tumor slices and the views after
-        it near its tumor only (``VIEW_MARGIN``); every slice where it found none. With ``back``,
+        it near its tumor only (``VIEW_MARGIN``); where it found none, each later view runs its
+        own tumor slices (a tumor-free case then costs the coarse passes). With ``back``,
         the probabilities are brought linearly to the input grid of ``back`` (a resampled one)
         before the labels and postprocessing there: on the validation cases resampled to
         0.5 x 0.5 x 1 and 1 x 1 x 3 mm slightly better than the labels by nearest neighbour
@@ -401,7 +402,7 @@ class Segmenter:
         for k, (plane, flip, model) in enumerate(views):
             volume = self.view_probabilities(image, plane, flip, on_batch, stats, box=box,
                                              model=model, prepared=prepared,
-                                             tumor_slices=near and k == 0)
+                                             tumor_slices=near and (k == 0 or box is None))
             if last[plane, flip] == k:
                 del prepared[plane, flip]
             if first is None:
