@@ -81,6 +81,8 @@ def main() -> None:
     if accurate.partner is not None:
         acc_name = "3 planes + partner's 3 planes"
         combos[acc_name] = list(accurate.views)
+        # the two models on axial slices: what fast mode would gain from the partner
+        combos["axial + partner's axial"] = [("axial", False, 0), ("axial", False, 1)]
         views += [v for v in accurate.views if v[2]]
         print(f"partner {accurate.partner}: {accurate.partner_backend.precision}", flush=True)
     # the labelling rule and QC threshold of each mode: accurate's are the partner's, if any
