@@ -315,8 +315,7 @@ def uncrop(slices: np.ndarray, geometry: Geometry,
     ``box`` (slices of X, Y, Z, inside the grid): only that part of the volume,
     ``(..., *box shape)``, from the slices that lie in its Z range (``box_slices``)."""
     g = geometry
-    full = tuple(slice(0, n) for n in g.shape)
-    box = full if box is None else box
+    box = tuple(slice(0, n) for n in g.shape) if box is None else box
     z = box_slices(g, box)
     if slices.shape[0] != z.stop - z.start or slices.shape[-2:] != g.slice_shape:
         raise ValueError(
