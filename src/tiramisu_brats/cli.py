@@ -371,7 +371,7 @@ def quantize(
     """Make the int8 model of the weights (OpenVINO, NNCF with accuracy control; replaces an
     earlier int8 model of the same weights) and check it on every labelled case: where no
     case's Dice moves by more than the tolerance, segment uses it by default on CPUs with
-    AVX2, AVX512-VNNI or AMX. Needs tiramisu-brats\\[int8]; about 30 min on 2 cores."""
+    AVX2, AVX512-VNNI or AMX. Needs tiramisu-brats\\[int8]; 40 to 70 min on 2 cores."""
     from tiramisu_brats.api import quantize_int8
 
     held = [c for c in (holdout or "").split(",") if c]
