@@ -31,7 +31,6 @@ from tiramisu_brats.export import (
     int8_that_keeps_labels,
     model_file,
 )
-from tiramisu_brats.preprocess import brain_windows
 
 log = logging.getLogger(__name__)
 
@@ -347,7 +346,6 @@ def predict_labels(
     on_batch: Callable[[int], None] | None = None,
     windows: Sequence[tuple[slice, slice] | None] | None = None, *, tumor_slices: bool = False,
     stats: dict[str, int] | None = None, threshold: float | None = None,
-    tumor_margin: int | None = None,
 ) -> np.ndarray:
     """Labels (Z', H, W) uint8 in 0/1/2/4 for slices (Z', C, H, W) float32, by
     ``region_labels(threshold)`` (``batch_size`` default: the backend's).
@@ -371,64 +369,33 @@ def predict_labels(
     if windows is not None and len(windows) != len(slices):
         raise ValueError(f"{len(windows)} windows for {len(slices)} slices")
     out = np.zeros((slices.shape[0], *slices.shape[2:]), np.uint8)
-    _passes(slices, windows, tumor_slices, tumor_margin, on_batch,
-            {} if stats is None else stats,
-            lambda todo, place: _run(backend, slices, todo, place, out, batch_size, on_batch,
-                                     threshold=threshold),
-            lambda k: out[k] > 0)
+    _passes(len(slices), tumor_slices, on_batch, {} if stats is None else stats,
+            lambda todo: _run(backend, slices, todo, windows, out, batch_size, on_batch,
+                              threshold=threshold),
+            lambda k: out[k].any())
     return out
 
 
-def _passes(slices: np.ndarray, windows: Sequence[tuple[slice, slice] | None] | None,
-            tumor_slices: bool, tumor_margin: int | None,
-            on_batch: Callable[[int], None] | None, stats: dict,
-            run: Callable[[list[int], Sequence[tuple[slice, slice] | None] | None], int],
-            tumor: Callable[[int], np.ndarray]) -> None:
-    """Run the slices ``(Z', C, H, W)`` by ``run(indices, windows)`` (returns how many it ran):
-    all of them, or with ``tumor_slices`` pass after pass as ``predict_labels`` says,
-    ``tumor(k)`` the ``(H, W)`` tumor mask slice k came out with. With ``tumor_margin`` the
-    passes after the first run each slice on the window around all tumor found so far
-    (``tumor_window``) where that is smaller than its own. Sets ``stats["run"]``."""
-    n = len(slices)
+def _passes(n: int, tumor_slices: bool, on_batch: Callable[[int], None] | None, stats: dict,
+            run: Callable[[list[int]], int], has_tumor: Callable[[int], bool]) -> None:
+    """Run ``n`` slices by ``run(indices)`` (returns how many it ran): all of them, or with
+    ``tumor_slices`` pass after pass as ``predict_labels`` says, ``has_tumor(k)`` telling
+    whether slice k came out with tumor. Sets ``stats["run"]``."""
     todo = list(range(0, n, TUMOR_STRIDE)) if tumor_slices else list(range(n))
     done = np.zeros(n, bool)
-    found_mask = np.zeros(slices.shape[2:], bool)
-    place = windows
     stats["run"] = 0
     while todo:
-        stats["run"] += run(todo, place)
+        stats["run"] += run(todo)
         done[todo] = True
         if not tumor_slices:
             break
-        masks = {k: tumor(k) for k in todo}
-        found = [k for k in todo if masks[k].any()]
+        found = [k for k in todo if has_tumor(k)]
         todo = sorted({j for k in found for j in range(k - TUMOR_REACH, k + TUMOR_REACH + 1)
                        if 0 <= j < n and not done[j]})
-        if tumor_margin is not None and found:
-            found_mask |= np.logical_or.reduce([masks[k] for k in found])
-            place = tumor_windows(found_mask, windows, n, tumor_margin)
     if on_batch and n - done.sum():
         on_batch(int(n - done.sum()))
     if tumor_slices:
         log.info("tumor slices: %d of %d slices run", stats["run"], n)
-
-
-def tumor_windows(tumor: np.ndarray, windows: Sequence[tuple[slice, slice] | None] | None,
-                  n: int, margin: int) -> list[tuple[slice, slice] | None]:
-    """Per slice of ``n``, the window around ``tumor`` ``(H, W)`` bool (its bounding box grown
-    by ``margin`` and to multiples of 32, as ``preprocess.brain_windows`` grows a brain), or
-    the slice's own window of ``windows`` (None: whole slices) where that has no more pixels;
-    a slice without a window (no brain) keeps none."""
-    height, width = tumor.shape
-    around = brain_windows(tumor[None, None], margin, shape_cost=0)[0]
-    if around is None:  # no tumor: nothing to narrow to
-        return [(slice(0, height), slice(0, width))] * n if windows is None else list(windows)
-
-    def area(w: tuple[slice, slice]) -> int:
-        return len(range(*w[0].indices(height))) * len(range(*w[1].indices(width)))
-
-    own = [(slice(0, height), slice(0, width))] * n if windows is None else windows
-    return [w if w is None or area(w) <= area(around) else around for w in own]
 
 
 def predict_probabilities(
@@ -436,7 +403,6 @@ def predict_probabilities(
     on_batch: Callable[[int], None] | None = None,
     windows: Sequence[tuple[slice, slice] | None] | None = None, *, tumor_slices: bool = False,
     stats: dict[str, int] | None = None, threshold: float | None = None,
-    tumor_margin: int | None = None,
 ) -> np.ndarray:
     """Softmax probabilities ``(Z', K, H, W)`` float32 of every slice of ``(Z', C, H, W)``;
     with ``windows`` (as in ``predict_labels``) the network runs inside them only and the
@@ -447,11 +413,10 @@ def predict_probabilities(
         raise ValueError(f"{len(windows)} windows for {len(slices)} slices")
     out = np.zeros((slices.shape[0], len(io.CLASS_TO_LABEL), *slices.shape[2:]), np.float32)
     out[:, 0] = 1
-    _passes(slices, windows, tumor_slices, tumor_margin, on_batch,
-            {} if stats is None else stats,
-            lambda todo, place: _run(backend, slices, todo, place, out, batch_size, on_batch,
-                                     softmax=True),
-            lambda k: region_labels(out[k], threshold) > 0)
+    _passes(len(slices), tumor_slices, on_batch, {} if stats is None else stats,
+            lambda todo: _run(backend, slices, todo, windows, out, batch_size, on_batch,
+                              softmax=True),
+            lambda k: region_labels(out[k], threshold).any())
     return out
 
 
