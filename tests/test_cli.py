@@ -293,3 +293,16 @@ def test_quantize_says_what_is_wrong_without_labelled_cases(tmp_path, tiny_weigh
     assert result.exit_code == 2, result.output
     assert "no labelled cases in" in result.output and "Traceback" not in result.output
     assert not list(tmp_path.glob("**/*.int8.*")) and not list(tiny_weights.parent.glob("*.int8.*"))
+
+
+def test_help_reflows_docstrings_and_shows_file_name_patterns():
+    def help_of(*command):  # wide, so that no file name is cut at a column's edge
+        return runner.invoke(app, [*command, "--help"], env={"COLUMNS": "240"}).output
+
+    listing = " ".join(help_of().split())
+    # a command's docstring reads as one paragraph, markup rendered rather than printed
+    assert "The case is segmented exactly as segment does it." in listing
+    assert "``" not in listing
+    segment = help_of("segment")
+    for pattern in ("<case>_t1", "<case>-t1n", "<case>_0000", "<name>_raw.nii.gz"):
+        assert pattern in segment

@@ -36,15 +36,16 @@ if TYPE_CHECKING:
     from tiramisu_brats.train import FolderRun
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode="markdown",
                   help="Brain tumor segmentation in multi-modal MRI with a 2D FC-DenseNet.")
 console = Console(stderr=True)
 out = Console()
 
 STAGES = ("load", "preprocess", "infer", "postprocess", "save")
 INPUT_HELP = (
-    "A case folder or a folder of case folders. Layouts: BraTS 2017-2021 (<case>_t1, _t1ce, "
-    "_t2, _flair), BraTS 2023 (<case>-t1n, -t1c, -t2w, -t2f), nnU-Net (<case>_0000.._0003 in "
-    "the order T1, T1ce, T2, FLAIR); .nii or .nii.gz."
+    "A case folder or a folder of case folders. Layouts: BraTS 2017-2021 (`<case>_t1`, "
+    "`_t1ce`, `_t2`, `_flair`), BraTS 2023 (`<case>-t1n`, `-t1c`, `-t2w`, `-t2f`), nnU-Net "
+    "(`<case>_0000`..`_0003` in the order T1, T1ce, T2, FLAIR); .nii or .nii.gz."
 )
 
 
@@ -234,9 +235,9 @@ def segment(
             "Default: tumor slices, "
             "every slice with --no-postprocess; --save-raw runs every slice."))] = None,
     save_raw: Annotated[bool, typer.Option(help=(
-        "Also write <name>_raw.nii.gz, before postprocessing."))] = False,
+        "Also write `<name>_raw.nii.gz`, before postprocessing."))] = False,
     uncertainty: Annotated[bool, typer.Option(help=(
-        "Also write <name>_uncertainty.nii.gz: how much the views disagree on the whole "
+        "Also write `<name>_uncertainty.nii.gz`: how much the views disagree on the whole "
         "tumor, voxel by voxel (float32; needs --mode accurate)."))] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
     skip_existing: Annotated[bool, typer.Option(help=(
