@@ -184,6 +184,10 @@ def test_segment_case_records_the_mode(tmp_path, tiny_weights):
         assert len(written["model"]["views"]) == len(api.MODES[mode])
         labels, _, _ = io.read_label_map(tmp_path / f"{mode}.nii.gz")
         assert labels.shape == (64, 64, 40)
+        # volumes as metrics gives them, to 0.0001 ml: no float noise in the JSON
+        volumes = metrics.volumes_ml(labels, written["spacing_mm"])
+        assert written["volumes_ml"] == {k: pytest.approx(v, abs=5e-5) for k, v in volumes.items()}
+        assert all(len(repr(v).partition(".")[2]) <= 4 for v in written["volumes_ml"].values())
 
 
 def test_unknown_mode_is_refused(tiny_weights):

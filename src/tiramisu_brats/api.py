@@ -177,7 +177,9 @@ def quality(spread: np.ndarray, labels: np.ndarray, review_above: float = QC_SPR
 def _volumes_ml(labels: np.ndarray, spacing) -> dict[str, float]:
     from tiramisu_brats.metrics import volumes_ml
 
-    return volumes_ml(labels, spacing)
+    # to 0.0001 ml (a tenth of a 1 mm voxel): the JSON then shows no float noise (11.607, not
+    # 11.607000000000001)
+    return {key: round(value, 4) for key, value in volumes_ml(labels, spacing).items()}
 
 
 def _postprocess(labels: np.ndarray) -> np.ndarray:
