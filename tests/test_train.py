@@ -7,7 +7,7 @@ import torch
 from safetensors import safe_open
 
 from tiramisu_brats import data
-from tiramisu_brats.model import TiramisuConfig, load_model
+from tiramisu_brats.model import Tiramisu, TiramisuConfig, load_model, save_weights
 from tiramisu_brats.train import TrainConfig, train
 
 TINY = TiramisuConfig(first_conv=8, down_blocks=(2, 2), bottleneck=2, up_blocks=(2, 2),
@@ -220,3 +220,49 @@ def test_region_dice_ce_trains(cache, tmp_path):
     assert np.isfinite(rows[0]["train_loss"]) and rows[0]["train_loss"] > 0
     with pytest.raises(ValueError, match="loss must be one of"):
         _config(loss="dice")
+
+
+def test_distill_loss_is_the_kl_divergence_from_the_teachers_probabilities():
+    from tiramisu_brats.train import distill_loss
+
+    logits = torch.randn(2, 4, 8, 8, requires_grad=True)
+    same = logits.detach().softmax(1)
+    assert distill_loss(logits, same).item() == pytest.approx(0, abs=1e-6)
+    # one pixel's worth: target (1/2, 1/2, 0, 0) against a uniform softmax: log 2
+    uniform = torch.zeros(1, 4, 1, 1)
+    target = torch.tensor([0.5, 0.5, 0, 0]).view(1, 4, 1, 1)
+    assert distill_loss(uniform, target).item() == pytest.approx(np.log(2), abs=1e-6)
+    loss = distill_loss(logits, torch.roll(same, 1, dims=1))
+    loss.backward()
+    assert loss.item() > 0 and logits.grad.abs().sum() > 0
+
+
+def test_distillation_adds_the_teachers_divergence_and_records_them(cache, tmp_path,
+                                                                   tiny_weights):
+    from tiramisu_brats.export import file_sha256
+
+    tiny = load_model(tiny_weights)
+    common = dict(model=tiny.config, epochs=1, steps_per_epoch=2, lr=1e-12,
+                  init=str(tiny_weights))
+    plain = train(cache[:2], [], tmp_path / "a", _config(**common), device=torch.device("cpu"))
+    # the same steps (seed, slices, dropout) with a teacher of other weights: the loss grows
+    # by the divergence from it
+    teacher = tmp_path / "teacher.safetensors"
+    torch.manual_seed(5)
+    other = TiramisuConfig(first_conv=8, down_blocks=(2, 2), bottleneck=2, up_blocks=(2, 2),
+                           growth_rate=2)
+    save_weights(Tiramisu(other), teacher)
+    config = _config(**common, teachers=[str(teacher)], distill=0.5,
+                     teachers_sha256=[file_sha256(teacher)])
+    taught = train(cache[:2], [], tmp_path / "b", config, device=torch.device("cpu"))
+    assert taught[0]["train_loss"] > plain[0]["train_loss"] > 0
+    stored = TrainConfig.from_json((tmp_path / "b" / "train_config.json").read_text())
+    assert stored.teachers == (str(teacher),) and stored.distill == 0.5
+    assert stored.teachers_sha256 == (file_sha256(teacher),)
+    with pytest.raises(ValueError, match="sha256 differs"):
+        train(cache[:2], [], tmp_path / "c", dataclasses.replace(
+            config, teachers_sha256=("0" * 64,)), device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="distill must be > 0 with teachers"):
+        _config(distill=1.0)
+    with pytest.raises(ValueError, match="distill must be > 0 with teachers"):
+        _config(teachers=[str(teacher)])

@@ -483,6 +483,12 @@ def train(
         "sagittal."))] = "axial",
     init: Annotated[Path | None, typer.Option(help=(
         "Weights to start from (fine-tune), e.g. the shipped model."))] = None,
+    teacher: Annotated[list[Path] | None, typer.Option(help=(
+        "Weights whose mean softmax the model also learns (distillation; repeat for several, "
+        "e.g. the shipped model and its partner)."))] = None,
+    distill: Annotated[float, typer.Option(help=(
+        "Weight of the KL divergence from the teachers' softmax in the loss (with "
+        "--teacher)."))] = 1.0,
     compile: Annotated[bool, typer.Option(help="torch.compile the model.")] = False,
     resume: Annotated[bool, typer.Option(help=(
         "Continue the run in OUTPUT with its recipe; --epochs or --minutes given with it "
@@ -502,9 +508,10 @@ def train(
         tumor_share=tumor_share, rotate_deg=rotate_deg, zoom=zoom, intensity=intensity,
         gamma=gamma, lr=lr, weight_decay=weight_decay, loss=loss, schedule=schedule,
         minutes=minutes, seed=seed, compile=compile, micro_batches=micro_batches,
-        planes=[p.strip() for p in planes.split(",")])
+        planes=[p.strip() for p in planes.split(",")],
+        teachers=[str(t) for t in teacher or ()], distill=distill if teacher else 0.0)
     if resume:  # the stored recipe, lengthened or repeated by the options given
-        option = {"model": "growth_rate"}
+        option = {"model": "growth_rate", "teachers": "teacher"}
         recipe = {k: v for k, v in recipe.items() if _given(ctx, option.get(k, k))}
     exists = "pass --resume to continue it, or another output folder"
     with user_errors(exists), progress_bar(progress) as bar:

@@ -98,10 +98,23 @@ class TrainConfig:
     # Weights the run starts from (fine-tuning), by file name and sha256; "" for a fresh start.
     init: str = ""
     init_sha256: str = ""
+    # Distillation: the mean softmax of these weights (by file name and sha256) on each batch is
+    # a second target, the KL divergence from it added to the loss with weight `distill`: a way
+    # to teach one model what accurate mode's two models find together (docs/model-card.md).
+    teachers: tuple[str, ...] = ()
+    teachers_sha256: tuple[str, ...] = ()
+    distill: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("patch", "planes", "val_cases", "train_cases"):  # lists (JSON, CLI) too
+        for name in ("patch", "planes", "val_cases", "train_cases", "teachers",
+                     "teachers_sha256"):  # lists (JSON, CLI) too
             object.__setattr__(self, name, tuple(getattr(self, name)))
+        if (self.distill > 0) != bool(self.teachers) or self.distill < 0:
+            raise ValueError(f"distill must be > 0 with teachers and 0 without, got "
+                             f"{self.distill} with {len(self.teachers)} teacher(s)")
+        if self.teachers_sha256 and len(self.teachers_sha256) != len(self.teachers):
+            raise ValueError(f"{len(self.teachers_sha256)} sha256 for {len(self.teachers)} "
+                             "teachers")
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.schedule not in ("constant", "cosine"):
@@ -546,6 +559,34 @@ def _load_init(model: Tiramisu, config: TrainConfig) -> None:
     log.info("starting from %s", path)
 
 
+def _load_teachers(config: TrainConfig, device: torch.device, channels_last: bool
+                   ) -> list[Tiramisu]:
+    """The teachers of ``config`` (checked against their sha256), frozen, in eval mode."""
+    from tiramisu_brats.export import file_sha256
+    from tiramisu_brats.model import load_model
+
+    teachers = []
+    for k, name in enumerate(config.teachers):
+        path = Path(name)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: teacher weights not found")
+        if config.teachers_sha256 and file_sha256(path) != config.teachers_sha256[k]:
+            raise ValueError(f"{path}: not the teacher this run started with (sha256 differs)")
+        with torch.random.fork_rng(devices=[]):  # building it draws: keep the run's stream
+            teacher = load_model(path).to(device).eval().requires_grad_(False)
+        if channels_last:
+            teacher = teacher.to(memory_format=torch.channels_last)
+        teachers.append(teacher)
+    return teachers
+
+
+def distill_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """KL divergence from ``target`` probabilities to the softmax of ``logits``, both
+    (N, K, H, W), summed over classes and averaged over pixels."""
+    logp = logits.float().log_softmax(1)
+    return (target * (target.clamp_min(1e-8).log() - logp)).sum(1).mean()
+
+
 def _open_run(run_dir: Path, resume: bool, model, optimizer, rng, gen, rank: int):
     ckpt = run_dir / "checkpoint.safetensors"
     if resume:
@@ -591,6 +632,7 @@ class _Run:
     share: slice
     buffers: list[torch.Tensor]
     floats: list[torch.Tensor]  # the floating-point buffers (BatchNorm statistics)
+    teachers: list[Tiramisu]  # config.teachers, frozen
 
     @property
     def budget(self) -> float | None:
@@ -684,7 +726,8 @@ def _setup(train_cases, val_cases, run_dir: Path, config: TrainConfig, resume: b
         autocast=dict(device_type=device.type, dtype=torch.bfloat16, enabled=bf16),
         local=local, micro=micro,
         share=slice(world.rank * local * micro, (world.rank + 1) * local * micro),
-        buffers=buffers, floats=[b for b in buffers if b.is_floating_point()])
+        buffers=buffers, floats=[b for b in buffers if b.is_floating_point()],
+        teachers=_load_teachers(config, device, cuda or bf16))
 
 
 def _train_epoch(run: _Run, epoch: int, start: float,
@@ -723,6 +766,10 @@ def _step(run: _Run) -> float:
     x, y = x[run.share], y[run.share]
     if run.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
+    soft = None
+    if run.teachers:  # the teachers' mean softmax: the distillation target
+        with torch.no_grad(), torch.autocast(**run.autocast):
+            soft = torch.stack([t(x).float().softmax(1) for t in run.teachers]).mean(0)
     run.optimizer.zero_grad(set_to_none=True)
     before = [b.clone() for b in run.buffers] if local > 1 else None
     sums = [torch.zeros_like(b) for b in run.floats] if local > 1 else None
@@ -739,6 +786,9 @@ def _step(run: _Run) -> float:
             loss = F.cross_entropy(logits.float(), yj)
             if config.loss in DICE_LOSSES:
                 loss = loss + DICE_LOSSES[config.loss](logits, yj)
+            if soft is not None:
+                loss = loss + config.distill * distill_loss(
+                    logits, soft[j * micro : (j + 1) * micro])
             (loss / local if local > 1 else loss).backward()
         step_loss += loss.detach()
         if sums is not None:
@@ -838,7 +888,8 @@ def run_from_folders(
     ``output/cache``; reused across runs). Validated on: fold ``fold = (i, k)`` of a k-fold
     split by case (``data.kfold``), else the cases ``val_cases``, else a random
     ``val_fraction`` of them (``data.split_cases``; seeded by the recipe's ``seed``).
-    ``init``: weights to start from (fine-tuning), recorded with their sha256. ``recipe``: the
+    ``init``: weights to start from (fine-tuning), recorded with their sha256 (as are the
+    recipe's ``teachers``). ``recipe``: the
     other fields of ``TrainConfig`` (``epochs``, ``batch_size``, ``model``, ``planes``, ...);
     ``micro_batches`` defaults to one per process. ``resume``: continue the run in
     ``output`` with its stored config (``fold``, ``val_*`` and ``init`` are then not used);
@@ -851,7 +902,7 @@ def run_from_folders(
     case folders as they are cached (e.g. a progress bar's ``track``), ``on_start(run)``
     before the first step, ``on_step(epoch, step, loss)`` after every step.
     """
-    set_here = {"val_cases", "train_cases", "init", "init_sha256"}
+    set_here = {"val_cases", "train_cases", "init", "init_sha256", "teachers_sha256"}
     wrong = sorted(k for k in recipe
                    if k in set_here or k not in {f.name for f in dataclasses.fields(TrainConfig)})
     if wrong:
@@ -939,6 +990,14 @@ def _new_config(ids: list[str], world: World, fold: tuple[int, int] | None,
     for name in ("patch", "planes"):
         if name in recipe:
             recipe[name] = tuple(recipe[name])
+    if recipe.get("teachers"):
+        from tiramisu_brats.export import file_sha256
+
+        recipe["teachers"] = tuple(str(t) for t in recipe["teachers"])
+        missing = [t for t in recipe["teachers"] if not Path(t).is_file()]
+        if missing:
+            raise io.InputError(f"{', '.join(missing)}: teacher weights not found")
+        recipe["teachers_sha256"] = tuple(file_sha256(Path(t)) for t in recipe["teachers"])
     return TrainConfig(**recipe, val_cases=tuple(val),
                        train_cases=tuple(i for i in ids if i not in val),
                        init=str(init) if init is not None else "", init_sha256=init_sha)
