@@ -306,3 +306,18 @@ def test_help_reflows_docstrings_and_shows_file_name_patterns():
     segment = help_of("segment")
     for pattern in ("<case>_t1", "<case>-t1n", "<case>_0000", "<name>_raw.nii.gz"):
         assert pattern in segment
+
+
+def test_train_with_teachers_records_them(small_cases, tiny_weights, tmp_path):
+    from tiramisu_brats.export import file_sha256
+
+    run_dir = tmp_path / "run"
+    args = ("train", small_cases, "-o", run_dir, "--epochs", 1, "--steps-per-epoch", 1,
+            "--batch-size", 2, "--patch", 32, 32, "--val-fraction", 0.3, "--no-progress")
+    result = run(*args, "--teacher", tmp_path / "none.safetensors")
+    assert result.exit_code == 2 and "none.safetensors: teacher weights not found" in result.output
+    result = run(*args, "--teacher", tiny_weights, "--distill", 0.5)
+    assert result.exit_code == 0, result.output
+    stored = json.loads((run_dir / "train_config.json").read_text())
+    assert stored["teachers"] == [str(tiny_weights)] and stored["distill"] == 0.5
+    assert stored["teachers_sha256"] == [file_sha256(tiny_weights)]

@@ -262,6 +262,11 @@ def test_distillation_adds_the_teachers_divergence_and_records_them(cache, tmp_p
     with pytest.raises(ValueError, match="sha256 differs"):
         train(cache[:2], [], tmp_path / "c", dataclasses.replace(
             config, teachers_sha256=("0" * 64,)), device=torch.device("cpu"))
+    three = tmp_path / "three.safetensors"
+    save_weights(Tiramisu(dataclasses.replace(other, num_classes=3)), three)
+    with pytest.raises(ValueError, match="a teacher of 3 classes for a model of 4"):
+        train(cache[:2], [], tmp_path / "d", _config(**common, teachers=[str(three)],
+                                                     distill=1.0), device=torch.device("cpu"))
     with pytest.raises(ValueError, match="distill must be > 0 with teachers"):
         _config(distill=1.0)
     with pytest.raises(ValueError, match="distill must be > 0 with teachers"):

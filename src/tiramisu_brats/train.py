@@ -574,6 +574,9 @@ def _load_teachers(config: TrainConfig, device: torch.device, channels_last: boo
             raise ValueError(f"{path}: not the teacher this run started with (sha256 differs)")
         with torch.random.fork_rng(devices=[]):  # building it draws: keep the run's stream
             teacher = load_model(path).to(device).eval().requires_grad_(False)
+        if teacher.config.num_classes != config.model.num_classes:
+            raise ValueError(f"{path}: a teacher of {teacher.config.num_classes} classes for a "
+                             f"model of {config.model.num_classes}")
         if channels_last:
             teacher = teacher.to(memory_format=torch.channels_last)
         teachers.append(teacher)
@@ -889,8 +892,8 @@ def run_from_folders(
     split by case (``data.kfold``), else the cases ``val_cases``, else a random
     ``val_fraction`` of them (``data.split_cases``; seeded by the recipe's ``seed``).
     ``init``: weights to start from (fine-tuning), recorded with their sha256 (as are the
-    recipe's ``teachers``). ``recipe``: the
-    other fields of ``TrainConfig`` (``epochs``, ``batch_size``, ``model``, ``planes``, ...);
+    recipe's ``teachers``). ``recipe``: the other fields of ``TrainConfig`` (``epochs``,
+    ``batch_size``, ``model``, ``planes``, ...);
     ``micro_batches`` defaults to one per process. ``resume``: continue the run in
     ``output`` with its stored config (``fold``, ``val_*`` and ``init`` are then not used);
     ``recipe`` may then lengthen it (``epochs``, ``minutes``: see ``resumed_config``) and
