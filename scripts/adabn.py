@@ -26,7 +26,7 @@ from tiramisu_brats.data import find_training_cases
 from tiramisu_brats.export import default_weights
 from tiramisu_brats.io import CLASS_TO_LABEL
 from tiramisu_brats.metrics import region_dice
-from tiramisu_brats.model import load_model
+from tiramisu_brats.model import load_model, recompute_batchnorm
 from tiramisu_brats.postprocess import postprocess
 from tiramisu_brats.preprocess import to_network, uncrop
 
@@ -52,20 +52,12 @@ def adapted(slices: np.ndarray, blend: float) -> torch.nn.Module:
     model = copy.deepcopy(base)
     norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     trained = [(m.running_mean.clone(), m.running_var.clone()) for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # a plain mean over the batches
-    model.train()
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.eval()
-    with torch.no_grad():
-        for k in range(0, len(slices), 16):
-            model(torch.from_numpy(slices[k:k + 16]))
+    recompute_batchnorm(model, (torch.from_numpy(slices[k:k + 16])
+                                for k in range(0, len(slices), 16)))
     for m, (mean, var) in zip(norms, trained, strict=True):
         m.running_mean.mul_(blend).add_(mean * (1 - blend))
         m.running_var.mul_(blend).add_(var * (1 - blend))
-    return model.eval()
+    return model
 
 
 blends = [float(b) for b in args.blend.split(",")]

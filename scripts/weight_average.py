@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from tiramisu_brats.data import PatchSampler, dequantize, open_cache, select
-from tiramisu_brats.model import load_model, read_config, save_weights
+from tiramisu_brats.model import load_model, read_config, recompute_batchnorm, save_weights
 from tiramisu_brats.preprocess import CROP
 from tiramisu_brats.train import validate
 
@@ -53,18 +53,8 @@ cases = open_cache(args.cache)
 if args.bn_batches:
     sampler = PatchSampler([c for c in cases if c.case_id not in val_ids], CROP, args.tumor_share)
     rng = np.random.default_rng(args.seed)
-    model.train()
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.reset_running_stats()
-            module.momentum = None  # a plain mean over the batches
-        elif isinstance(module, torch.nn.Dropout):
-            module.eval()
-    with torch.no_grad():
-        for _ in range(args.bn_batches):
-            images, _ = sampler.sample(rng, 16)
-            model(torch.from_numpy(dequantize(images)))
-    model.eval()
+    recompute_batchnorm(model, (torch.from_numpy(dequantize(sampler.sample(rng, 16)[0]))
+                                for _ in range(args.bn_batches)))
 
 _, meta = read_config(args.weights[0])
 save_weights(model, args.out, metadata={

@@ -11,6 +11,7 @@ from tiramisu_brats.model import (
     count_parameters,
     load_model,
     read_config,
+    recompute_batchnorm,
     save_weights,
 )
 
@@ -104,3 +105,17 @@ def test_a_file_that_is_not_our_weights_is_refused(tmp_path):
     bogus.write_bytes(b"\x80\x04not safetensors at all")
     with pytest.raises(ValueError, match="not a tiramisu-brats weights file"):
         load_model(bogus)
+
+
+def test_recompute_batchnorm_takes_the_plain_mean_over_the_batches_with_dropout_off():
+    torch.manual_seed(0)
+    norm = torch.nn.BatchNorm2d(3)
+    model = torch.nn.Sequential(torch.nn.Dropout(0.5), norm)
+    batches = [torch.randn(4, 3, 5, 5) * 2 + 1, torch.randn(4, 3, 5, 5) - 3]
+    assert recompute_batchnorm(model, batches) is model and not model.training
+    # dropout off: the statistics are those of the batches themselves, equally weighted
+    expected_mean = torch.stack([b.mean((0, 2, 3)) for b in batches]).mean(0)
+    expected_var = torch.stack([b.var((0, 2, 3), unbiased=True) for b in batches]).mean(0)
+    torch.testing.assert_close(norm.running_mean, expected_mean)
+    torch.testing.assert_close(norm.running_var, expected_var)
+    assert norm.num_batches_tracked.item() == 2

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -197,6 +198,23 @@ def count_parameters(model: nn.Module) -> int:
 # growth rate 8; FC-DenseNet103 (Jégou et al.) uses 16.
 REFERENCE = TiramisuConfig()
 FC_DENSENET103 = TiramisuConfig(growth_rate=16)
+
+
+def recompute_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> nn.Module:
+    """Replace ``model``'s BatchNorm running statistics by their plain mean over ``batches``
+    (each ``(N, C, H, W)`` float32), run in train mode with dropout off (inference runs
+    without it); returns ``model`` in eval mode."""
+    model.train()
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None  # a plain mean over the batches
+        elif isinstance(module, nn.Dropout):
+            module.eval()
+    with torch.no_grad():
+        for batch in batches:
+            model(batch)
+    return model.eval()
 
 
 def save_weights(
