@@ -71,8 +71,8 @@ def main() -> None:
     args = parser.parse_args()
     api.VIEW_MARGIN = args.view_margin
     wanted = [c.strip() for c in args.cases.split(",")]
-    folders = {io.find_case_files(f).case_id: f for f in find_training_cases(
-        [args.data_root / "brats-labeled", args.data_root / "brats-labeled-extra"])}
+    folders = find_training_cases(
+        [args.data_root / "brats-labeled", args.data_root / "brats-labeled-extra"])
     seg = api.Segmenter(args.model, precision=args.precision)
     accurate = api.Segmenter(args.model, precision=args.precision, mode="accurate",  # tumor slices
                              partner=args.partner)

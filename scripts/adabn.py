@@ -38,8 +38,8 @@ parser.add_argument("--model", type=Path, default=None)
 parser.add_argument("--data-root", type=Path, default=Path("../shared/data"))
 args = parser.parse_args()
 base = load_model(args.model or default_weights()).eval()
-folders = {io.find_case_files(f).case_id: f for f in find_training_cases(
-    [args.data_root / "brats-labeled", args.data_root / "brats-labeled-extra"])}
+folders = find_training_cases(
+    [args.data_root / "brats-labeled", args.data_root / "brats-labeled-extra"])
 
 
 def labels(model: torch.nn.Module, slices: np.ndarray) -> np.ndarray:

@@ -45,8 +45,8 @@ def main() -> None:
     args = parser.parse_args()
     spacings = [tuple(float(v) for v in s.split(",")) for s in (args.spacing or
                                                                ["0.5,0.5,1", "1,1,3"])]
-    folders = {io.find_case_files(f).case_id: f for f in find_training_cases(
-        [args.data_root / "brats-labeled", args.data_root / "brats-labeled-extra"])}
+    folders = find_training_cases(
+        [args.data_root / "brats-labeled", args.data_root / "brats-labeled-extra"])
     seg = api.Segmenter(args.model)
     print("| case | grid (mm) | WT/TC/ET at 1 mm | labels nearest | probabilities linear |")
     print("|---|---|---|---|---|")

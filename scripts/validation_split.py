@@ -11,7 +11,6 @@ Usage: python scripts/validation_split.py [DATA_ROOT]   (default ../shared/data)
 import sys
 from pathlib import Path
 
-from tiramisu_brats import io
 from tiramisu_brats.data import find_training_cases, split_cases
 
 SEED = 20261202
@@ -24,8 +23,7 @@ FOLD0_TRAINED_ON = (
     "Brats18_TCIA02_606_1,Brats18_TCIA05_396_1,Brats18_TCIA10_628_1").split(",")
 
 root = Path(sys.argv[1] if len(sys.argv) > 1 else "../shared/data")
-folders = find_training_cases([root / "brats-labeled", root / "brats-labeled-extra"])
-ids = [io.find_case_files(f).case_id for f in folders]
+ids = list(find_training_cases([root / "brats-labeled", root / "brats-labeled-extra"]))
 seen = set(FOLD0_TRAINED_ON)
 unseen = [i for i in ids if i not in seen]
 _, val = split_cases(unseen, val_fraction=N_VAL / len(unseen), seed=SEED)

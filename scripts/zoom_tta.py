@@ -38,8 +38,8 @@ parser.add_argument("--data-root", type=Path, default=Path("../shared/data"))
 parser.add_argument("--json", type=Path, default=None)
 args = parser.parse_args()
 scales = [float(s) for s in args.scales.split(",")]
-folders = {io.find_case_files(f).case_id: f for f in find_training_cases(
-    [args.data_root / "brats-labeled", args.data_root / "brats-labeled-extra"])}
+folders = find_training_cases(
+    [args.data_root / "brats-labeled", args.data_root / "brats-labeled-extra"])
 accurate = api.Segmenter(mode="accurate")
 fast_rule = api.Segmenter().threshold
 print(f"precision {accurate.backend.precision}; labels: fast {fast_rule}, accurate "

@@ -54,6 +54,8 @@ def test_several_data_folders_and_a_case_in_two_of_them(small_cases, tmp_path):
     cases = data.build_cache([small_cases, other], tmp_path / "cache", crop=(64, 64),
                              planes=("axial",))
     assert [c.case_id for c in cases] == ["syn-0", "syn-1", "syn-2", "syn-5"]
+    assert data.find_training_cases([other, small_cases]) == {
+        **{f"syn-{i}": small_cases / f"syn-{i}" for i in range(3)}, "syn-5": other / "syn-5"}
     write_case(make_case(1, shape=(48, 40, 32), case_id="syn-1"), other)
     with pytest.raises(io.InputError, match="syn-1 is in both"):
         data.build_cache([small_cases, other], tmp_path / "cache2", crop=(64, 64))

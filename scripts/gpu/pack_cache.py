@@ -52,7 +52,7 @@ def main() -> None:
         shutil.rmtree(args.out)
     part, size = 0, 0.0
     with ProcessPoolExecutor(args.workers) as pool:
-        for case_id, blob in pool.map(pack, find_training_cases(args.data)):
+        for case_id, blob in pool.map(pack, find_training_cases(args.data).values()):
             mib = len(blob) / 2**20
             if size and size + mib > args.part_mib:
                 part, size = part + 1, 0.0

@@ -154,14 +154,14 @@ def build_cache(
     """Cache every labelled case below the folder(s) ``data_dirs`` (any layout ``io`` reads),
     in every plane of ``planes``; one ``CachedCase`` per case and plane, by case id."""
     cache_dir.mkdir(parents=True, exist_ok=True)
-    folders = find_training_cases(data_dirs)
+    folders = list(find_training_cases(data_dirs).values())
     return [c for f in progress(folders)
             for c in cache_case(io.find_case_files(f), cache_dir, crop, planes)]
 
 
-def find_training_cases(data_dirs: Path | Sequence[Path]) -> list[Path]:
-    """The case folders below one or several data folders; a case id found twice is an
-    error (the same case would fall on both sides of a split)."""
+def find_training_cases(data_dirs: Path | Sequence[Path]) -> dict[str, Path]:
+    """The case folders below one or several data folders, by case id (in id order); a case
+    id found twice is an error (the same case would fall on both sides of a split)."""
     dirs = [Path(data_dirs)] if isinstance(data_dirs, (str, Path)) else [Path(d) for d in data_dirs]
     seen: dict[str, Path] = {}
     for f in (f for d in dirs for f in io.find_cases(d)):
@@ -169,7 +169,7 @@ def find_training_cases(data_dirs: Path | Sequence[Path]) -> list[Path]:
         if case_id in seen:
             raise io.InputError(f"case {case_id} is in both {seen[case_id]} and {f}")
         seen[case_id] = f
-    return [seen[case_id] for case_id in sorted(seen)]
+    return {case_id: seen[case_id] for case_id in sorted(seen)}
 
 
 def select(cases: Sequence[CachedCase], case_ids: Sequence[str],
