@@ -397,7 +397,36 @@ def test_accurate_mode_writes_qc_and_an_uncertainty_map(tmp_path, tiny_weights):
     fast = api.Segmenter(tiny_weights, "torch", crop=(64, 64))
     with pytest.raises(ValueError, match="needs several views"):
         fast.segment_case(files, tmp_path / "fast.nii.gz", uncertainty=True)
-    assert "qc" not in fast.segment_case(files, tmp_path / "fast.nii.gz")
+    assert "confidence" in fast.segment_case(files, tmp_path / "fast.nii.gz")["qc"]
+
+
+def test_confidence_score_from_the_whole_tumor_probability_inside_the_tumor():
+    labels = np.zeros((10, 10, 10), np.uint8)
+    labels[2:6, 2:6, 2:6] = 4
+    whole_tumor = np.full(labels.shape, 0.2, np.float32)  # outside the tumor: does not count
+    whole_tumor[labels > 0] = 0.97
+    qc = api.confidence(whole_tumor, labels, review_below=0.9)
+    assert qc["confidence"] == pytest.approx(0.97) and not qc["review"]
+    assert qc["score"] == pytest.approx(0.5 + 0.07 / 0.2, abs=1e-4) and "sure" in qc["why"]
+    whole_tumor[2:4, 2:6, 2:6] = 0.75  # half the tumor at 0.75: mean 0.86
+    qc = api.confidence(whole_tumor, labels, review_below=0.9)
+    assert qc["confidence"] == pytest.approx(0.86) and qc["review"]
+    assert qc["score"] == pytest.approx(0.5 - 0.04 / 0.2, abs=1e-4) and "unsure" in qc["why"]
+    assert api.confidence(np.zeros_like(whole_tumor), labels)["score"] == 0.0  # clipped
+    empty = api.confidence(whole_tumor, np.zeros_like(labels))
+    assert empty == {"score": 0.0, "review": True, "confidence": None, "why": api.NO_TUMOR}
+
+
+@pytest.mark.parametrize("backend", ["torch", "openvino"])
+def test_fast_mode_confidence_is_the_networks_whole_tumor_probability(tiny_weights, backend):
+    image = make_case(3, shape=(64, 64, 40)).image
+    seg = api.Segmenter(tiny_weights, backend, precision="fp32", crop=(64, 64))
+    result = seg.segment(image)  # tumor slices, in passes (all of them: tumor everywhere)
+    assert result.labels.any()
+    probs = seg.view_probabilities(image, "axial")  # every slice
+    expected = float((1 - probs[0])[result.labels > 0].mean())
+    assert result.qc["confidence"] == pytest.approx(expected, abs=1e-4)
+    assert result.qc["review"] == (result.qc["confidence"] < api.QC_CONFIDENCE_REVIEW)
 
 
 # ------------------------------------------------------------ a folder of cases: segment_cohort

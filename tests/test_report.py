@@ -211,10 +211,12 @@ def test_index_html_lists_every_case_review_first_and_needs_no_network(tmp_path)
     rows = [{"case": "good", "review": False, "qc_score": 0.9, "WT_ml": 40.25, "image": "a.png"},
             {"case": "bad <1>", "review": True, "qc_score": 0.2, "qc_why": "views disagree",
              "WT_ml": 3.0, "dice_WT": 0.41},
-            {"case": "mid", "review": False, "qc_score": 0.6, "WT_ml": 20.0}]
+            {"case": "mid", "review": False, "qc_score": 0.6, "WT_ml": 20.0},
+            {"case": "failed", "review": True, "qc_why": "failed: no flair image"}]
     page = report.write_index_html(tmp_path, rows, "Cohort").read_text()
     body = page[page.index("<tbody>"):]
-    assert body.index("bad &lt;1&gt;") < body.index("mid") < body.index("good")
-    assert page.count("<tr>") == 4 and "Dice WT" in page and "40.2" in page
+    order = ["failed", "bad &lt;1&gt;", "mid", "good"]  # no score to review first, then scores
+    assert [body.index(case) for case in order] == sorted(body.index(case) for case in order)
+    assert page.count("<tr>") == 5 and "Dice WT" in page and "40.2" in page
     assert "http" not in page.replace("http-equiv", "")  # nothing to fetch
-    assert '<img src="a.png"' in page and "1 to review" in page
+    assert '<img src="a.png"' in page and "2 to review" in page

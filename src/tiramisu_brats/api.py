@@ -105,8 +105,10 @@ class Segmentation:
     """``labels`` (X, Y, Z) uint8 0/1/2/4 after postprocessing (or raw when it was off),
     ``raw`` before postprocessing (0 in slices that ``tumor_slices`` left out), seconds per
     stage, and ``slices``: how many axial slices hold brain and how many of them were run.
-    With several views (``--mode accurate``): ``uncertainty`` (X, Y, Z) float32, the standard
-    deviation of the whole tumor's probability across the views, and ``qc`` (``quality``)."""
+    ``qc``: the quality score, with several views (``--mode accurate``) from how they
+    disagree (``quality``), with one from the network's confidence (``confidence``); with
+    several views ``uncertainty`` (X, Y, Z) float32, the standard deviation of the whole
+    tumor's probability across them."""
 
     labels: np.ndarray
     raw: np.ndarray
@@ -148,6 +150,14 @@ def prepare_case(case: io.Case, crop: tuple[int, int] = CROP, resample: bool = T
 # QC_SPREAD_REVIEW, the threshold chosen on the validation split for argmax labels; weights
 # that record another decision rule record the threshold chosen with it (export.decision).
 QC_SPREAD_REVIEW = 0.048
+# One view (fast mode) has no spread: its QC is the whole tumor's mean probability inside the
+# predicted tumor, which ranked the validation cases by Dice WT next best (docs/model-card.md);
+# a case is flagged below QC_CONFIDENCE_REVIEW, chosen on the validation split for the
+# shipped weights (weights may record their own, ``qc_confidence_review``).
+QC_CONFIDENCE_REVIEW = 0.916
+
+
+NO_TUMOR = "no tumor found: check that the case holds none"
 
 
 def quality(spread: np.ndarray, labels: np.ndarray, review_above: float = QC_SPREAD_REVIEW
@@ -161,8 +171,7 @@ def quality(spread: np.ndarray, labels: np.ndarray, review_above: float = QC_SPR
     """
     tumor = labels > 0
     if not tumor.any():
-        return {"score": 0.0, "review": True, "spread": None,
-                "why": "no tumor found: check that the case holds none"}
+        return {"score": 0.0, "review": True, "spread": None, "why": NO_TUMOR}
     value = float(spread[tumor].mean())
     score = float(np.clip(1 - value / (2 * review_above), 0, 1))
     review = value > review_above
@@ -171,6 +180,29 @@ def quality(spread: np.ndarray, labels: np.ndarray, review_above: float = QC_SPR
            f"the views agree on the whole tumor (mean spread {value:.3f} inside it, at most "
            f"{review_above:g})")
     return {"score": round(score, 4), "review": bool(review), "spread": round(value, 4),
+            "why": why}
+
+
+def confidence(whole_tumor: np.ndarray, labels: np.ndarray,
+               review_below: float = QC_CONFIDENCE_REVIEW) -> dict:
+    """The quality score of one case seen once (one view), from ``whole_tumor`` (X, Y, Z), the
+    whole tumor's probability, and the predicted ``labels`` (X, Y, Z).
+
+    ``score`` in [0, 1], higher = more likely right: 0.5 + (mean probability inside the
+    tumor - ``review_below``) / (2 * (1 - ``review_below``)), so that ``review`` (score below
+    0.5) is a mean below that threshold; no tumor found is score 0 and a review.
+    """
+    tumor = labels > 0
+    if not tumor.any():
+        return {"score": 0.0, "review": True, "confidence": None, "why": NO_TUMOR}
+    value = float(whole_tumor[tumor].mean())
+    score = float(np.clip(0.5 + (value - review_below) / (2 * (1 - review_below)), 0, 1))
+    review = value < review_below
+    why = (f"the network is unsure of the whole tumor (mean probability {value:.3f} inside it, "
+           f"below {review_below:g})" if review else
+           f"the network is sure of the whole tumor (mean probability {value:.3f} inside it, at "
+           f"least {review_below:g})")
+    return {"score": round(score, 4), "review": bool(review), "confidence": round(value, 4),
             "why": why}
 
 
@@ -265,6 +297,7 @@ class Segmenter:
         rule = decision(self.partner or self.weights)  # accurate mode's rule is the partner's
         self.threshold = rule.get("region_threshold")
         self.qc_review = rule.get("qc_spread_review", QC_SPREAD_REVIEW)
+        self.qc_confidence = rule.get("qc_confidence_review", QC_CONFIDENCE_REVIEW)
         self.batch_size = batch_size
         self.crop = crop
         self.postprocess = postprocess
@@ -439,7 +472,8 @@ class Segmenter:
         return Segmentation(labels, raw, timings, {"brain": stats["brain"],
                                                    "run": stats["run"]},
                             uncertainty=spread if several else None,
-                            qc=quality(spread, labels, self.qc_review) if several else None)
+                            qc=quality(spread, labels, self.qc_review) if several else
+                            confidence(1 - fused[0], labels, self.qc_confidence))
 
     def _segment_grid(
         self, image: np.ndarray, grid: Grid, on_batch: Callable[[int], None] | None,
@@ -474,15 +508,18 @@ class Segmenter:
         windows = None if self.margin is None else brain_windows(slices, self.margin)
         tumor_slices = self.tumor_slices and not all_slices
         stats: dict[str, int] = {}
+        whole_tumor = np.zeros((len(slices), *slices.shape[2:]), np.float32)
         raw = uncrop(predict_labels(self.backend, slices, self.batch_size, on_batch, windows,
                                     tumor_slices=tumor_slices, stats=stats,
-                                    threshold=self.threshold), geometry)
+                                    threshold=self.threshold, whole_tumor=whole_tumor),
+                     geometry)
         t2 = time.perf_counter()
         labels = _postprocess(raw) if self.postprocess else raw
+        qc = confidence(uncrop(whole_tumor, geometry), labels, self.qc_confidence)
         t3 = time.perf_counter()
         return Segmentation(labels, raw, {"preprocess": preprocess_s, "infer": t2 - t1,
                                           "postprocess": t3 - t2},
-                            {"brain": len(slices), "run": stats["run"]})
+                            {"brain": len(slices), "run": stats["run"]}, qc=qc)
 
     def segment_case(
         self, files: io.CaseFiles, output: PathLike, *, convention: str = "brats",
@@ -497,7 +534,7 @@ class Segmenter:
         over FLAIR and T1ce (``report.planes_png``), in the trained orientation.
 
         Writes ``output`` (a .nii.gz label map on the input's grid), ``<output stem>.json``
-        (volumes in ml, model, timings; with several views the quality score ``qc``), with
+        (volumes in ml, model, timings; the quality score ``qc``), with
         ``save_raw`` ``<output stem>_raw.nii.gz`` and with ``uncertainty`` (a mode of several
         views) ``<output stem>_uncertainty.nii.gz``: the spread of the whole tumor's
         probability across the views, float32 on the input's grid.

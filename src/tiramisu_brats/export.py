@@ -56,7 +56,7 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-DECISION_KEYS = ("region_threshold", "qc_spread_review")
+DECISION_KEYS = ("region_threshold", "qc_spread_review", "qc_confidence_review")
 
 
 def _header(weights: Path, key: str) -> str | None:
@@ -70,9 +70,10 @@ def _header(weights: Path, key: str) -> str | None:
 def decision(weights: Path) -> dict[str, float]:
     """The decision rule chosen on the validation split for ``weights`` and recorded in their
     header (metadata ``decision``, a JSON object): ``region_threshold`` (how probabilities
-    become labels: ``infer.region_labels``) and ``qc_spread_review`` (the view spread above
-    which a case is flagged for review: ``api.quality``). ``{}`` where none was recorded (the
-    argmax and the default review threshold then apply)."""
+    become labels: ``infer.region_labels``), ``qc_spread_review`` (the view spread above
+    which a case is flagged for review: ``api.quality``) and ``qc_confidence_review`` (the
+    mean probability of one view below which it is: ``api.confidence``). ``{}`` where none was
+    recorded (the argmax and the default review thresholds then apply)."""
     text = _header(weights, "decision") or "{}"
     try:
         rule = json.loads(text)

@@ -152,11 +152,12 @@ class Backend:
         for batch in batches:
             yield self(np.ascontiguousarray(batch, dtype=np.float32))
 
-    def label_batches(self, batches: Iterable[np.ndarray],
-                      threshold: float | None = None) -> Iterator[np.ndarray]:
+    def label_batches(self, batches: Iterable[np.ndarray], threshold: float | None = None,
+                      whole_tumor: bool = False) -> Iterator:
         """Labels ``(N, H, W)`` uint8 in 0/1/2/4 of each batch, as ``logit_batches``, by
-        ``region_labels(threshold)``."""
-        return map(_labeller(threshold), self.logit_batches(batches))
+        ``region_labels(threshold)``; with ``whole_tumor`` each a pair (labels, the whole
+        tumor's probability ``(N, H, W)`` float32)."""
+        return map(_labeller(threshold, whole_tumor), self.logit_batches(batches))
 
     def predict(self, slices: np.ndarray, batch_size: int | None = None,
                 on_batch: Callable[[int], None] | None = None,
@@ -272,9 +273,9 @@ class OpenVINOBackend(Backend):
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return self.requests[0].infer({0: batch})[0].copy()
 
-    def label_batches(self, batches: Iterable[np.ndarray],
-                      threshold: float | None = None) -> Iterator[np.ndarray]:
-        return self._pipelined(batches, _labeller(threshold))
+    def label_batches(self, batches: Iterable[np.ndarray], threshold: float | None = None,
+                      whole_tumor: bool = False) -> Iterator:
+        return self._pipelined(batches, _labeller(threshold, whole_tumor))
 
     def logit_batches(self, batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
         return self._pipelined(batches, np.copy)
@@ -346,9 +347,12 @@ def predict_labels(
     on_batch: Callable[[int], None] | None = None,
     windows: Sequence[tuple[slice, slice] | None] | None = None, *, tumor_slices: bool = False,
     stats: dict[str, int] | None = None, threshold: float | None = None,
+    whole_tumor: np.ndarray | None = None,
 ) -> np.ndarray:
     """Labels (Z', H, W) uint8 in 0/1/2/4 for slices (Z', C, H, W) float32, by
-    ``region_labels(threshold)`` (``batch_size`` default: the backend's).
+    ``region_labels(threshold)`` (``batch_size`` default: the backend's). ``whole_tumor``,
+    if given, a (Z', H, W) float32 array, gets the whole tumor's probability
+    (1 - p(background)) where the network ran; elsewhere it is left as it is.
 
     ``windows`` (one per slice, as ``preprocess.brain_windows``): run the network on these parts
     of the slices only, slices of one window size batched together; 0 outside them.
@@ -371,7 +375,7 @@ def predict_labels(
     out = np.zeros((slices.shape[0], *slices.shape[2:]), np.uint8)
     _passes(len(slices), tumor_slices, on_batch, {} if stats is None else stats,
             lambda todo: _run(backend, slices, todo, windows, out, batch_size, on_batch,
-                              threshold=threshold),
+                              threshold=threshold, whole_tumor=whole_tumor),
             lambda k: out[k].any())
     return out
 
@@ -440,8 +444,14 @@ def region_labels(probs: np.ndarray, threshold: float | None = None, axis: int =
     return labels
 
 
-def _labeller(threshold: float | None) -> Callable[[np.ndarray], np.ndarray]:
-    """Logits ``(N, K, H, W)`` → labels ``(N, H, W)`` by ``region_labels(threshold)``."""
+def _labeller(threshold: float | None, whole_tumor: bool = False) -> Callable:
+    """Logits ``(N, K, H, W)`` → labels ``(N, H, W)`` by ``region_labels(threshold)``; with
+    ``whole_tumor`` the pair (labels, 1 - p(background) ``(N, H, W)`` float32)."""
+    if whole_tumor:
+        def labels_and_whole_tumor(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            probs = _softmax(logits)
+            return region_labels(probs, threshold, axis=1), 1 - probs[:, 0]
+        return labels_and_whole_tumor
     if threshold is None:  # the argmax of the logits is that of the probabilities
         return lambda logits: io.CLASS_TO_LABEL[logits.argmax(1)]
     return lambda logits: region_labels(_softmax(logits), threshold, axis=1)
@@ -458,13 +468,13 @@ def _run(
     backend: Backend, slices: np.ndarray, indices: Sequence[int],
     windows: Sequence[tuple[slice, slice] | None] | None, out: np.ndarray,
     batch_size: int | None, on_batch: Callable[[int], None] | None, *, softmax: bool = False,
-    threshold: float | None = None,
+    threshold: float | None = None, whole_tumor: np.ndarray | None = None,
 ) -> int:
     """Write into ``out`` the labels by ``region_labels(threshold)`` (``softmax``: the
-    probabilities, ``out`` (Z', K, H, W))
-    of the slices ``indices`` (in their windows, if given), slices of one size batched
-    together, the largest first; returns how many were run (a slice without a window is
-    not)."""
+    probabilities, ``out`` (Z', K, H, W); else into ``whole_tumor`` (Z', H, W), if given, the
+    whole tumor's probability) of the slices ``indices`` (in their windows, if given), slices
+    of one size batched together, the largest first; returns how many were run (a slice
+    without a window is not)."""
     batch_size = batch_size or backend.batch_size
     whole = (slice(None), slice(None))
     place = [whole] * len(slices) if windows is None else windows
@@ -482,8 +492,12 @@ def _run(
     batches = (np.stack([slices[i, :, place[i][0], place[i][1]] for i in chunk])
                for chunk in chunks)
     results = (map(_softmax, backend.logit_batches(batches)) if softmax
-               else backend.label_batches(batches, threshold))
+               else backend.label_batches(batches, threshold, whole_tumor is not None))
     for chunk, values in zip(chunks, results, strict=True):
+        if whole_tumor is not None and not softmax:
+            values, probs = values
+            for i, p in zip(chunk, probs, strict=True):
+                whole_tumor[i, place[i][0], place[i][1]] = p
         for i, value in zip(chunk, values, strict=True):
             out[i, ..., place[i][0], place[i][1]] = value
         if on_batch:

@@ -504,6 +504,7 @@ def write_index_html(
     in the viewer). Needs no network: the page holds its own script and style, the pictures lie
     beside it.
 
+    Cases to review without a score (failed ones) come first, then by score.
     Row keys used: ``case``; optional ``review`` (bool), ``qc_score``, ``qc_why``,
     ``WT_ml``/``TC_ml``/``ET_ml``, ``dice_WT``/``dice_TC``/``dice_ET``, ``image``,
     ``command``.
@@ -513,8 +514,14 @@ def write_index_html(
 
     folder = Path(folder)
     columns = [(k, name) for k, name in _HTML_COLUMNS if any(k in r for r in rows)]
-    ordered = sorted(rows, key=lambda r: (not r.get("review"), 1.0 if r.get("qc_score") is None
-                                          else r["qc_score"], str(r["case"])))
+
+    def order(row: Mapping[str, Any]) -> tuple:
+        score = row.get("qc_score")
+        if score is None:  # to review without a score (a failed case) before every score
+            score = -1.0 if row.get("review") else 1.0
+        return not row.get("review"), score, str(row["case"])
+
+    ordered = sorted(rows, key=order)
 
     def cell(row: Mapping[str, Any], key: str) -> str:
         value = row.get(key)
