@@ -617,7 +617,8 @@ def test_the_weights_decision_rule_labels_the_case_and_is_recorded(tmp_path, tin
     _, header = read_config(tiny_weights)
     weights = tmp_path / "rule.safetensors"
     save_file(load_file(tiny_weights), str(weights), metadata={
-        **header, "decision": '{"region_threshold": 0.2, "qc_spread_review": 0.5}'})
+        **header, "decision": '{"region_threshold": 0.2, "qc_spread_review": 0.5, '
+                              '"qc_confidence_review": 0.25}'})
     image = make_case(3, shape=(64, 64, 40)).image
     plain = api.Segmenter(tiny_weights, "torch", crop=(64, 64), postprocess=False)
     rule = api.Segmenter(weights, "torch", crop=(64, 64), postprocess=False)
@@ -629,6 +630,8 @@ def test_the_weights_decision_rule_labels_the_case_and_is_recorded(tmp_path, tin
         assert (labels == region_labels(probs, threshold)).mean() > 0.999
     accurate = api.Segmenter(weights, "torch", crop=(64, 64), mode="accurate")
     assert "0.5)" in accurate.segment(image).qc["why"]
+    assert (plain.qc_confidence, rule.qc_confidence) == (api.QC_CONFIDENCE_REVIEW, 0.25)
+    assert "0.25)" in rule.segment(image).qc["why"]
 
 
 def test_quantize_int8_says_what_is_wrong_before_any_work(tmp_path, tiny_weights, small_cases):
