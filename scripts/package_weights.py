@@ -9,7 +9,8 @@ Usage: python scripts/package_weights.py RUN_DIR OUT.safetensors --recipe "TEXT"
            [--partner-of WEIGHTS]
 ``--best``: the run's ``model_best.safetensors`` (the epoch of the best validation mean
 Dice) rather than its last weights. The second form records a decision
-(``export.decision``: ``region_threshold``, ``qc_spread_review``) in weights packaged before:
+(``export.decision``: ``region_threshold``, ``qc_spread_review``,
+``qc_confidence_review``) in weights packaged before:
 the tensors and the rest of the header are kept as they are; the ONNX export is made anew
 (the weights' sha256 changes). ``--partner-of WEIGHTS``: the weights become the partner that
 accurate mode fuses with WEIGHTS (``export.partner``: their header names WEIGHTS' sha256, and
@@ -35,7 +36,8 @@ parser.add_argument("run", type=Path, help="a training run's folder, or packaged
 parser.add_argument("out", type=Path)
 parser.add_argument("--recipe")
 parser.add_argument("--postprocess", help="the postprocessing decision, in words")
-parser.add_argument("--decision", help="JSON: region_threshold, qc_spread_review")
+parser.add_argument("--decision",
+                    help="JSON: region_threshold, qc_spread_review, qc_confidence_review")
 parser.add_argument("--partner-of", type=Path,
                     help="weights whose accurate mode fuses these with them")
 parser.add_argument("--best", action="store_true",
