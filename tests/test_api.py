@@ -414,7 +414,8 @@ def test_confidence_score_from_the_whole_tumor_probability_inside_the_tumor():
     assert qc["score"] == pytest.approx(0.5 - 0.04 / 0.2, abs=1e-4) and "unsure" in qc["why"]
     assert api.confidence(np.zeros_like(whole_tumor), labels)["score"] == 0.0  # clipped
     empty = api.confidence(whole_tumor, np.zeros_like(labels))
-    assert empty == {"score": 0.0, "review": True, "confidence": None, "why": api.NO_TUMOR}
+    assert empty == {"score": 0.0, "review": True, "confidence": None,
+                     "why": "no tumor found: check that the case holds none"}
 
 
 @pytest.mark.parametrize("backend", ["torch", "openvino"])

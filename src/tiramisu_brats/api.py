@@ -157,7 +157,19 @@ QC_SPREAD_REVIEW = 0.048
 QC_CONFIDENCE_REVIEW = 0.916
 
 
-NO_TUMOR = "no tumor found: check that the case holds none"
+def _qc(values: np.ndarray, labels: np.ndarray, key: str,
+        judge: Callable[[float], tuple[float, bool, str]]) -> dict:
+    """The QC of one case: the mean of ``values`` (X, Y, Z) inside the predicted tumor
+    (``labels`` > 0) under ``key``, and the score, review flag and words ``judge`` gives it;
+    no tumor found is score 0 and a review."""
+    tumor = labels > 0
+    if not tumor.any():
+        return {"score": 0.0, "review": True, key: None,
+                "why": "no tumor found: check that the case holds none"}
+    value = float(values[tumor].mean())
+    score, review, why = judge(value)
+    return {"score": round(float(np.clip(score, 0, 1)), 4), "review": bool(review),
+            key: round(value, 4), "why": why}
 
 
 def quality(spread: np.ndarray, labels: np.ndarray, review_above: float = QC_SPREAD_REVIEW
@@ -169,18 +181,13 @@ def quality(spread: np.ndarray, labels: np.ndarray, review_above: float = QC_SPR
     so that ``review`` (score below 0.5) is a spread above that threshold; no tumor found is
     score 0 and a review.
     """
-    tumor = labels > 0
-    if not tumor.any():
-        return {"score": 0.0, "review": True, "spread": None, "why": NO_TUMOR}
-    value = float(spread[tumor].mean())
-    score = float(np.clip(1 - value / (2 * review_above), 0, 1))
-    review = value > review_above
-    why = (f"the views disagree on the whole tumor (mean spread {value:.3f} inside it, above "
-           f"{review_above:g})" if review else
-           f"the views agree on the whole tumor (mean spread {value:.3f} inside it, at most "
-           f"{review_above:g})")
-    return {"score": round(score, 4), "review": bool(review), "spread": round(value, 4),
-            "why": why}
+    def judge(value: float) -> tuple[float, bool, str]:
+        review = value > review_above
+        words = ("disagree", "above") if review else ("agree", "at most")
+        return (1 - value / (2 * review_above), review,
+                f"the views {words[0]} on the whole tumor (mean spread {value:.3f} inside it, "
+                f"{words[1]} {review_above:g})")
+    return _qc(spread, labels, "spread", judge)
 
 
 def confidence(whole_tumor: np.ndarray, labels: np.ndarray,
@@ -192,18 +199,13 @@ def confidence(whole_tumor: np.ndarray, labels: np.ndarray,
     tumor - ``review_below``) / (2 * (1 - ``review_below``)), so that ``review`` (score below
     0.5) is a mean below that threshold; no tumor found is score 0 and a review.
     """
-    tumor = labels > 0
-    if not tumor.any():
-        return {"score": 0.0, "review": True, "confidence": None, "why": NO_TUMOR}
-    value = float(whole_tumor[tumor].mean())
-    score = float(np.clip(0.5 + (value - review_below) / (2 * (1 - review_below)), 0, 1))
-    review = value < review_below
-    why = (f"the network is unsure of the whole tumor (mean probability {value:.3f} inside it, "
-           f"below {review_below:g})" if review else
-           f"the network is sure of the whole tumor (mean probability {value:.3f} inside it, at "
-           f"least {review_below:g})")
-    return {"score": round(score, 4), "review": bool(review), "confidence": round(value, 4),
-            "why": why}
+    def judge(value: float) -> tuple[float, bool, str]:
+        review = value < review_below
+        words = ("unsure", "below") if review else ("sure", "at least")
+        return (0.5 + (value - review_below) / (2 * (1 - review_below)), review,
+                f"the network is {words[0]} of the whole tumor (mean probability {value:.3f} "
+                f"inside it, {words[1]} {review_below:g})")
+    return _qc(whole_tumor, labels, "confidence", judge)
 
 
 def _volumes_ml(labels: np.ndarray, spacing) -> dict[str, float]:
