@@ -45,6 +45,9 @@ def test_segment_writes_a_label_map_on_the_input_grid_with_a_summary(small_cases
     assert (tmp_path / "syn-0_raw.nii.gz").exists()
     for stage in ("load", "infer", "save"):
         assert stage in result.output
+    qc = summary["qc"]
+    said = "quality score " + f"{qc['score']:.2f}" + (", to review" if qc["review"] else "")
+    assert said in result.output and qc["why"] in " ".join(result.output.split())
 
 
 @pytest.mark.slow
@@ -180,6 +183,11 @@ def test_cohort_segment_and_evaluate_match_numpy_dice(small_cases, tiny_weights,
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in preds.glob("*.nii.gz") if "_raw" not in p.name) == [
         "syn-0.nii.gz", "syn-1.nii.gz", "syn-2.nii.gz"]
+    review = [c for c in ("syn-0", "syn-1", "syn-2")
+              if json.loads((preds / f"{c}.json").read_text())["qc"]["review"]]
+    said = "3 segmented, 0 failed" + (f"; {len(review)} to review (QC): {', '.join(review)}"
+                                       if review else "")
+    assert said in " ".join(result.output.split())
     # Replace one prediction with the truth, another with a shifted truth: known answers.
     truth = {c: io.read_label_map(small_cases / c / f"{c}_seg.nii.gz")[0] for c in
              ("syn-0", "syn-1", "syn-2")}
@@ -224,6 +232,7 @@ def test_demo_runs_the_whole_job(tiny_weights, tmp_path):
     theirs = json.loads(seg.with_name("seg.json").read_text())
     assert ours["slices"] == theirs["slices"] and ours["model"] == theirs["model"]
     assert ours["model"]["tumor_slices"]
+    assert f"quality score {ours['qc']['score']:.2f}" in result.output
     assert np.array_equal(nib.load(seg).get_fdata(),
                           nib.load(demo / "synthetic-000.nii.gz").get_fdata())
     assert run("demo", "-o", demo, "--model", tiny_weights, "--no-progress").exit_code == 2

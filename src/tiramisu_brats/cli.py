@@ -264,12 +264,22 @@ def segment(
             on_event=SegmentProgress(bar))
     if run.results:
         console.print(_timing_table(run.results))
+    review = [r["case"] for r in run.results if r.get("qc", {}).get("review")]
     if run.cohort:
-        console.print(f"{len(run.results)} segmented, {len(run.failures)} failed",
+        console.print(f"{len(run.results)} segmented, {len(run.failures)} failed"
+                      + (f"; {len(review)} to review (QC): {', '.join(review[:10])}"
+                         f"{' ...' if len(review) > 10 else ''}" if review else ""),
                       highlight=False)
+    elif run.results and "qc" in run.results[0]:
+        console.print(_qc_line(run.results[0]["qc"]), highlight=False)
     if run.failures_csv is not None:
         console.print(f"failed cases and reasons: {run.failures_csv}", highlight=False)
         raise typer.Exit(1)
+
+
+def _qc_line(qc: dict) -> str:
+    """One case's quality score in words (``api.quality`` or ``api.confidence``)."""
+    return f"quality score {qc['score']:.2f}{', to review' if qc['review'] else ''}: {qc['why']}"
 
 
 @app.command()
@@ -344,6 +354,7 @@ def demo(
         out.print(f"tumor volumes (ml): whole {vols['WT_ml']:.1f}, core {vols['TC_ml']:.1f}, "
                   f"enhancing {vols['ET_ml']:.1f}, necrosis {vols['necrosis_ml']:.1f}, "
                   f"edema {vols['edema_ml']:.1f}", highlight=False)
+        out.print(_qc_line(summary["qc"]), highlight=False)
         if files.seg is not None:
             rows = run_evaluate(label_path.parent, case, output / "report", overwrite=True)
             row = rows[0]
