@@ -44,6 +44,7 @@ from tiramisu_brats.preprocess import (
     box_slices,
     box_window,
     brain_windows,
+    extract,
     from_plane,
     network_grid,
     plane_box,
@@ -517,7 +518,8 @@ class Segmenter:
                      geometry)
         t2 = time.perf_counter()
         labels = _postprocess(raw) if self.postprocess else raw
-        qc = confidence(uncrop(whole_tumor, geometry), labels, self.qc_confidence)
+        # on the slices: the labels cut out cost 6 ms, the probabilities put back 38 ms
+        qc = confidence(whole_tumor, extract(labels, geometry), self.qc_confidence)
         t3 = time.perf_counter()
         return Segmentation(labels, raw, {"preprocess": preprocess_s, "infer": t2 - t1,
                                           "postprocess": t3 - t2},
