@@ -503,13 +503,23 @@ def test_segment_cohort_skips_finished_cases_and_redoes_unfinished_ones(
     (out / "c1.json").unlink()  # a run killed after c1's label map, before its summary
     again = api.segment_cohort(cohort, out, segmenter=small_segmenter, skip_existing=True)
     assert [r["case"] for r in again.results] == ["c1"]  # c0 left as it was, c1 redone
+    assert again.skipped == ["c0"]
     assert (out / "c0.nii.gz").stat().st_mtime_ns == done["c0.nii.gz"]
     assert (out / "c1.nii.gz").stat().st_mtime_ns != done["c1.nii.gz"]
     assert [c for c, _ in again.failures] == ["c2"]
-    # Without skip_existing (nor overwrite) a case whose output exists fails.
-    refused = api.segment_cohort(cohort, out, segmenter=small_segmenter)
-    assert refused.results == [] and [c for c, _ in refused.failures] == ["c0", "c1", "c2"]
-    assert "overwriting was not asked for" in refused.failures[0][1]
+    # The index keeps the skipped case (its row from the summary written before).
+    index = (out / "index.html").read_text()
+    assert all(f"view/{c}/" in index for c in ("c0", "c1")) and "c2" in index
+    # Without skip_existing (nor overwrite) the run is refused before anything is written.
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    with pytest.raises(FileExistsError, match=r"2 of the 2 cases already have outputs there "
+                                              r"\(c0, c1\).*nothing was written"):
+        api.segment_cohort(cohort, out, segmenter=small_segmenter)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    # Outputs asked for now but not written before (raw label maps) redo the cases.
+    fast = api.segment_cohort(cohort, out, segmenter=small_segmenter, skip_existing=True,
+                              save_raw=True)
+    assert [r["case"] for r in fast.results] == ["c0", "c1"] and fast.skipped == []
     # Every case done: nothing to segment, and the old list of failures is removed.
     import shutil
 
@@ -517,6 +527,28 @@ def test_segment_cohort_skips_finished_cases_and_redoes_unfinished_ones(
     last = api.segment_cohort(cohort, out, segmenter=small_segmenter, skip_existing=True)
     assert (last.results, last.failures, last.failures_csv) == ([], [], None)
     assert not (out / "failures.csv").exists()
+
+
+def test_a_case_is_finished_only_with_every_output_asked_for(tmp_path):
+    target = tmp_path / "c0.nii.gz"
+    for name in ("c0.nii.gz", "c0.json", "c0_raw.nii.gz"):
+        (tmp_path / name).write_bytes(b"")
+    assert api._finished(target, save_raw=True, uncertainty=False)
+    assert not api._finished(target, save_raw=True, uncertainty=True)
+    (tmp_path / "c0_uncertainty.nii.gz").write_bytes(b"")
+    assert api._finished(target, save_raw=False, uncertainty=True)
+    (tmp_path / "c0.json").unlink()  # the summary is written last
+    assert not api._finished(target, save_raw=False, uncertainty=False)
+
+
+def test_a_skipped_case_whose_summary_is_unreadable_is_listed_for_review(tmp_path):
+    files = io.CaseFiles("c0", tuple(tmp_path / f"c0_{m}.nii.gz" for m in io.MODALITIES))
+    (tmp_path / "c0.json").write_text("[1, 2]")
+    row = api._earlier_summary(files, tmp_path / "c0.nii.gz")
+    assert row["case"] == "c0" and row["qc"]["review"] is True
+    assert row["qc"]["why"] == "done before; c0.json unreadable: not the summary segment writes"
+    (tmp_path / "c0.json").write_text(json.dumps({"case": "x", "volumes_ml": {"WT_ml": 2.5}}))
+    assert api._earlier_summary(files, tmp_path / "c0.nii.gz")["volumes_ml"] == {"WT_ml": 2.5}
 
 
 def test_segment_cohort_reports_a_broken_case_and_a_case_id_found_twice(

@@ -145,6 +145,26 @@ def test_segment_refuses_to_overwrite_without_the_flag(small_cases, tiny_weights
     assert nib.load(out).shape == (48, 40, 32)
 
 
+def test_segment_skips_finished_cases_and_says_so(small_cases, tiny_weights, tmp_path):
+    common = ("--model", tiny_weights, "--backend", "torch", "--no-progress")
+    out = tmp_path / "one.nii.gz"
+    assert run("segment", small_cases / "syn-1", "-o", out, *common).exit_code == 0
+    done = out.stat().st_mtime_ns
+    result = run("segment", small_cases / "syn-1", "-o", out, "--skip-existing", *common)
+    assert result.exit_code == 0 and out.stat().st_mtime_ns == done
+    said = " ".join(result.output.split())  # the console wraps long lines
+    assert f"{out}: left as it was (an earlier run finished syn-1)" in said
+    folder = tmp_path / "all"
+    assert run("segment", small_cases, "-o", folder, *common).exit_code == 0
+    result = run("segment", small_cases, "-o", folder, *common)  # again, nothing asked
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and "nothing was written" in said and "--skip-existing" in said
+    result = run("segment", small_cases, "-o", folder, "--skip-existing", *common)
+    cases = len(io.find_cases(small_cases))
+    said = " ".join(result.output.split())
+    assert result.exit_code == 0 and f"0 segmented, {cases} skipped (done before), 0 failed" in said
+
+
 def test_brats2023_label_convention(small_cases, tiny_weights, tmp_path):
     from tiramisu_brats.api import Segmenter
 

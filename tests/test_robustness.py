@@ -551,6 +551,7 @@ def test_cohort_continues_past_failures_lists_them_and_resumes(
     image_path(bad, "t2", "B").write_bytes(good_t2)
     result = segment(tiny_model, cohort, "-o", out, "--skip-existing")
     assert result.exit_code == 1, result.output
+    assert "1 segmented, 1 skipped (done before), 1 failed" in result.output
     assert {n: (out / n).stat().st_mtime_ns for n in ("A.json", "A.nii.gz")} == {
         n: done[n] for n in ("A.json", "A.nii.gz")}
     assert (out / "B.nii.gz").exists() and (out / "B.json").exists()

@@ -750,13 +750,15 @@ class CohortRun:
     ``(case, reason)`` of each case of a folder of cases that failed, in the folder's order
     (``case`` is the folder's name when its files were not found); ``cohort``: whether the
     input was a folder of cases; ``failures_csv``: the list of failures written (a folder of
-    cases with failures), else None; ``segmenter``: the model used."""
+    cases with failures), else None; ``segmenter``: the model used; ``skipped``: the cases
+    left as an earlier run finished them (``skip_existing``), in the folder's order."""
 
     results: list[dict]
     failures: list[tuple[str, str]]
     cohort: bool
     failures_csv: Path | None
     segmenter: Segmenter
+    skipped: list[str] = field(default_factory=list)
 
 
 # What ``segment_cohort`` tells ``on_event(kind, case_id, value)``, in the order it happens.
@@ -793,6 +795,8 @@ def segment_cohort(
     the ``i``-th (``n`` jobs with ``i = 0 .. n-1`` cover the folder once), its list of
     failures ``failures-shard-<i>-of-<n>.csv``. ``skip_existing``: cases whose outputs an
     earlier run wrote completely are left as they are (those it left incomplete are redone).
+    Without it (nor ``overwrite``), a folder of cases where any case's outputs, or the folder's
+    index, already exist is refused before anything is read or written.
 
     The model: ``segmenter``, or one made from ``model`` .. ``threads`` (see ``Segmenter``)
     while the first case is read. ``convention``, ``save_raw``, ``uncertainty`` and
@@ -813,8 +817,10 @@ def segment_cohort(
         failures.append((k, name, one_line(err)))
         emit("failed", name, failures[-1][2])
 
-    plan = _plan_cases(jobs, output, overwrite, skip_existing, save_raw,
-                       failed if cohort else None)
+    plan, skipped = _plan_cases(jobs, output, overwrite, skip_existing, save_raw,
+                                uncertainty, failed if cohort else None)
+    if cohort and not (overwrite or skip_existing):
+        _refuse_existing(output, plan, save_raw, uncertainty, shard)
     crop, resample = (CROP, resample) if segmenter is None else (segmenter.crop,
                                                                   segmenter.resample)
     results: list[dict] = []
@@ -849,10 +855,45 @@ def segment_cohort(
                 emit("wrote", files.case_id, target)
     failures.sort()
     csv_path = _write_failures(output, failures, shard) if cohort else None
-    if cohort and (results or failures):
-        _cohort_index(output, results, failures, sources, shard)
+    if cohort and (results or failures or skipped):
+        # Cases an earlier run finished keep their row, from the summary it wrote.
+        earlier = [_earlier_summary(files, target) for files, target in skipped]
+        sources.update((files.case_id, (files, target)) for files, target in skipped)
+        _cohort_index(output, results + earlier, failures, sources, shard)
     return CohortRun(results, [(name, reason) for _, name, reason in failures], cohort,
-                     csv_path, segmenter)
+                     csv_path, segmenter, [files.case_id for files, _ in skipped])
+
+
+def _refuse_existing(output: Path, plan: list, save_raw: bool, uncertainty: bool,
+                     shard: tuple[int, int] | None) -> None:
+    """Raise ``FileExistsError`` if a folder of cases would replace what an earlier run wrote
+    there (a case's outputs, the folder's index or list of failures)."""
+    done = [files.case_id for _, files, target, _ in plan
+            if any(p.exists() for p in _case_outputs(target, save_raw, uncertainty))]
+    suffix = "" if shard is None else f"-shard-{shard[0]}-of-{shard[1]}"
+    kept = [p.name for p in (output / f"index{suffix}.html", output / f"failures{suffix}.csv")
+            if p.exists()]
+    if done or kept:
+        names = ", ".join(done[:5]) + (f" and {len(done) - 5} more" if len(done) > 5 else "")
+        what = (f"{len(done)} of the {len(plan)} cases already have outputs there ({names})"
+                if done else f"an earlier run's {' and '.join(kept)} is there")
+        raise FileExistsError(f"{output}: {what}, and neither replacing nor skipping them "
+                              "was asked for; nothing was written")
+
+
+def _earlier_summary(files: io.CaseFiles, target: Path) -> dict:
+    """The summary an earlier run wrote beside ``target`` (a skipped case), or a stand-in
+    that says it could not be read."""
+    sidecar = target.with_name(label_stem(target) + ".json")
+    try:
+        summary = json.loads(sidecar.read_text())
+        if not isinstance(summary, dict) or not isinstance(summary.get("volumes_ml"), dict):
+            raise ValueError("not the summary segment writes")
+        return {**summary, "case": files.case_id}
+    except (OSError, ValueError) as err:
+        return {"case": files.case_id, "volumes_ml": {},
+                "qc": {"review": True, "why": f"done before; {sidecar.name} unreadable: "
+                                              f"{one_line(err)}"}}
 
 
 def _cohort_index(output: Path, results: list[dict], failures: list,
@@ -868,7 +909,8 @@ def _cohort_index(output: Path, results: list[dict], failures: list,
         volumes, qc = summary["volumes_ml"], summary.get("qc") or {}
         rows.append({
             "case": summary["case"], "review": qc.get("review"), "qc_score": qc.get("score"),
-            "qc_why": qc.get("why"), **{f"{r}_ml": volumes[f"{r}_ml"] for r in ("WT", "TC", "ET")},
+            "qc_why": qc.get("why"),
+            **{f"{r}_ml": volumes.get(f"{r}_ml") for r in ("WT", "TC", "ET")},
             "image": label_stem(target) + "_planes.png",
             "link": f"view/{io.safe_case_id(summary['case'])}/",
             "command": f"tiramisu-brats view {files.images[0].parent} {target}"})
@@ -921,12 +963,15 @@ def _cohort_jobs(
 
 
 def _plan_cases(jobs: list, output: Path, overwrite: bool, skip_existing: bool,
-                save_raw: bool, failed: Callable[[int, str, Exception], None] | None
-                ) -> list[tuple[int, io.CaseFiles, Path, bool]]:
+                save_raw: bool, uncertainty: bool,
+                failed: Callable[[int, str, Exception], None] | None,
+                ) -> tuple[list[tuple[int, io.CaseFiles, Path, bool]],
+                           list[tuple[io.CaseFiles, Path]]]:
     """From file names only, what to do for each case: ``(job number, files, label map,
-    overwrite)``; a case that cannot be done goes to ``failed`` (without it, is raised)."""
+    overwrite)``, and the cases skipped as finished ``(files, label map)``; a case that
+    cannot be done goes to ``failed`` (without it, is raised)."""
     sources: dict[str, Path] = {}
-    plan = []
+    plan, skipped = [], []
     for k, (job, target) in enumerate(jobs):
         name = job.name if isinstance(job, Path) else job.case_id
         try:
@@ -939,7 +984,8 @@ def _plan_cases(jobs: list, output: Path, overwrite: bool, skip_existing: bool,
                 sources[files.case_id] = job
             replace = overwrite
             if skip_existing and target.exists():
-                if _finished(target, save_raw):
+                if _finished(target, save_raw, uncertainty):
+                    skipped.append((files, target))
                     continue
                 replace = True  # a run stopped while writing this case: redo it
             plan.append((k, files, target, replace))
@@ -947,17 +993,21 @@ def _plan_cases(jobs: list, output: Path, overwrite: bool, skip_existing: bool,
             if failed is None:
                 raise
             failed(k, name, err)
-    return plan
+    return plan, skipped
 
 
-def _finished(target: Path, save_raw: bool) -> bool:
-    """Whether an earlier run wrote every output of a case: the JSON summary is written last,
-    so a label map without it is what a killed run left and is redone."""
+def _case_outputs(target: Path, save_raw: bool, uncertainty: bool = False) -> list[Path]:
+    """What ``Segmenter.segment_case`` writes for the label map ``target``."""
     stem = label_stem(target)
-    needed = [target, target.with_name(stem + ".json")]
-    if save_raw:
-        needed.append(target.with_name(stem + "_raw.nii.gz"))
-    return all(p.exists() for p in needed)
+    return [target, target.with_name(stem + ".json"),
+            *([target.with_name(stem + "_raw.nii.gz")] if save_raw else []),
+            *([target.with_name(stem + "_uncertainty.nii.gz")] if uncertainty else [])]
+
+
+def _finished(target: Path, save_raw: bool, uncertainty: bool) -> bool:
+    """Whether an earlier run wrote every output of a case asked for now: the JSON summary is
+    written last, so a label map without it is what a killed run left and is redone."""
+    return all(p.exists() for p in _case_outputs(target, save_raw, uncertainty))
 
 
 def _read_prepared(files: io.CaseFiles, crop: tuple[int, int] = CROP,

@@ -205,9 +205,10 @@ def segment(
     precision: Annotated[str | None, typer.Option(help=(
         "fp32; bf16 (openvino, torch); int8 (openvino, onnxruntime; the weights' int8 "
         "model, else one quantized once with NNCF: needs tiramisu-brats\\[int8]). Default "
-        "with openvino: int8 where the weights' int8 model kept the labels (tiramisu-brats "
-        "quantize) and the CPU has AVX2, AVX512-VNNI or AMX, else bf16 (fp32 on CPUs without "
-        "bf16 arithmetic); fp32 with the others. The JSON says which, and why."),
+        "with openvino: bf16 on CPUs with AMX; else int8 where the weights' int8 model kept "
+        "the labels (tiramisu-brats quantize) and the CPU has AVX2 or AVX512-VNNI; else bf16 "
+        "(fp32 on CPUs without bf16 arithmetic); fp32 with the others. The JSON says which, "
+        "and why."),
         show_default=False)] = None,
     label_convention: Annotated[str, typer.Option(help=(
         "brats: 0/1/2/4 (2017-2021); brats2023: 0/1/2/3."))] = "brats",
@@ -241,7 +242,8 @@ def segment(
         "tumor, voxel by voxel (float32; needs --mode accurate)."))] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
     skip_existing: Annotated[bool, typer.Option(help=(
-        "In a folder of cases, skip cases whose output exists."))] = False,
+        "Leave cases whose outputs an earlier run finished as they are (in a folder of "
+        "cases, the others are segmented)."))] = False,
     batch_size: Annotated[int | None, typer.Option(min=1, help=(
         "Slices per batch; default: the backend's (openvino 1, onnxruntime 4, torch 8)."))] = None,
     threads: Annotated[int | None, typer.Option(min=1, help="CPU threads.")] = None,
@@ -253,7 +255,8 @@ def segment(
     """Segment a case (or a folder of cases) into a tumor label map NIfTI."""
     from tiramisu_brats import api
 
-    with user_errors(), progress_bar(progress) as bar:
+    with user_errors("pass --overwrite to replace, or --skip-existing to leave finished cases "
+                     "as they are"), progress_bar(progress) as bar:
         run = api.segment_cohort(
             input, output, t1=t1, t1ce=t1ce, t2=t2, flair=flair, model=model, backend=backend,
             precision=precision, mode=mode, resample=resample, postprocess=postprocess,
@@ -266,12 +269,16 @@ def segment(
         console.print(_timing_table(run.results))
     review = [r["case"] for r in run.results if r.get("qc", {}).get("review")]
     if run.cohort:
-        console.print(f"{len(run.results)} segmented, {len(run.failures)} failed"
+        skipped = f"{len(run.skipped)} skipped (done before), " if run.skipped else ""
+        console.print(f"{len(run.results)} segmented, {skipped}{len(run.failures)} failed"
                       + (f"; {len(review)} to review (QC): {', '.join(review[:10])}"
                          f"{' ...' if len(review) > 10 else ''}" if review else ""),
                       highlight=False)
     elif run.results and "qc" in run.results[0]:
         console.print(_qc_line(run.results[0]["qc"]), highlight=False)
+    elif run.skipped:
+        console.print(f"{output}: left as it was (an earlier run finished {run.skipped[0]})",
+                      highlight=False)
     if run.failures_csv is not None:
         console.print(f"failed cases and reasons: {run.failures_csv}", highlight=False)
         raise typer.Exit(1)
@@ -383,7 +390,8 @@ def quantize(
     """Make the int8 model of the weights (OpenVINO, NNCF with accuracy control; replaces an
     earlier int8 model of the same weights) and check it on every labelled case: where no
     case's Dice moves by more than the tolerance, segment uses it by default on CPUs with
-    AVX2, AVX512-VNNI or AMX. Needs tiramisu-brats\\[int8]; 40 to 70 min on 2 cores."""
+    AVX2 or AVX512-VNNI and without AMX (where bf16 is faster). Needs tiramisu-brats\\[int8];
+    40 to 70 min on 2 cores."""
     from tiramisu_brats.api import quantize_int8
 
     held = [c for c in (holdout or "").split(",") if c]
@@ -401,7 +409,7 @@ def quantize(
                       f"{row['change']:.4f}")
     out.print(table)
     check = result["check"]
-    verdict = ("keeps the labels: the default on CPUs with AVX2, AVX512-VNNI or AMX"
+    verdict = ("keeps the labels: the default on CPUs with AVX2 or AVX512-VNNI, without AMX"
                if check["kept"] else "does not keep the labels: not the default "
                "(--precision int8 still runs it)")
     out.print(f"int8 model {result['path']}: largest change {check['largest_change']:.4f} on "
