@@ -359,6 +359,47 @@ def test_evaluate_says_in_metrics_csv_whether_the_affines_match(tmp_path, caplog
         assert [r["affine_matches"] for r in csv.DictReader(f)] == ["True", "False"]
 
 
+def test_evaluate_pairs_a_file_with_a_case_and_warns_of_mismatches(tmp_path, caplog):
+    import logging
+
+    import nibabel as nib
+
+    from tiramisu_brats.synthetic import write_case
+
+    case = make_case(3, shape=(24, 24, 24), case_id="c0")
+    folder = write_case(case, tmp_path / "cases")  # images and the expert's c0_seg
+    affine = nib.load(next(folder.glob("*_seg.nii.gz"))).affine
+    pred = tmp_path / "out.nii.gz"
+    nib.save(nib.Nifti1Image(case.labels, affine), pred)
+    with caplog.at_level(logging.WARNING, logger="tiramisu_brats"):
+        rows = api.evaluate(pred, folder)  # a file against a case folder: paired
+    assert [(r["case"], r["dice_WT"]) for r in rows] == [("out", 1.0)]
+    assert not caplog.text
+    # The JSON that segment wrote beside it says it came from another case.
+    (tmp_path / "out.json").write_text(json.dumps({"case": "c9"}))
+    with caplog.at_level(logging.WARNING, logger="tiramisu_brats"):
+        api.evaluate(pred, folder)
+    assert "segmented from case c9 (its JSON summary), scored against the reference of c0" in (
+        caplog.text)
+    # Predictions without a reference are named, twelve of them shortened.
+    preds = tmp_path / "preds"
+    preds.mkdir()
+    for name in ["c0"] + [f"x{i:02d}" for i in range(12)]:
+        nib.save(nib.Nifti1Image(case.labels, affine), preds / f"{name}.nii.gz")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tiramisu_brats"):
+        assert [r["case"] for r in api.evaluate(preds, tmp_path / "cases")] == ["c0"]
+    assert "12 prediction(s) have no reference, not scored: x00, x01" in caplog.text
+    assert "x09 and 2 more" in caplog.text
+    # The arguments swapped: the experts' maps given as predictions.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tiramisu_brats"):
+        api.evaluate(tmp_path / "cases", preds)
+    assert "the predictions are experts' segmentations of case folders" in caplog.text
+    with pytest.raises(io.InputError, match="the prediction and the reference are the same"):
+        api.evaluate(folder, folder)
+
+
 def test_quality_score_from_the_spread_inside_the_tumor():
     labels = np.zeros((10, 10, 10), np.uint8)
     labels[2:6, 2:6, 2:6] = 2

@@ -874,8 +874,8 @@ def _refuse_existing(output: Path, plan: list, save_raw: bool, uncertainty: bool
     kept = [p.name for p in (output / f"index{suffix}.html", output / f"failures{suffix}.csv")
             if p.exists()]
     if done or kept:
-        names = ", ".join(done[:5]) + (f" and {len(done) - 5} more" if len(done) > 5 else "")
-        what = (f"{len(done)} of the {len(plan)} cases already have outputs there ({names})"
+        what = (f"{len(done)} of the {len(plan)} cases already have outputs there "
+                f"({_some(done, 5)})"
                 if done else f"an earlier run's {' and '.join(kept)} is there")
         raise FileExistsError(f"{output}: {what}, and neither replacing nor skipping them "
                               "was asked for; nothing was written")
@@ -1091,17 +1091,30 @@ def evaluate(
     from tiramisu_brats import metrics, report
 
     preds, refs = find_label_maps(pred), find_label_maps(ref)
-    if len(preds) == 1 and len(refs) == 1 and Path(pred).is_file() and Path(ref).is_file():
-        (p,), (r,) = preds.values(), refs.values()
-        preds = {p.case_id: p}
+    ref_ids = {case_id: case_id for case_id in refs}
+    if Path(pred).is_file() and len(refs) == 1:  # one file against one case: paired whatever
+        (p,), (r,) = preds.values(), refs.values()  # their names
         refs = {p.case_id: LabelSource(p.case_id, r.path, images=r.images)}
+        ref_ids = {p.case_id: r.case_id}
     common = sorted(set(preds) & set(refs))
     if not common:
         raise io.InputError(f"{pred}: no case matches a reference in {ref} "
                             f"(predictions: {sorted(preds)[:5]}, references: {sorted(refs)[:5]})")
-    missing = sorted(set(refs) - set(preds))
-    if missing:
-        log.warning("%d reference case(s) have no prediction: %s", len(missing), missing[:10])
+    for unmatched, what in ((set(refs) - set(preds), "reference case(s) have no prediction"),
+                            (set(preds) - set(refs), "prediction(s) have no reference")):
+        if unmatched:
+            log.warning("%d %s, not scored: %s", len(unmatched), what, _some(sorted(unmatched)))
+    if all(preds[c].images is not None for c in common):
+        log.warning("%s: the predictions are experts' segmentations of case folders (the "
+                    "predicted label maps come first, the references second)", pred)
+    for case_id in common:
+        p, r = preds[case_id], refs[case_id]
+        if p.path.resolve() == r.path.resolve():
+            raise io.InputError(f"{p.path}: the prediction and the reference are the same file")
+        made = _segmented_case(p.path)
+        if made is not None and made != ref_ids[case_id]:
+            log.warning("%s: segmented from case %s (its JSON summary), scored against the "
+                        "reference of %s (%s)", p.path, made, ref_ids[case_id], r.path)
     if report_dir is not None:
         report_dir = Path(report_dir)
         _check_report_dir(report_dir, overwrite, [Path(pred), Path(ref)])
@@ -1150,6 +1163,22 @@ def evaluate(
                             f"tiramisu-brats evaluate: {Path(pred).name} against "
                             f"{Path(ref).name}")
     return rows
+
+
+def _some(names: list[str], shown: int = 10) -> str:
+    """The first ``shown`` names, and how many more there are."""
+    more = len(names) - shown
+    return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
+
+
+def _segmented_case(label_map: Path) -> str | None:
+    """The case ``segment`` made ``label_map`` from, by the JSON summary beside it, if any."""
+    try:
+        case = json.loads(label_map.with_name(label_stem(label_map) + ".json").read_text())
+    except (OSError, ValueError):
+        return None
+    return case.get("case") if isinstance(case, dict) and isinstance(case.get("case"), str) \
+        else None
 
 
 def _report_row(row: dict, pred: LabelSource, ref: LabelSource, report_dir: Path) -> dict:
