@@ -105,7 +105,9 @@ def read_case(
 class Segmentation:
     """``labels`` (X, Y, Z) uint8 0/1/2/4 after postprocessing (or raw when it was off),
     ``raw`` before postprocessing (0 in slices that ``tumor_slices`` left out), seconds per
-    stage, and ``slices``: how many axial slices hold brain and how many of them were run.
+    stage, and ``slices``: how many slices hold brain and how many of them were run (one
+    view: its axial slices; several: summed over the views, each counting its plane's brain
+    slices, so that ``run / brain`` is the share of the views' work done).
     ``qc``: the quality score, with several views (``--mode accurate``) from how they
     disagree (``quality``), with one from the network's confidence (``confidence``); with
     several views ``uncertainty`` (X, Y, Z) float32, the standard deviation of the whole
