@@ -382,6 +382,9 @@ EVAL_BAD = {
     "non-integer label in reference": (
         lambda ref, pred: _label_map(ref, (2, 1.5), np.float32),
         "ref", r"unexpected label values \[1\.5\] .*"),
+    "an image given as the reference (values above 4 and above 255)": (
+        lambda ref, pred: _label_map(ref, (2, 7, 300, 6), np.int16),
+        "ref", r"unexpected label values \[6, 7, 300\] .*"),
     "negative label in reference": (
         lambda ref, pred: _label_map(ref, (2, -1), np.int16),
         "ref", r"unexpected label values \[-1\] .*"),

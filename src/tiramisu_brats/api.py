@@ -808,7 +808,7 @@ def segment_cohort(
     """
     if convention not in io.LABEL_CONVENTIONS:
         raise ValueError(f"unknown label convention {convention!r} (use one of "
-                         f"{io.LABEL_CONVENTIONS})")
+                         f"{', '.join(io.LABEL_CONVENTIONS)})")
     output = Path(output)
     jobs, cohort = _cohort_jobs(input, output, (t1, t1ce, t2, flair), shard)
     emit = on_event or (lambda kind, case_id, value: None)

@@ -506,10 +506,12 @@ def read_label_map(
     """
     path = Path(path)
     img, shape = _open_volume(path)
-    labels, lost = _as_uint8(_read_voxels(img, path).reshape(shape))
+    data = _read_voxels(img, path).reshape(shape)
+    labels, lost = _as_uint8(data)
     present = np.flatnonzero(np.bincount(labels.ravel(), minlength=256))
-    unexpected = lost if lost.size else present[present > 4]
-    if unexpected.size:
+    if lost.size or (present > 4).any():  # both kinds: an image given for a label map has both
+        kept = (labels > 4) & (labels == data)
+        unexpected = sorted({*lost.tolist(), *np.unique(labels[kept]).tolist()})
         raise InputError(
             f"{path}: unexpected label values {_values_text(unexpected)} "
             "(expected 0/1/2/4, or 0/1/2/3 in BraTS 2023 numbering)"
@@ -538,7 +540,8 @@ def _remap(labels: np.ndarray, mapping: dict[int, int]) -> np.ndarray:
 def _check_convention(convention: str) -> None:
     if convention not in LABEL_CONVENTIONS:
         raise ValueError(
-            f"unknown label convention {convention!r} (use one of {LABEL_CONVENTIONS})"
+            f"unknown label convention {convention!r} (use one of "
+            f"{', '.join(LABEL_CONVENTIONS)})"
         )
 
 
