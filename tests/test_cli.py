@@ -258,6 +258,22 @@ def test_demo_runs_the_whole_job(tiny_weights, tmp_path):
     assert run("demo", "-o", demo, "--model", tiny_weights, "--no-progress").exit_code == 2
 
 
+def test_demo_refuses_a_folder_of_cases_or_a_file_for_output_before_writing(
+        small_cases, tiny_weights, tmp_path):
+    out = tmp_path / "demo"
+    result = run("demo", "-o", out, "--case", small_cases, "--model", tiny_weights,
+                 "--no-progress")
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and f"{small_cases}: a folder of cases" in said
+    assert not out.exists()  # nothing left behind
+    result = run("demo", "-o", out, "--case", tmp_path / "nowhere", "--no-progress")
+    assert result.exit_code == 2 and not out.exists()
+    (tmp_path / "file").write_text("x")
+    result = run("demo", "-o", tmp_path / "file", "--no-progress")
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and "file: not a folder (the demo writes a folder)" in said
+
+
 @pytest.mark.slow
 def test_demo_save_raw_adds_the_map_before_postprocessing(tiny_weights, tmp_path):
     result = run("demo", "-o", tmp_path, "--model", tiny_weights, "--backend", "torch",

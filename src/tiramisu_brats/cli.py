@@ -343,6 +343,13 @@ def demo(
 
     start = time.perf_counter()
     with user_errors("give another -o, or pass --overwrite to replace it"):
+        if output.exists() and not output.is_dir():
+            raise io.InputError(f"{output}: not a folder (the demo writes a folder)")
+        if case is not None:  # checked before anything is written
+            if case.is_dir() and not io.is_case_folder(case) and io.find_cases(case):
+                raise io.InputError(f"{case}: a folder of cases; the demo runs one case "
+                                    "(segment runs a folder)")
+            files = io.find_case_files(case)
         if output.exists() and any(output.iterdir()) and not overwrite:
             raise FileExistsError(f"{output}: not empty")
         output.mkdir(parents=True, exist_ok=True)
@@ -350,7 +357,7 @@ def demo(
             synthetic = make_case(seed=seed, case_id=f"synthetic-{seed:03d}")
             case = write_case(synthetic, output / "input")
             console.print(f"synthetic case written to {case}", highlight=False)
-        files = io.find_case_files(case)
+            files = io.find_case_files(case)
         label_path = output / f"{io.safe_case_id(files.case_id)}.nii.gz"
         with progress_bar(progress) as bar:
             summary, = segment_cohort(case, label_path, model=model, backend=backend,
