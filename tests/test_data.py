@@ -61,21 +61,49 @@ def test_several_data_folders_and_a_case_in_two_of_them(small_cases, tmp_path):
         data.build_cache([small_cases, other], tmp_path / "cache2", crop=(64, 64))
 
 
+def test_cases_are_found_by_their_names_and_an_unlabelled_one_writes_no_cache(tmp_path):
+    from tiramisu_brats.synthetic import make_case, write_case
+
+    root = tmp_path / "cases"
+    for i in (0, 1):
+        write_case(make_case(i, shape=(24, 24, 24), case_id=f"c{i}"), root)
+    (root / "c0" / "c0_t1.nii.gz").write_bytes(b"not read")  # the names are enough
+    assert data.find_training_cases(root) == {"c0": root / "c0", "c1": root / "c1"}
+    write_case(make_case(2, shape=(24, 24, 24), case_id="c2"), root, with_seg=False)
+    with pytest.raises(io.InputError, match=r"c2: no segmentation \(_seg\) for training"):
+        data.build_cache(root, tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
+
+
 def test_kfold_partitions_the_cases():
     ids = [f"c{i}" for i in range(17)]
     folds = [data.kfold(ids, i, 5) for i in range(5)]
     assert sorted(i for f in folds for i in f) == sorted(ids)
     assert [len(f) for f in folds] == [4, 4, 3, 3, 3]
-    with pytest.raises(ValueError, match="impossible"):
-        data.kfold(ids, 5, 5)
+    # The index counts from 0, whatever the number of cases.
+    with pytest.raises(ValueError, match=r"^fold 5 of 5: the fold index counts from 0, so it "
+                                         r"must be below 5$"):
+        data.kfold(ids[:2], 5, 5)
+    with pytest.raises(ValueError, match=r"fold -1 of 5: .* so it must be 0 or more$"):
+        data.kfold(ids, -1, 5)
+    with pytest.raises(ValueError, match=r"^fold 0 of 1: a k-fold split needs at least 2 folds"):
+        data.kfold(ids, 0, 1)
+    with pytest.raises(ValueError, match=r"^fold 0 of 18: a 18-fold split needs at least 18 "
+                                         r"cases, found 17$"):
+        data.kfold(ids, 0, 18)
 
 
 def test_split_is_by_case():
     train, val = data.split_cases(["a", "b", "c", "d"], val_fraction=0.25, seed=1)
     assert len(val) == 1 and set(train) | set(val) == {"a", "b", "c", "d"}
     assert data.split_cases(["a", "b"], val_cases=["b"]) == (["a"], ["b"])
-    with pytest.raises(ValueError, match="not found"):
+    assert data.split_cases(["a", "b", "c"], val_cases=["b", "b"]) == (["a", "c"], ["b"])
+    with pytest.raises(ValueError, match=r"^validation cases not among the 2 cases found: zz "
+                                         r"\(known: a, b\)$"):
         data.split_cases(["a", "b"], val_cases=["zz"])
+    ids = [f"c{i}" for i in range(7)]
+    with pytest.raises(ValueError, match=r"found: x, y \(known: c0, c1, c2, c3, c4, \.\.\.\)$"):
+        data.split_cases(ids, val_cases=["y", "c1", "x"])
 
 
 def test_sampler_centres_patches_on_tumor(small_cases, tmp_path):

@@ -271,3 +271,69 @@ def test_distillation_adds_the_teachers_divergence_and_records_them(cache, tmp_p
         _config(distill=1.0)
     with pytest.raises(ValueError, match="distill must be > 0 with teachers"):
         _config(teachers=[str(teacher)])
+
+
+def test_a_refused_run_is_refused_before_caching_and_writes_nothing(small_cases, tmp_path,
+                                                                     tiny_weights):
+    from tiramisu_brats import io
+    from tiramisu_brats.train import run_from_folders
+
+    not_weights = tmp_path / "notes.safetensors"
+    not_weights.write_text("not weights")
+    refused = [
+        (dict(fold=(5, 5)), ValueError,
+         r"^fold 5 of 5: the fold index counts from 0, so it must be below 5$"),
+        (dict(fold=(0, 4)), ValueError,
+         r"^fold 0 of 4: a 4-fold split needs at least 4 cases, found 3$"),
+        (dict(val_cases=["NOPE", "syn-1"]), ValueError,
+         r"^validation cases not among the 3 cases found: NOPE \(known: syn-0, syn-1, syn-2\)$"),
+        (dict(val_cases=["syn-0", "syn-1", "syn-2"]), ValueError,
+         "^no training cases left after the validation split$"),
+        (dict(init=tmp_path / "nonexistent"), FileNotFoundError,
+         "nonexistent: weights to start from not found$"),
+        (dict(init=not_weights), ValueError, "notes.safetensors: not a tiramisu-brats weights"),
+        (dict(init=tiny_weights, model=dataclasses.replace(TINY, growth_rate=2)), ValueError,
+         "tiny.safetensors: a model of another configuration"),
+    ]
+    for k, (arguments, error, message) in enumerate(refused):
+        run = tmp_path / f"run{k}"
+        with pytest.raises(error, match=message):
+            run_from_folders(small_cases, run, **{"model": TINY, "patch": (32, 32),
+                                                  **arguments})
+        assert not run.exists(), arguments
+    # a run already there (no resume), or a resumed one whose cases are not in the data: the
+    # run folder is left as it was, with no cache
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "checkpoint.safetensors").write_bytes(b"")
+    with pytest.raises(FileExistsError, match="existing holds a run already"):
+        run_from_folders(small_cases, existing, model=TINY, patch=(32, 32))
+    assert [p.name for p in existing.iterdir()] == ["checkpoint.safetensors"]
+    (existing / "train_config.json").write_text(
+        _config(train_cases=("syn-0", "syn-1"), val_cases=("syn-7",)).to_json())
+    with pytest.raises(io.InputError, match=r"existing: the run's cases syn-7 are not in the "
+                                            r"data$"):
+        run_from_folders(small_cases, existing, resume=True)
+    assert not (existing / "cache").exists()
+
+
+def test_a_run_from_folders_validates_on_the_fold_asked_for(small_cases, tmp_path,
+                                                            tiny_weights):
+    from tiramisu_brats.export import file_sha256
+    from tiramisu_brats.train import run_from_folders
+
+    class Started(Exception):
+        pass
+
+    def stop(run):
+        raise Started(run)
+
+    with pytest.raises(Started) as started:
+        run_from_folders(small_cases, tmp_path / "run", fold=(1, 3), init=tiny_weights,
+                         on_start=stop, model=TINY, patch=(32, 32), seed=3)
+    run = started.value.args[0]
+    assert (run.config.val_cases, run.config.train_cases) == (("syn-1",), ("syn-0", "syn-2"))
+    assert [c.case_id for c in run.val_set] == ["syn-1"]
+    assert run.config.init_sha256 == file_sha256(tiny_weights)
+    assert data.is_cache(tmp_path / "run" / "cache")
+    assert len(data.open_cache(tmp_path / "run" / "cache")) == 9  # 3 cases, 3 planes

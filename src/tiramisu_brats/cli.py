@@ -502,7 +502,8 @@ def train(
     growth_rate: Annotated[int, typer.Option(help="8: reference; 16: FC-DenseNet103.")] = 8,
     val_cases: Annotated[str | None, typer.Option(help="Comma-separated case ids.")] = None,
     val_fraction: Annotated[float, typer.Option(min=0, max=0.9)] = 0.0,
-    fold: Annotated[str | None, typer.Option(help="I/K: validate on fold I of K.")] = None,
+    fold: Annotated[str | None, typer.Option(help=(
+        "I/K: validate on fold I of K, I counting from 0 (0 to K-1), e.g. 0/5."))] = None,
     seed: Annotated[int, typer.Option()] = 0,
     planes: Annotated[str, typer.Option(help=(
         "Comma-separated planes the slices are drawn from: axial (the reference), coronal, "

@@ -153,19 +153,24 @@ def build_cache(
 ) -> list[CachedCase]:
     """Cache every labelled case below the folder(s) ``data_dirs`` (any layout ``io`` reads),
     in every plane of ``planes``; one ``CachedCase`` per case and plane, by case id."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
     folders = list(find_training_cases(data_dirs).values())
+    cache_dir.mkdir(parents=True, exist_ok=True)  # after the cases were found: none, no folder
     return [c for f in progress(folders)
             for c in cache_case(io.find_case_files(f), cache_dir, crop, planes)]
 
 
 def find_training_cases(data_dirs: Path | Sequence[Path]) -> dict[str, Path]:
-    """The case folders below one or several data folders, by case id (in id order); a case
-    id found twice is an error (the same case would fall on both sides of a split)."""
+    """The labelled case folders below one or several data folders, by case id (in id order),
+    from the files' names alone (no image is read). A case without segmentation, or whose id
+    is no file name, is an error, as is a case id found twice (the same case would fall on
+    both sides of a split)."""
     dirs = [Path(data_dirs)] if isinstance(data_dirs, (str, Path)) else [Path(d) for d in data_dirs]
     seen: dict[str, Path] = {}
     for f in (f for d in dirs for f in io.find_cases(d)):
-        case_id = io.find_case_files(f).case_id
+        files = io.find_case_files(f)
+        if files.seg is None:
+            raise io.InputError(f"{f}: no segmentation (_seg) for training")
+        case_id = io.safe_case_id(files.case_id)
         if case_id in seen:
             raise io.InputError(f"case {case_id} is in both {seen[case_id]} and {f}")
         seen[case_id] = f
@@ -192,8 +197,10 @@ def split_cases(
     if val_cases:
         unknown = sorted(set(val_cases) - set(ids))
         if unknown:
-            raise ValueError(f"validation cases not found in the data: {unknown}")
-        val = sorted(val_cases)
+            raise ValueError(
+                f"validation cases not among the {len(ids)} cases found: {', '.join(unknown)} "
+                f"(known: {', '.join(ids[:5])}{', ...' if len(ids) > 5 else ''})")
+        val = sorted(set(val_cases))
     else:
         n_val = round(len(ids) * val_fraction)
         if val_fraction > 0:
@@ -207,8 +214,15 @@ def split_cases(
 
 def kfold(case_ids: Sequence[str], fold: int, folds: int, seed: int = 0) -> list[str]:
     """The validation cases of ``fold`` (0-based) in a ``folds``-fold split by case."""
-    if not 0 <= fold < folds <= len(case_ids):
-        raise ValueError(f"fold {fold} of {folds} is impossible with {len(case_ids)} cases")
+    if folds < 2:  # one fold would validate on every case and train on none
+        raise ValueError(f"fold {fold} of {folds}: a k-fold split needs at least 2 folds (one "
+                         "validates, the others train)")
+    if not 0 <= fold < folds:
+        raise ValueError(f"fold {fold} of {folds}: the fold index counts from 0, so it must be "
+                         + (f"below {folds}" if fold >= 0 else "0 or more"))
+    if folds > len(case_ids):
+        raise ValueError(f"fold {fold} of {folds}: a {folds}-fold split needs at least {folds} "
+                         f"cases, found {len(case_ids)}")
     order = np.random.default_rng(seed).permutation(sorted(case_ids))
     return sorted(order[fold::folds].tolist())
 

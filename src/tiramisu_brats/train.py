@@ -389,6 +389,14 @@ def _broadcast_float(value: float, device: torch.device) -> float:
     return tensor.item()
 
 
+def _check_micro_batches(config: TrainConfig, world: World) -> None:
+    """Refuse a batch that the processes of ``world`` cannot share out."""
+    if config.micro_batches % world.size:
+        raise ValueError(f"micro_batches {config.micro_batches} must be a multiple of the "
+                         f"number of processes, {world.size}: each runs micro_batches / "
+                         f"{world.size} micro-batches of every batch")
+
+
 def _same_everywhere(text: str) -> None:
     """Refuse to start when the processes were given different recipes (they would hang or
     silently train different things)."""
@@ -547,16 +555,24 @@ def _load_init(model: Tiramisu, config: TrainConfig) -> None:
     from tiramisu_brats.model import load_model
 
     path = Path(config.init)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: weights to start from not found")
+    _check_init(path, config.model)
     if config.init_sha256 and file_sha256(path) != config.init_sha256:
         raise ValueError(f"{path}: not the weights this run started from (sha256 differs)")
-    source = load_model(path)
-    if source.config != config.model:
-        raise ValueError(f"{path}: a model of another configuration ({source.config}) than "
-                         f"this run's ({config.model})")
-    model.load_state_dict(source.state_dict())
+    model.load_state_dict(load_model(path).state_dict())
     log.info("starting from %s", path)
+
+
+def _check_init(path: Path, model: TiramisuConfig) -> None:
+    """Refuse weights to start from that are missing, not weights, or of another model than
+    ``model`` (from the file's header: no tensor is read)."""
+    from tiramisu_brats.model import read_config
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: weights to start from not found")
+    source, _ = read_config(path)
+    if source != model:
+        raise ValueError(f"{path}: a model of another configuration ({source}) than "
+                         f"this run's ({model})")
 
 
 def _load_teachers(config: TrainConfig, device: torch.device, channels_last: bool
@@ -599,10 +615,15 @@ def _open_run(run_dir: Path, resume: bool, model, optimizer, rng, gen, rank: int
         if rank == 0:
             log.info("resumed %s at epoch %d", run_dir, len(rows))
         return rows, best
-    if ckpt.exists():
+    _check_new_run_dir(run_dir)
+    return [], -1.0
+
+
+def _check_new_run_dir(run_dir: Path) -> None:
+    """Refuse to start a new run in a folder that holds one."""
+    if (run_dir / "checkpoint.safetensors").exists():
         raise FileExistsError(
             f"{run_dir} holds a run already (and resuming it was not asked for)")
-    return [], -1.0
 
 
 @dataclass
@@ -662,10 +683,7 @@ def _setup(train_cases, val_cases, run_dir: Path, config: TrainConfig, resume: b
            device: torch.device, world: World) -> _Run:
     """Check the job, build the model, optimizer and sampler, and open the run folder (a new
     run, or the state of the last complete epoch when resuming)."""
-    if config.micro_batches % world.size:
-        raise ValueError(f"micro_batches {config.micro_batches} must be a multiple of the "
-                         f"number of processes, {world.size}: each runs micro_batches / "
-                         f"{world.size} micro-batches of every batch")
+    _check_micro_batches(config, world)
     if world.size > 1:
         _same_everywhere("|".join([config.to_json(), *(c.case_id for c in train_cases), "",
                                    *(c.case_id for c in val_cases)]))
@@ -888,9 +906,11 @@ def run_from_folders(
     into the run folder ``output``; returns the run with its log rows.
 
     Case folders are cached first (``data.build_cache``, every plane) into ``cache`` (default
-    ``output/cache``; reused across runs). Validated on: fold ``fold = (i, k)`` of a k-fold
-    split by case (``data.kfold``), else the cases ``val_cases``, else a random
-    ``val_fraction`` of them (``data.split_cases``; seeded by the recipe's ``seed``).
+    ``output/cache``; reused across runs). What the arguments and the case folders' names tell
+    (the split, ``init``, a run already in ``output``, ...) is checked before: a refused run
+    writes nothing. Validated on: fold ``fold = (i, k)`` (``i`` from 0) of a k-fold split by
+    case (``data.kfold``), else the cases ``val_cases``, else a random ``val_fraction`` of
+    them (``data.split_cases``; seeded by the recipe's ``seed``).
     ``init``: weights to start from (fine-tuning), recorded with their sha256 (as are the
     recipe's ``teachers``). ``recipe``: the other fields of ``TrainConfig`` (``epochs``,
     ``batch_size``, ``model``, ``planes``, ...);
@@ -920,16 +940,24 @@ def run_from_folders(
                 config = resumed_config(config, recipe)
             except ValueError as err:
                 raise io.InputError(f"{output}: {err}") from None
-        if len(dirs) == 1 and tdata.is_cache(dirs[0]):
-            cases = tdata.open_cache(dirs[0])
+        cached = len(dirs) == 1 and tdata.is_cache(dirs[0])
+        cases = tdata.open_cache(dirs[0]) if cached else []
+        ids = (sorted({c.case_id for c in cases}) if cached
+               else list(tdata.find_training_cases(dirs)))  # names only: no image read
+        if config is None:
+            _check_new_run_dir(output)
+            config = _new_config(ids, world, fold, val_cases, val_fraction, init, recipe)
         else:
+            missing = sorted({*config.train_cases, *config.val_cases} - set(ids))
+            if missing:
+                raise io.InputError(f"{output}: the run's cases {', '.join(missing[:5])}"
+                                    f"{', ...' if len(missing) > 5 else ''} are not in the data")
+        _check_micro_batches(config, world)
+        if not cached:
             cache_dir = Path(cache) if cache is not None else output / "cache"
             progress = on_cache if on_cache is not None and world.main else iter
             cases = in_turn(lambda: tdata.build_cache(dirs, cache_dir, progress=progress),
                             device)  # rank 0 writes, the others read
-        if config is None:
-            config = _new_config(sorted({c.case_id for c in cases}), world, fold, val_cases,
-                                 val_fraction, init, recipe)
         run = FolderRun(config, world, tdata.select(cases, config.train_cases, config.planes),
                         tdata.select(cases, config.val_cases))
         if on_start is not None and world.main:
@@ -976,31 +1004,28 @@ def resumed_config(stored: TrainConfig, recipe: dict) -> TrainConfig:
 def _new_config(ids: list[str], world: World, fold: tuple[int, int] | None,
                 val_cases: Sequence[str], val_fraction: float, init, recipe: dict
                 ) -> TrainConfig:
-    """The config of a new run on the cases ``ids`` (see ``run_from_folders``)."""
+    """The config of a new run on the cases ``ids`` (see ``run_from_folders``); refused when
+    the split, ``init`` or a teacher does not fit."""
+    from tiramisu_brats.export import file_sha256
+
     seed = recipe.get("seed", 0)
     if fold is not None:
         val = tdata.kfold(ids, fold[0], fold[1], seed)
     else:
         _, val = tdata.split_cases(ids, list(val_cases), val_fraction, seed)
-    init_sha = ""
-    if init is not None:
-        from tiramisu_brats.export import file_sha256
-
-        if not Path(init).is_file():
-            raise io.InputError(f"{init}: weights to start from not found")
-        init_sha = file_sha256(Path(init))
     recipe = {**recipe, "micro_batches": recipe.get("micro_batches") or world.size}
     for name in ("patch", "planes"):
         if name in recipe:
             recipe[name] = tuple(recipe[name])
     if recipe.get("teachers"):
-        from tiramisu_brats.export import file_sha256
-
         recipe["teachers"] = tuple(str(t) for t in recipe["teachers"])
         missing = [t for t in recipe["teachers"] if not Path(t).is_file()]
         if missing:
             raise io.InputError(f"{', '.join(missing)}: teacher weights not found")
         recipe["teachers_sha256"] = tuple(file_sha256(Path(t)) for t in recipe["teachers"])
-    return TrainConfig(**recipe, val_cases=tuple(val),
-                       train_cases=tuple(i for i in ids if i not in val),
-                       init=str(init) if init is not None else "", init_sha256=init_sha)
+    config = TrainConfig(**recipe, val_cases=tuple(val),
+                         train_cases=tuple(i for i in ids if i not in val))
+    if init is None:
+        return config
+    _check_init(Path(init), config.model)
+    return dataclasses.replace(config, init=str(init), init_sha256=file_sha256(Path(init)))
