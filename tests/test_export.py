@@ -5,11 +5,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import types
 
 import numpy as np
 import pytest
 
-from tiramisu_brats import export, infer
+from tiramisu_brats import export, infer, io
 
 pytestmark = pytest.mark.usefixtures("user_cache")
 needs_nncf = pytest.mark.skipif(importlib.util.find_spec("nncf") is None,
@@ -201,3 +202,75 @@ def test_the_shipped_int8_model_belongs_to_the_shipped_weights_and_kept_their_la
     assert path.with_suffix(".bin").is_file()
     assert check["cases"] == 27 and check["largest_change"] <= check["tolerance"] == 0.01
     assert export.recorded(path)["calibration"].startswith("cases:20:")
+
+
+class _FakeNNCF:
+    """Enough of ``nncf`` to reach what ``export`` gives it, with no quantization done."""
+
+    DropType = types.SimpleNamespace(ABSOLUTE="absolute")
+    Dataset = staticmethod(list)
+    quantize = staticmethod(lambda model, *args, **kwargs: model)
+
+    def __init__(self):
+        self.validation_fn = None
+
+    def quantize_with_accuracy_control(self, model, *args, validation_fn, **kwargs):
+        self.validation_fn = validation_fn
+        return model
+
+
+class _Labels:
+    """A compiled model whose logits give ``labels`` (BraTS labels of one slice)."""
+
+    def __init__(self, labels: np.ndarray):
+        classes = io.LABEL_TO_CLASS[labels]
+        self.logits = np.stack([(classes == k) * 10.0 for k in range(4)])[None]
+
+    def create_infer_request(self):
+        return types.SimpleNamespace(infer=lambda inputs: [self.logits])
+
+
+def test_accuracy_control_scores_a_region_empty_in_both_label_maps_as_agreeing(tiny):
+    import openvino as ov
+
+    nncf = _FakeNNCF()
+    validation = np.zeros((1, 4, 16, 16), np.float32)
+    export._quantize_keeping_labels(nncf, ov.Core().read_model(tiny.with_suffix(".onnx")),
+                                    [], validation, 0.001)
+    fp32 = np.zeros((16, 16), np.uint8)
+    fp32[4:12, 4:12] = 2  # edema only: TC and ET empty
+    false_et = fp32.copy()
+    false_et[5, 5] = 4  # int8 adds enhancing tumor (and so tumor core)
+    samples = [(validation[:1], fp32)]
+    assert nncf.validation_fn(_Labels(fp32), samples) == (1.0, [1.0])
+    pooled, each = nncf.validation_fn(_Labels(false_et), samples)
+    wt = 2 * 64 / 128  # whole tumor unchanged; TC and ET: 0 of 1 voxel
+    assert pooled == pytest.approx(wt / 3) and each == [pytest.approx(wt / 3)]
+
+
+@pytest.mark.parametrize("suffix", [".int8.xml", ".int8.onnx"])
+def test_a_crash_while_replacing_an_int8_model_leaves_no_record_naming_it_checked(
+        tmp_path, tiny, monkeypatch, suffix):
+    if suffix == ".int8.onnx":
+        pytest.importorskip("onnx")
+    weights = shutil.copy(tiny, tmp_path / "tiny.safetensors")
+    source = shutil.copy(tiny.with_suffix(".onnx"), tmp_path / "tiny.onnx")
+    shutil.copy(export.sidecar(tiny.with_suffix(".onnx")), export.sidecar(source))
+    path = tmp_path / f"tiny{suffix}"
+    path.write_text("old")
+    path.with_suffix(".bin").write_text("old")
+    export._record(path, weights_sha256=export.file_sha256(weights), calibration="old",
+                   labels_check={"kept": True})
+    backend = "openvino" if suffix == ".int8.xml" else "onnxruntime"
+    assert export.int8_that_keeps_labels(weights, backend) is not None
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(export, "_nncf", lambda source: _FakeNNCF())
+    monkeypatch.setattr(export, "_record", killed)
+    with pytest.raises(KeyboardInterrupt):
+        export.quantize(source, path, np.zeros((2, 4, 32, 32), np.float32), "new")
+    assert path.read_bytes() != b"old"  # the new model is in place...
+    assert not export.sidecar(path).exists()  # ...with no record: never the default
+    assert export.int8_that_keeps_labels(weights, backend) is None

@@ -120,6 +120,13 @@ def _record(path: Path, **facts: object) -> Path:
     return path
 
 
+def _forget(path: Path) -> None:
+    """Remove ``path``'s sidecar before the file is replaced: a crash between writing the new
+    file and its record then leaves a file without a record (made again, never the default),
+    not the new file under the old record (e.g. its ``labels_check``)."""
+    sidecar(path).unlink(missing_ok=True)
+
+
 def _matches(path: Path, expected: dict[str, object]) -> bool:
     try:
         meta = recorded(path)
@@ -160,6 +167,7 @@ def export_onnx(weights: Path, path: Path) -> Path:
         for axis, name in ((0, "n"), (2, "h"), (3, "w")):
             dims[axis].dim_param = name
     del proto.graph.value_info[:]  # intermediate shapes of the trace's size
+    _forget(path)
     io.atomic_write_bytes(path, proto.SerializeToString(), overwrite=True)
     return _record(path, weights_sha256=file_sha256(weights))
 
@@ -212,6 +220,7 @@ def quantize(source: Path, path: Path, calibration: np.ndarray,
         else:
             model = _quantize_keeping_labels(nncf, model, items, validation, max_drop)
             props["max_drop"] = max_drop
+        _forget(path)
         io.atomic_write(path, lambda tmp: ov.save_model(model, tmp, compress_to_fp16=False),
                         overwrite=True, companions=(".bin",))
         return _record(path, **props)
@@ -221,6 +230,7 @@ def quantize(source: Path, path: Path, calibration: np.ndarray,
 
     model = nncf.quantize(onnx.load(str(source)), nncf.Dataset([{"slices": x} for x in items]),
                           subset_size=len(items))
+    _forget(path)
     io.atomic_write_bytes(path, model.SerializeToString(), overwrite=True)
     return _record(path, **props)
 
@@ -248,13 +258,19 @@ def _quantize_keeping_labels(nncf, model, items: list[np.ndarray], validation: n
             sizes = np.array([np.count_nonzero(m) + np.count_nonzero(e) for m, e in masks])
             both += overlap
             total += sizes
-            each.append(float(np.mean(overlap / np.maximum(sizes, 1))))
-        return float(np.mean(np.where(total > 0, both / np.maximum(total, 1), 1.0))), each
+            each.append(float(np.mean(_dice(overlap, sizes))))
+        return float(np.mean(_dice(both, total))), each
 
     log.info("accuracy control on %d slices, max drop %g", len(data), max_drop)
     return nncf.quantize_with_accuracy_control(
         model, nncf.Dataset(items), nncf.Dataset(data), validation_fn=agreement,
         max_drop=max_drop, drop_type=nncf.DropType.ABSOLUTE, subset_size=len(items))
+
+
+def _dice(overlap: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Per region, twice the overlap over the two masks' sizes; 1 where both masks are empty,
+    so that an int8 model adding a region fp32 lacks scores below one that agrees."""
+    return np.where(sizes > 0, overlap / np.maximum(sizes, 1), 1.0)
 
 
 def model_file(weights: Path, precision: str = "fp32", backend: str = "openvino",
