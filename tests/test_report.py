@@ -166,6 +166,23 @@ def test_overlay_png_with_and_without_reference(tmp_path):
         overlay_png(flair, t1ce, pred[:-1], ref, tmp_path / "o4.png", "bad")
 
 
+def test_overlay_slice_of_a_prediction_where_the_expert_found_no_tumor(tmp_path, monkeypatch):
+    titles = []
+    monkeypatch.setattr(report, "_save_figure",
+                        lambda fig, path, overwrite: titles.append(fig.get_suptitle()))
+    flair, t1ce, _, _ = _synthetic_case()
+    empty = np.zeros(flair.shape, np.uint8)
+    false_positive = empty.copy()
+    false_positive[20:25, 20:25, 4] = 2  # far from z = 10, where the brain is largest
+    overlay_png(flair, t1ce, false_positive, empty, tmp_path / "o.png", "c")
+    overlay_png(flair, t1ce, false_positive, None, tmp_path / "o.png", "c")
+    overlay_png(flair, t1ce, empty, empty, tmp_path / "o.png", "c")
+    assert titles == [
+        "c\naxial slice z = 4 (no expert tumor; largest predicted tumor area, 25 voxels)",
+        "c\naxial slice z = 4 (largest predicted tumor area, 25 voxels)",
+        "c\naxial slice z = 10 (no tumor; largest brain area)"]
+
+
 # --------------------------------------------------------------------------- report
 
 

@@ -343,6 +343,21 @@ def _show(ax: Any, img2d: np.ndarray, aspect: float) -> None:
     ax.set_yticks([])
 
 
+def _overlay_slice(flair: np.ndarray, pred: np.ndarray, ref: np.ndarray | None
+                   ) -> tuple[int, str]:
+    """The ``z`` ``overlay_png`` shows, and why (for its title)."""
+    bases = [("expert", ref), ("predicted", pred)] if ref is not None else [("predicted", pred)]
+    for i, (name, labels) in enumerate(bases):
+        area = np.count_nonzero(np.asarray(labels) != 0, axis=(0, 1))
+        if area.max() > 0:
+            z = int(np.argmax(area))
+            why = f"largest {name} tumor area, {int(area[z])} voxels"
+            # A prediction of tumor where the expert found none is what the reader must see.
+            return z, f"no expert tumor; {why}" if i else why
+    z = int(np.argmax(np.count_nonzero(np.asarray(flair) != 0, axis=(0, 1))))
+    return z, "no tumor; largest brain area"
+
+
 def overlay_png(
     flair: np.ndarray,
     t1ce: np.ndarray,
@@ -358,9 +373,9 @@ def overlay_png(
 
     Rows: FLAIR, T1ce. Columns: the image alone, the prediction overlaid, and (when ``ref`` is
     given) the expert segmentation overlaid. The slice is the ``z`` with the most tumor voxels
-    of ``ref`` (of ``pred`` when there is no reference; the slice with the most brain when
-    both are empty). Slices are cropped to the brain (nonzero voxels) plus a margin and shown
-    as ``np.rot90(volume[:, :, z])``: the Y axis runs up the image, X to the right.
+    of ``ref`` (of ``pred`` when there is no reference or it is empty; the slice with the most
+    brain when both are empty). Slices are cropped to the brain (nonzero voxels) plus a margin
+    and shown as ``np.rot90(volume[:, :, z])``: the Y axis runs up the image, X to the right.
 
     Args:
         flair, t1ce: ``(X, Y, Z)`` float intensity volumes.
@@ -386,15 +401,7 @@ def overlay_png(
         sx, sy = float(spacing[0]), float(spacing[1])
         aspect = sy / sx  # pixel height / width after rot90 (rows run along Y)
 
-    basis_name = "expert" if ref is not None else "predicted"
-    basis = np.asarray(ref if ref is not None else pred)
-    area = np.count_nonzero(basis != 0, axis=(0, 1))
-    if area.max() > 0:
-        z = int(np.argmax(area))
-        why = f"largest {basis_name} tumor area, {int(area[z])} voxels"
-    else:
-        z = int(np.argmax(np.count_nonzero(np.asarray(flair) != 0, axis=(0, 1))))
-        why = "no tumor; largest brain area"
+    z, why = _overlay_slice(flair, pred, ref)
 
     # Crop the slice to the bounding box of the brain and the labels, plus a margin.
     slices_z = [np.asarray(a)[:, :, z] for a in arrays.values()]
