@@ -76,6 +76,65 @@ def test_a_missing_label_map_is_a_clear_error(tmp_path):
         viewer.serve(io.find_case_files(folder), tmp_path / "nothing.nii.gz")
 
 
+def test_a_label_map_that_is_not_one_of_the_case_is_a_clear_error_before_serving(tmp_path):
+    import nibabel as nib
+
+    files = io.find_case_files(write_case(make_case(1, shape=(48, 40, 24), case_id="w"),
+                                          tmp_path))
+    other = tmp_path / "other.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((48, 40, 25), np.uint8), np.eye(4)), other)
+    with pytest.raises(io.InputError, match=r"shape \(48, 40, 25\) differs from the case's "
+                                            r"\(48, 40, 24\)"):
+        viewer.serve(files, other)
+    mixed = tmp_path / "mixed.nii.gz"
+    labels = np.zeros((48, 40, 24), np.uint8)
+    labels[0, 0, :2] = (3, 4)
+    nib.save(nib.Nifti1Image(labels, np.eye(4)), mixed)
+    with pytest.raises(io.InputError, match=r"mix 3 .* and 4"):
+        viewer.serve(files, mixed)
+    text = tmp_path / "labels.nii.gz"
+    text.write_text("not an image")
+    with pytest.raises(io.InputError, match="not a readable NIfTI file"):
+        viewer.serve(files, text)
+
+
+def test_a_case_folder_without_a_label_map_says_that_one_is_needed(tmp_path):
+    folder = write_case(make_case(1, shape=(48, 40, 24), case_id="w"), tmp_path)
+    with pytest.raises(io.InputError, match="a case folder; viewing a case needs a label map"):
+        viewer.serve_folder(folder)
+
+
+def test_case_ids_that_urls_encode_are_served_and_unusable_ones_skipped(tmp_path, caplog):
+    import json
+    import urllib.parse
+
+    files = {}
+    for seed, case_id in enumerate(("case 1", "cas\u00e9", "../x")):
+        folder = write_case(make_case(seed, shape=(32, 32, 24), case_id=f"c{seed}"), tmp_path)
+        files[case_id] = io.find_case_files(folder)
+        (tmp_path / f"c{seed}.json").write_text(json.dumps({
+            "case": case_id, "label_map": files[case_id].seg.relative_to(tmp_path).as_posix(),
+            "inputs": [str(p) for p in files[case_id].images]}))
+    report.write_index_html(tmp_path, [{"case": c, "link": f"view/{c}/"} for c in files], "t")
+    with caplog.at_level("WARNING"):
+        server = viewer.serve_folder(tmp_path)
+    assert "c2.json: case '../x' is not usable in a URL path; not served" in caplog.text
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        for case_id in ("case 1", "cas\u00e9"):
+            url = server.url + "view/" + urllib.parse.quote(case_id) + "/"
+            status, page = _get(url)
+            assert status == 200 and f"{case_id} (".encode() in page
+            assert _get(url + "labels.nii.gz?v=1") == (200, files[case_id].seg.read_bytes())
+        assert sorted({k.split("/")[2] for k in server.routes if k.startswith("/view/")}) == [
+            "case 1", "cas\u00e9"]
+        for outside in ("view/case%201/..%2F..%2Fc0.json", "%2e%2e/%2e%2e/etc/passwd",
+                        "view/..%2Fx/"):
+            assert _get(server.url + outside)[0] == 404
+    finally:
+        server.shutdown()
+
+
 @needs_browser
 @pytest.mark.slow
 def test_the_viewer_draws_the_labels_in_a_real_browser(served, tmp_path):

@@ -12,10 +12,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import urllib.parse
 from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
+
+import numpy as np
 
 from tiramisu_brats import io
 
@@ -58,7 +61,9 @@ class _Handler(BaseHTTPRequestHandler):
     server: ViewServer
 
     def do_GET(self) -> None:
-        path = self.path.split("?", 1)[0]
+        # Browsers percent-encode a case id's spaces and non-ASCII letters; the routes hold it
+        # as written. Only route keys are served, so a decoded "../" matches nothing.
+        path = urllib.parse.unquote(self.path.split("?", 1)[0])
         route = self.server.routes.get(path)
         if path.endswith("/niivue.umd.js"):
             self._send(_asset("niivue.umd.js"), "text/javascript")
@@ -101,10 +106,21 @@ def _case_routes(prefix: str, case_id: str, images: Sequence[Path], labels: Path
 
 def serve(case: io.CaseFiles, labels: str | os.PathLike[str], port: int = 0) -> ViewServer:
     """A ``ViewServer`` for ``case``'s four images and the label map ``labels`` (on the same
-    grid); ``port`` 0 picks a free one. Call ``serve_forever`` (and ``shutdown`` to stop)."""
+    grid); ``port`` 0 picks a free one. Call ``serve_forever`` (and ``shutdown`` to stop).
+
+    Raises ``io.InputError`` before anything is served where the images or the label map are
+    not what ``io.read_case`` and ``io.read_label_map`` accept, or their shapes differ; an
+    affine that differs is a warning (NiiVue places each file by its own)."""
     labels = Path(labels)
     if not labels.is_file():
         raise io.InputError(f"{labels}: no such label map")
+    label_map, affine, _ = io.read_label_map(labels)
+    images = io.read_case(case, keep_dtype=True)
+    if label_map.shape != images.shape:
+        raise io.InputError(f"{labels}: shape {label_map.shape} differs from the case's "
+                            f"{images.shape} ({case.images[0]})")
+    if not np.allclose(affine, images.affine, atol=io.AFFINE_ATOL):
+        log.warning("%s: affine differs from the case's (%s)", labels, case.images[0])
     routes = _case_routes("/", case.case_id, case.images, labels)
     routes["/index.html"] = routes["/"]
     return ViewServer(routes, port)
@@ -117,6 +133,9 @@ def serve_folder(folder: str | os.PathLike[str], port: int = 0) -> ViewServer:
     folder = Path(folder)
     index = folder / "index.html"
     if not index.is_file():
+        if io.is_case_folder(folder):
+            raise io.InputError(f"{folder}: a case folder; viewing a case needs a label map on "
+                                "its grid")
         raise io.InputError(f"{folder}: no index.html (the output of segment on a folder of "
                             "cases)")
     routes: dict[str, bytes | Path] = {"/": index}
@@ -129,9 +148,14 @@ def serve_folder(folder: str | os.PathLike[str], port: int = 0) -> ViewServer:
             summary = json.loads(path.read_text())
             images = [Path(p) for p in summary["inputs"]]
             labels = folder / summary["label_map"]
+            case = summary["case"]
         except (OSError, ValueError, KeyError, TypeError):
             continue  # not a case's summary (or one from before inputs were recorded)
         if labels.is_file() and all(p.is_file() for p in images) and len(images) == 4:
-            case_id = io.safe_case_id(summary["case"])
-            routes.update(_case_routes(f"/view/{case_id}/", summary["case"], images, labels))
+            try:
+                case_id = io.safe_case_id(case)
+            except (io.InputError, TypeError):
+                log.warning("%s: case %r is not usable in a URL path; not served", path, case)
+                continue
+            routes.update(_case_routes(f"/view/{case_id}/", case, images, labels))
     return ViewServer(routes, port)
