@@ -344,8 +344,15 @@ def test_read_case_errors(tmp_path: Path, data: np.ndarray, affine, message: str
 
 
 def test_affine_within_tolerance_accepted(tmp_path: Path) -> None:
-    _replace_t2(tmp_path, volume(2), AFFINE + 1e-5)
-    io.read_case(io.find_case_files(tmp_path))
+    t2 = _replace_t2(tmp_path, volume(2), AFFINE + 1e-5)
+    case = io.read_case(io.find_case_files(tmp_path))
+    assert case.shape == SHAPE
+    np.testing.assert_array_equal(case.image[2], volume(2))  # the T2 read, not refused
+    np.testing.assert_array_equal(case.image[3], volume(3) + 3000)
+    t1 = nib.load(case.files.images[0]).affine
+    assert not np.array_equal(nib.load(t2).affine, t1)
+    np.testing.assert_array_equal(case.affine, t1)  # the grid is the T1's
+    np.testing.assert_allclose(case.affine, AFFINE, atol=1e-6)
 
 
 @pytest.mark.parametrize("ext", [".nii.gz", ".nii"])
