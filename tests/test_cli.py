@@ -110,6 +110,8 @@ def test_console_command_exits_with_its_status_and_all_output(small_cases, tiny_
     assert done.returncode == 0, done.stderr
     printed = " ".join(done.stderr.split())  # what the run reports goes to stderr
     assert f"wrote {out}" in printed and "seconds per stage" in printed
+    # the case was read and preprocessed ahead, in a thread: one column says so
+    assert "load + preprocess" in printed and "┃ preprocess" not in printed
     assert json.loads((tmp_path / "o.json").read_text())["case"] == "syn-0"
     missing = command("segment", tmp_path / "nope", "-o", tmp_path / "x.nii.gz")
     assert missing.returncode == 2 and "no such file or folder" in missing.stderr
