@@ -718,6 +718,35 @@ def test_quantize_int8_says_what_is_wrong_before_any_work(tmp_path, tiny_weights
         api.quantize_int8(small_cases, tiny_weights, holdout=["syn-0", "nope"])
 
 
+def test_quantize_int8_calibrates_on_a_brain_larger_than_the_crop_too(tmp_path, tiny_weights,
+                                                                      monkeypatch):
+    import dataclasses
+
+    from tiramisu_brats.preprocess import compute_geometry
+    from tiramisu_brats.synthetic import write_case
+
+    small = make_case(0, shape=(64, 64, 24), case_id="small")
+    big = make_case(1, shape=(120, 120, 24), case_id="big")
+    big = dataclasses.replace(big, image=np.repeat(big.image, 3, axis=1),  # X stretched
+                              labels=np.repeat(big.labels, 3, axis=0))
+    assert compute_geometry(big.image).slice_shape[0] > api.CROP[0]
+    for case in (small, big):
+        write_case(case, tmp_path / "data")
+    given = {}
+
+    def quantize(source, path, calibration, calibration_id, validation, max_drop):
+        given.update(calibration=calibration, validation=validation)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(export, "quantize", quantize)
+    with pytest.raises(RuntimeError, match="stop here"):
+        api.quantize_int8(tmp_path / "data", tiny_weights)
+    assert given["calibration"].shape[1:] == (4, *api.CROP)
+    thirds = sum(-(-compute_geometry(c.image).n_slices // 3) for c in (small, big))
+    assert len(given["calibration"]) == thirds  # every third brain slice of each case
+    assert given["validation"].shape[1:] == (4, *api.CROP)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("nncf") is None, reason="nncf not installed")
 def test_quantize_int8_checks_every_case_and_records_the_check(tmp_path, tiny_weights,

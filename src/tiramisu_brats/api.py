@@ -689,8 +689,13 @@ def quantize_int8(
         prepared = prepare_case(io.read_case(f))
         expert = to_network(io.read_label_map(f.seg)[0], prepared.grid)
         tumor = np.count_nonzero(extract(expert, prepared.geometry), axis=(1, 2))
-        calibration.append(prepared.slices[::3])
-        validation.append(prepared.slices[1::3][tumor[1::3] >= _VALIDATION_TUMOR_PIXELS])
+        # A brain larger than CROP has larger slices; the middle CROP of them stacks with the
+        # others (the network is convolutional: the same activations, nearly)
+        h, w = prepared.slices.shape[-2:]
+        middle = (..., slice((h - CROP[0]) // 2, (h - CROP[0]) // 2 + CROP[0]),
+                  slice((w - CROP[1]) // 2, (w - CROP[1]) // 2 + CROP[1]))
+        calibration.append(prepared.slices[::3][middle])
+        validation.append(prepared.slices[1::3][tumor[1::3] >= _VALIDATION_TUMOR_PIXELS][middle])
     rng = np.random.default_rng(seed)
     pool, candidates = np.concatenate(calibration), np.concatenate(validation)
     calibration = pool[rng.permutation(len(pool))[:calibration_size]]
