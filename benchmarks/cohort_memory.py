@@ -92,11 +92,12 @@ def tiny_model(path: Path) -> Path:
     return save_weights(Tiramisu(config).eval(), path)
 
 
-def run(cohort: Path, out: Path, model: Path | None, interval: float, log_path: Path):
+def run(cohort: Path, out: Path, model: Path | None, interval: float, log_path: Path,
+        backend: str):
     """Run the segmentation; returns samples (seconds, rss bytes, cases finished), the
     finish time of each case, the exit status and the wall time."""
     cmd = [sys.executable, "-m", "tiramisu_brats", "segment", str(cohort), "-o", str(out),
-           "--no-progress"]
+           "--backend", backend, "--no-progress"]
     if model is not None:
         cmd += ["--model", str(model)]
     print("running:", " ".join(cmd), flush=True)
@@ -180,7 +181,8 @@ def run_block(args, cohort_ids, model_kind, model_desc, samples, finished, code,
     per = [b - a for a, b in zip([0.0, *case_seconds], case_seconds, strict=False)]
     command = f"python benchmarks/cohort_memory.py --cases {args.cases}" + (
         " --tiny-model" if args.tiny_model else "") + (
-        f" --model {args.model}" if args.model and not args.tiny_model else "")
+        f" --model {args.model}" if args.model and not args.tiny_model else "") + (
+        f" --backend {args.backend}" if args.backend != "openvino" else "")
     lines = [
         f"### {model_kind}, {len(cohort_ids)} cases",
         "",
@@ -188,7 +190,7 @@ def run_block(args, cohort_ids, model_kind, model_desc, samples, finished, code,
         f"{n_source_text(n_sources)}; RSS sampled every {args.interval:g} s "
         f"({'psutil' if _has_psutil() else '/proc/PID/status VmRSS'}).",
         "",
-        f"- Machine: {getattr(args, 'machine', None) or machine()}; CPU inference (torch "
+        f"- Machine: {getattr(args, 'machine', None) or machine()}; CPU inference ({args.backend} "
         "backend).",
         f"- Model: {model_desc}.",
         f"- Result: exit status {code}, {n_done} of {len(cohort_ids)} cases segmented in "
@@ -300,6 +302,8 @@ def main() -> int:
     parser.add_argument("--tiny-model", action="store_true",
                         help="use a tiny random network instead (fast)")
     parser.add_argument("--interval", type=float, default=0.2, help="RSS sampling period (s)")
+    parser.add_argument("--backend", default="openvino",
+                        help="segment's backend (default openvino, segment's own default)")
     parser.add_argument("--workdir", type=Path, help="where to build the cohort (default: tmp)")
     parser.add_argument("--doc", type=Path, default=DOC, help="markdown file to update")
     parser.add_argument("--no-doc", action="store_true", help="print the section only")
@@ -333,7 +337,7 @@ def main() -> int:
             model_desc = f"`{shown}` (sha256 {digest}…)"
         args.machine = machine()  # the load average before the run
         samples, finished, code, wall = run(work / "cohort", work / "out", model,
-                                            args.interval, work / "segment.log")
+                                            args.interval, work / "segment.log", args.backend)
         if code != 0:
             print((work / "segment.log").read_text()[-3000:], file=sys.stderr)
         text = run_block(args, cohort_ids, model_kind, model_desc, samples, finished, code,

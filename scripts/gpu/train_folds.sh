@@ -6,7 +6,8 @@
 # usage: scripts/gpu/train_folds.sh CACHE RUNS MINUTES FOLDS [extra `tiramisu-brats train` flags]
 #   CACHE: a folder of labelled cases or a training cache (scripts/gpu/pack_cache.py packs the
 #   cases to travel, scripts/gpu/unpack_cache.py builds the cache from them there)
-# Recipe of the shipped model: MINUTES=8, FOLDS=5, flags below (see docs/model-card.md).
+# Recipe of the fold-0 model (shipped two versions before): MINUTES=7.5, FOLDS=5, flags below
+# (see docs/model-card.md, "The fold-0 model").
 set -u
 cache=$1 runs=$2 minutes=$3 folds=$4
 shift 4

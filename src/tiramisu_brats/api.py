@@ -270,7 +270,7 @@ class Segmenter:
         (``preprocess.brain_windows``); default: the backend's (``infer.WHOLE_SLICES``).
         ``tumor_slices``: run only the slices near tumor (``infer.predict_labels``), which
         can lose only tumor under ``infer.TUMOR_STRIDE`` slices thick cut off from the rest
-        (the postprocessed labels of the 17 labelled cases stay as they are; the raw ones do
+        (the postprocessed labels of the 27 labelled cases stay as they are; the raw ones do
         not); default: with ``postprocess``. ``segment_case(save_raw=True)`` runs every slice
         regardless. ``mode``: one of ``MODES``; ``accurate`` averages the probabilities of
         every view (``views``: with a partner model, the three planes of each model,

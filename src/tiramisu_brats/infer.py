@@ -364,8 +364,8 @@ def predict_labels(
     that lie wholly between two tumor-free coarse slices and more than ``TUMOR_REACH`` slices
     from all tumor found: a component fewer than ``TUMOR_STRIDE`` slices thick that even
     ``postprocess``'s closing leaves cut off from the rest, which it then drops unless it were
-    a tenth the size of the main tumor (for a glioma, a pancake 3 mm thick). On the 17
-    labelled BraTS cases this runs 69 % of the brain slices and gives the same postprocessed
+    a tenth the size of the main tumor (for a glioma, a pancake 3 mm thick). On the 27
+    labelled BraTS cases this runs 75 % of the brain slices and gives the same postprocessed
     labels (docs/benchmarks.md).
 
     ``stats``, if given, gets ``run``: how many slices went through the network.
