@@ -183,6 +183,29 @@ def test_overlay_slice_of_a_prediction_where_the_expert_found_no_tumor(tmp_path,
         "c\naxial slice z = 10 (no tumor; largest brain area)"]
 
 
+def test_slices_are_shown_radiologically_with_the_sides_named(tmp_path, monkeypatch):
+    # a volume in the BraTS orientation: X right to left, Y front to back, Z up
+    volume = np.zeros((6, 8, 10))
+    volume[0, 0, 9] = 1  # the patient's right, front, top
+    axial, coronal, sagittal = volume[:, :, 9], volume[:, 0, :], volume[0, :, :]
+    # axial: front at the top, the patient's right on the left
+    assert report._displayed(axial, "axial")[0, 0] == 1
+    assert report._displayed(axial, "axial").shape == (8, 6)  # rows Y, columns X
+    # coronal: top at the top, right on the left; sagittal: top up, the face on the left
+    assert report._displayed(coronal, "coronal")[0, 0] == 1
+    assert report._displayed(sagittal, "sagittal")[0, 0] == 1
+    figures = []
+    monkeypatch.setattr(report, "_save_figure", lambda fig, path, overwrite: figures.append(fig))
+    flair, t1ce, pred, _ = _synthetic_case()
+    report.planes_png(flair, t1ce, pred, tmp_path / "p.png", "c", enhancing=3)
+    texts = [t.get_text() for ax in figures[0].axes for t in ax.texts]
+    # the panels row by row: axial, coronal, sagittal over FLAIR, then over T1ce
+    assert texts[:12] == ["R", "L", "A", "P", "R", "L", "S", "I", "A", "P", "S", "I"]
+    assert texts[12:] == texts[:12]
+    legend = [t.get_text() for t in figures[0].legends[0].get_texts()]
+    assert legend[-1] == "Enhancing tumor (3)"
+
+
 # --------------------------------------------------------------------------- report
 
 

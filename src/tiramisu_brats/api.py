@@ -623,7 +623,8 @@ class Segmenter:
             view = network_grid(case.affine, case.shape, resample=False)  # flips only
             image = to_network(case.image, view)
             planes_png(image[3], image[1], to_network(labels, view), picture, case.case_id,
-                       view.oriented_spacing())
+                       view.oriented_spacing(),
+                       enhancing=summary["labels"]["enhancing"])
         io.atomic_write_text(sidecar, json.dumps(summary, indent=2), overwrite=True)
         return summary
 
@@ -1155,11 +1156,13 @@ def evaluate(
         if r.images is None:
             continue
         try:
-            image = io.read_case(r.images).image
-            ref_labels, _, ref_header = io.read_label_map(r.path)
-            report.overlay_png(image[3], image[1], io.read_label_map(p.path)[0], ref_labels,
-                               report_dir / f"overlay_{io.safe_case_id(case_id)}.png", case_id,
-                               io.header_spacing(ref_header))
+            case = io.read_case(r.images)
+            view = network_grid(case.affine, case.shape, resample=False)  # flips only
+            image = to_network(case.image, view)
+            ref_labels = to_network(io.read_label_map(r.path)[0], view)
+            report.overlay_png(image[3], image[1], to_network(io.read_label_map(p.path)[0], view),
+                               ref_labels, report_dir / f"overlay_{io.safe_case_id(case_id)}.png",
+                               case_id, view.oriented_spacing())
         except ValueError as err:  # the metrics stand without the picture
             log.warning("%s: no overlay: %s", case_id, err)
     report.write_report(report_dir, rows, raw_rows=raw_rows or None,

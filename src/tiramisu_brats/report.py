@@ -334,13 +334,51 @@ def _label_rgba(labels2d: np.ndarray) -> np.ndarray:
     return rgba
 
 
-def _show(ax: Any, img2d: np.ndarray, aspect: float) -> None:
-    # rot90: the (X, Y) slice becomes rows = Y (high Y at the top), columns = X.
-    ax.imshow(
-        np.rot90(img2d), cmap="gray", vmin=0.0, vmax=1.0, aspect=aspect, interpolation="nearest"
-    )
+# How a slice of a volume in the BraTS orientation (X: right to left, Y: front to back, Z:
+# up) is shown, radiologically as ITK-SNAP and most radiology software do: the patient's right
+# on the left of the picture, front (axial) or top (coronal, sagittal) up, the face to the
+# left (sagittal). ``(transpose, flip rows)`` turn the 2-D slice into the picture's rows and
+# columns; then the sides' letters (left, right, top, bottom).
+_DISPLAY: dict[str, tuple[bool, bool, tuple[str, str, str, str]]] = {
+    "axial": (True, False, ("R", "L", "A", "P")),  # rows = Y (front up), columns = X
+    "coronal": (True, True, ("R", "L", "S", "I")),  # rows = Z (up at the top), columns = X
+    "sagittal": (True, True, ("A", "P", "S", "I")),  # rows = Z, columns = Y (face left)
+}
+
+
+def _displayed(slice2d: np.ndarray, plane: str) -> np.ndarray:
+    """A 2-D slice (the first two axes of the volume's plane, in order) as it is shown."""
+    transpose, flip, _ = _DISPLAY[plane]
+    shown = np.swapaxes(slice2d, 0, 1) if transpose else slice2d
+    return shown[::-1] if flip else shown
+
+
+def _show(ax: Any, img2d: np.ndarray, aspect: float, plane: str,
+          labels2d: np.ndarray | None = None) -> None:
+    """Draw a windowed slice (and its labels over it) of ``plane`` with the sides' letters."""
+    ax.imshow(_displayed(img2d, plane), cmap="gray", vmin=0.0, vmax=1.0, aspect=aspect,
+              interpolation="nearest")
+    if labels2d is not None:
+        ax.imshow(_displayed(_label_rgba(labels2d), plane), aspect=aspect,
+                  interpolation="nearest")
+    left, right, top, bottom = _DISPLAY[plane][2]
+    style = {"color": "white", "fontsize": "small", "fontweight": "bold"}
+    for text, xy, ha, va in ((left, (0.01, 0.5), "left", "center"),
+                             (right, (0.99, 0.5), "right", "center"),
+                             (top, (0.5, 0.99), "center", "top"),
+                             (bottom, (0.5, 0.01), "center", "bottom")):
+        ax.text(*xy, text, transform=ax.transAxes, ha=ha, va=va, **style)
     ax.set_xticks([])
     ax.set_yticks([])
+
+
+def _legend(fig: Any, enhancing: int) -> None:
+    """The labels' colours, enhancing tumor under the number the label maps use for it."""
+    from matplotlib.patches import Patch
+
+    names = {**LABEL_NAMES, 4: LABEL_NAMES[4].replace("(4)", f"({enhancing})")}
+    handles = [Patch(facecolor=LABEL_COLORS[v], label=names[v]) for v in LABEL_NAMES]
+    fig.legend(handles=handles, loc="outside lower center", ncols=3, frameon=False)
 
 
 def _overlay_slice(flair: np.ndarray, pred: np.ndarray, ref: np.ndarray | None
@@ -368,6 +406,7 @@ def overlay_png(
     spacing: Sequence[float] | None = None,
     *,
     overwrite: bool = True,
+    enhancing: int = 4,
 ) -> Path:
     """PNG of the axial slice with the largest tumor area, with the labels overlaid.
 
@@ -375,15 +414,18 @@ def overlay_png(
     given) the expert segmentation overlaid. The slice is the ``z`` with the most tumor voxels
     of ``ref`` (of ``pred`` when there is no reference or it is empty; the slice with the most
     brain when both are empty). Slices are cropped to the brain (nonzero voxels) plus a margin
-    and shown as ``np.rot90(volume[:, :, z])``: the Y axis runs up the image, X to the right.
+    and shown radiologically (the patient's right on the left, the front up; letters on the
+    sides) for volumes in the BraTS orientation.
 
     Args:
-        flair, t1ce: ``(X, Y, Z)`` float intensity volumes.
+        flair, t1ce: ``(X, Y, Z)`` float intensity volumes, X right to left, Y front to back,
+            Z up (the BraTS orientation: ``preprocess.to_network`` without resampling).
         pred: ``(X, Y, Z)`` ``uint8`` predicted labels (0/1/2/4).
         ref: ``(X, Y, Z)`` ``uint8`` expert labels, or ``None``.
         path: the PNG to write.
         case_id: shown in the title.
         spacing: voxel size in mm (X, Y, Z); sets the pixel aspect ratio (square if ``None``).
+        enhancing: the number the legend gives enhancing tumor (3 in BraTS 2023 numbering).
 
     Raises:
         ValueError: the arrays are not 3-D or their shapes differ.
@@ -399,7 +441,7 @@ def overlay_png(
     aspect = 1.0
     if spacing is not None:
         sx, sy = float(spacing[0]), float(spacing[1])
-        aspect = sy / sx  # pixel height / width after rot90 (rows run along Y)
+        aspect = sy / sx  # pixel height / width as shown (rows run along Y)
 
     z, why = _overlay_slice(flair, pred, ref)
 
@@ -413,7 +455,6 @@ def overlay_png(
     images = [("FLAIR", _window(flair_z)), ("T1ce", _window(t1ce_z))]
 
     from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
 
     panel = 3.3
     fig = Figure(figsize=(panel * len(columns), panel * 2 + 1.0), layout="constrained")
@@ -421,15 +462,12 @@ def overlay_png(
     for i, (row_name, img) in enumerate(images):
         for j, (col_name, lab) in enumerate(columns):
             ax = axes[i, j]
-            _show(ax, img, aspect)
-            if lab is not None:
-                ax.imshow(np.rot90(_label_rgba(lab)), aspect=aspect, interpolation="nearest")
+            _show(ax, img, aspect, "axial", lab)
             if i == 0:
                 ax.set_title(col_name)
             if j == 0:
                 ax.set_ylabel(row_name, fontsize="large")
-    handles = [Patch(facecolor=LABEL_COLORS[v], label=LABEL_NAMES[v]) for v in LABEL_NAMES]
-    fig.legend(handles=handles, loc="outside lower center", ncols=3, frameon=False)
+    _legend(fig, enhancing)
     fig.suptitle(f"{case_id}\naxial slice z = {z} ({why})")
     _save_figure(fig, path, overwrite)
     logger.info("wrote %s", path)
@@ -445,17 +483,18 @@ def planes_png(
     spacing: Sequence[float] | None = None,
     *,
     overwrite: bool = True,
+    enhancing: int = 4,
 ) -> Path:
     """PNG of the three planes (axial, coronal, sagittal) through the tumor's centre, the
     labels over FLAIR (top row) and T1ce (bottom row), with a legend of the label colours.
 
     The centre is the whole tumor's centre of mass (the brain's where no tumor was found).
     ``flair``, ``t1ce``: ``(X, Y, Z)`` intensities; ``labels`` ``(X, Y, Z)`` 0/1/2/4 in the
-    BraTS orientation (X left-right, Y front-back, Z up); ``spacing`` in mm sets the pixel
-    aspect ratio of each plane.
+    BraTS orientation (X right to left, Y front to back, Z up), shown radiologically with
+    letters on the sides; ``spacing`` in mm sets the pixel aspect ratio of each plane;
+    ``enhancing``: the number the legend gives enhancing tumor (3 in BraTS 2023 numbering).
     """
     from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
     from scipy import ndimage
 
     path = Path(path)
@@ -470,7 +509,7 @@ def planes_png(
         raise ValueError(f"planes_png: {case_id}: the image is empty")
     centre = [round(c) for c in ndimage.center_of_mass(basis)]
     sx, sy, sz = (float(z) for z in spacing) if spacing is not None else (1.0, 1.0, 1.0)
-    # (name, index along the normal, slicer, pixel height / width after rot90)
+    # (name, index along the normal, slicer, pixel height / width as shown)
     planes = [("axial", f"z = {centre[2]}", (slice(None), slice(None), centre[2]), sy / sx),
               ("coronal", f"y = {centre[1]}", (slice(None), centre[1], slice(None)), sz / sx),
               ("sagittal", f"x = {centre[0]}", (centre[0], slice(None), slice(None)), sz / sy)]
@@ -481,14 +520,12 @@ def planes_png(
         crop = _crop_box((np.asarray(flair)[cut] != 0) | (lab != 0), margin=4)
         for i, (row, volume) in enumerate((("FLAIR", flair), ("T1ce", t1ce))):
             ax = axes[i, j]
-            _show(ax, _window(np.asarray(volume)[cut][crop]), aspect)
-            ax.imshow(np.rot90(_label_rgba(lab[crop])), aspect=aspect, interpolation="nearest")
+            _show(ax, _window(np.asarray(volume)[cut][crop]), aspect, name, lab[crop])
             if i == 0:
                 ax.set_title(f"{name} ({where})")
             if j == 0:
                 ax.set_ylabel(row, fontsize="large")
-    handles = [Patch(facecolor=LABEL_COLORS[v], label=LABEL_NAMES[v]) for v in LABEL_NAMES]
-    fig.legend(handles=handles, loc="outside lower center", ncols=3, frameon=False)
+    _legend(fig, enhancing)
     fig.suptitle(f"{case_id}: planes through the "
                  + ("tumor's centre" if tumor.any() else "brain's centre (no tumor found)"))
     _save_figure(fig, path, overwrite)
