@@ -375,6 +375,10 @@ def test_evaluate_pairs_a_file_with_a_case_and_warns_of_mismatches(tmp_path, cap
         rows = api.evaluate(pred, folder)  # a file against a case folder: paired
     assert [(r["case"], r["dice_WT"]) for r in rows] == [("out", 1.0)]
     assert not caplog.text
+    # the map before postprocessing beside it is scored too
+    nib.save(nib.Nifti1Image(case.labels, affine), tmp_path / "out_raw.nii.gz")
+    api.evaluate(pred, folder, tmp_path / "report")
+    assert (tmp_path / "report" / "metrics_raw.csv").is_file()
     # The JSON that segment wrote beside it says it came from another case.
     (tmp_path / "out.json").write_text(json.dumps({"case": "c9"}))
     with caplog.at_level(logging.WARNING, logger="tiramisu_brats"):
@@ -551,6 +555,9 @@ def test_segment_cohort_skips_finished_cases_and_redoes_unfinished_ones(
     # The index keeps the skipped case (its row from the summary written before).
     index = (out / "index.html").read_text()
     assert all(f"view/{c}/" in index for c in ("c0", "c1")) and "c2" in index
+    # how to view a case, from any folder
+    assert f"tiramisu-brats view {(cohort / 'c0').resolve()} {(out / 'c0.nii.gz').resolve()}" in (
+        index)
     # Without skip_existing (nor overwrite) the run is refused before anything is written.
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     with pytest.raises(FileExistsError, match=r"2 of the 2 cases already have outputs there "

@@ -247,16 +247,33 @@ def test_planes_png_draws_three_planes_through_the_tumor(tmp_path):
                           "syn")
 
 
+def test_an_evaluation_page_lists_the_worst_dice_first_under_the_means(tmp_path):
+    rows = [{"case": "a", "review": False, "qc_score": 0.9, "dice_WT": 0.9, "dice_TC": 0.8,
+             "dice_ET": 0.1},  # mean 0.6: flagged ok by QC, yet the worst
+            {"case": "b", "review": True, "qc_score": 0.2, "dice_WT": 0.9, "dice_TC": 0.9,
+             "dice_ET": 0.9},
+            {"case": "c", "dice_WT": 0.7, "dice_TC": 0.7, "dice_ET": 0.7}]
+    page = report.write_index_html(tmp_path, rows, "Evaluation",
+                                   files=["metrics.csv", "boxplots.png"]).read_text()
+    body = page[page.index("<tbody>"):]
+    assert body.index(">a<") < body.index(">c<") < body.index(">b<")
+    assert "sorted by the mean of their Dice, lowest first" in page
+    means = page[page.index('<table id="dice">'):page.index("</table>")]
+    assert "<td>mean</td><td>0.833</td><td>0.800</td><td>0.567</td>" in means
+    assert "<td>median</td><td>0.900</td><td>0.800</td><td>0.700</td>" in means
+    assert '<a href="metrics.csv">metrics.csv</a>' in page and '<img src="boxplots.png"' in page
+
+
 def test_index_html_lists_every_case_review_first_and_needs_no_network(tmp_path):
     rows = [{"case": "good", "review": False, "qc_score": 0.9, "WT_ml": 40.25, "image": "a.png"},
             {"case": "bad <1>", "review": True, "qc_score": 0.2, "qc_why": "views disagree",
-             "WT_ml": 3.0, "dice_WT": 0.41},
+             "WT_ml": 3.0},
             {"case": "mid", "review": False, "qc_score": 0.6, "WT_ml": 20.0},
             {"case": "failed", "review": True, "qc_why": "failed: no flair image"}]
     page = report.write_index_html(tmp_path, rows, "Cohort").read_text()
     body = page[page.index("<tbody>"):]
     order = ["failed", "bad &lt;1&gt;", "mid", "good"]  # no score to review first, then scores
     assert [body.index(case) for case in order] == sorted(body.index(case) for case in order)
-    assert page.count("<tr>") == 5 and "Dice WT" in page and "40.2" in page
+    assert page.count("<tr>") == 5 and "Dice WT" not in page and "40.2" in page
     assert "http" not in page.replace("http-equiv", "")  # nothing to fetch
     assert '<img src="a.png"' in page and "2 to review" in page

@@ -16,6 +16,7 @@ import io as _io
 import json
 import logging
 import os
+import shlex
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -186,10 +187,11 @@ def quality(spread: np.ndarray, labels: np.ndarray, review_above: float = QC_SPR
     """
     def judge(value: float) -> tuple[float, bool, str]:
         review = value > review_above
-        words = ("disagree", "above") if review else ("agree", "at most")
+        where = (f", above the review threshold {review_above:g}" if review else
+                 f"; review above {review_above:g}")
         return (1 - value / (2 * review_above), review,
-                f"the views {words[0]} on the whole tumor (mean spread {value:.3f} inside it, "
-                f"{words[1]} {review_above:g})")
+                f"the views {'disagree' if review else 'agree'} on the whole tumor (mean spread "
+                f"{value:.3f} inside it{where})")
     return _qc(spread, labels, "spread", judge)
 
 
@@ -204,10 +206,11 @@ def confidence(whole_tumor: np.ndarray, labels: np.ndarray,
     """
     def judge(value: float) -> tuple[float, bool, str]:
         review = value < review_below
-        words = ("unsure", "below") if review else ("sure", "at least")
+        where = (f", below the review threshold {review_below:g}" if review else
+                 f"; review below {review_below:g}")
         return (0.5 + (value - review_below) / (2 * (1 - review_below)), review,
-                f"the network is {words[0]} of the whole tumor (mean probability {value:.3f} "
-                f"inside it, {words[1]} {review_below:g})")
+                f"the network is {'unsure' if review else 'sure'} of the whole tumor (mean "
+                f"probability {value:.3f} inside it{where})")
     return _qc(whole_tumor, labels, "confidence", judge)
 
 
@@ -921,7 +924,7 @@ def _cohort_index(output: Path, results: list[dict], failures: list,
             **{f"{r}_ml": volumes.get(f"{r}_ml") for r in ("WT", "TC", "ET")},
             "image": label_stem(target) + "_planes.png",
             "link": f"view/{io.safe_case_id(summary['case'])}/",
-            "command": f"tiramisu-brats view {files.images[0].parent} {target}"})
+            "command": _view_command(files.images[0].parent, target)})
     rows += [{"case": name, "review": True, "qc_why": f"failed: {reason}"}
              for _, name, reason in failures]
     name = "index.html" if shard is None else f"index-shard-{shard[0]}-of-{shard[1]}.html"
@@ -1059,11 +1062,13 @@ class LabelSource:
 
 def find_label_maps(root: PathLike) -> dict[str, LabelSource]:
     """Label maps by case id: a file, a case folder (its ``_seg``), a folder of label files
-    (``<case>.nii.gz``, with ``<case>_raw.nii.gz`` kept as the map before postprocessing), or
-    a folder of case folders."""
+    (``<case>.nii.gz``; a file's or a folder's ``<case>_raw.nii.gz`` is kept as the map before
+    postprocessing), or a folder of case folders."""
     root = Path(root)
     if root.is_file():
-        return {_label_id(root): LabelSource(_label_id(root), root)}
+        raw = root.with_name(label_stem(root) + "_raw.nii.gz")
+        return {_label_id(root): LabelSource(_label_id(root), root,
+                                             raw=raw if raw.is_file() else None)}
     if not root.is_dir():
         raise io.InputError(f"{root}: no such file or folder")
     if io.is_case_folder(root):
@@ -1165,14 +1170,20 @@ def evaluate(
                                case_id, view.oriented_spacing())
         except ValueError as err:  # the metrics stand without the picture
             log.warning("%s: no overlay: %s", case_id, err)
-    report.write_report(report_dir, rows, raw_rows=raw_rows or None,
-                        extra_summary={"predictions": str(pred), "references": str(ref)})
+    written = report.write_report(report_dir, rows, raw_rows=raw_rows or None,
+                                  extra_summary={"predictions": str(pred), "references": str(ref)})
     report.write_index_html(report_dir, [_report_row(row, preds[row["case"]],
                                                      refs[row["case"]], report_dir)
                                          for row in rows],
                             f"tiramisu-brats evaluate: {Path(pred).name} against "
-                            f"{Path(ref).name}")
+                            f"{Path(ref).name}", files=[p.name for p in written])
     return rows
+
+
+def _view_command(case: Path, labels: Path) -> str:
+    """The command that opens ``labels`` over the case folder ``case``, from any folder."""
+    return f"tiramisu-brats view {shlex.quote(str(case.resolve()))} " \
+           f"{shlex.quote(str(labels.resolve()))}"
 
 
 def _some(names: list[str], shown: int = 10) -> str:
@@ -1205,7 +1216,7 @@ def _report_row(row: dict, pred: LabelSource, ref: LabelSource, report_dir: Path
     if (report_dir / overlay).exists():
         out["image"] = overlay
     if ref.images is not None:
-        out["command"] = f"tiramisu-brats view {ref.images.images[0].parent} {pred.path}"
+        out["command"] = _view_command(ref.images.images[0].parent, pred.path)
     return out
 
 

@@ -539,16 +539,18 @@ _HTML_COLUMNS = (("case", "case"), ("review", "review"), ("qc_score", "QC score"
 
 def write_index_html(
     folder: str | Path, rows: Sequence[Mapping[str, Any]], title: str, *,
-    overwrite: bool = True, name: str = "index.html",
+    overwrite: bool = True, name: str = "index.html", files: Sequence[str] = (),
 ) -> Path:
-    """Write ``folder/index.html`` (or ``name``): one table row per case, cases to review
-    first, sortable by any column (a click on its header), each row with the case's picture
-    (``image``: a file name in ``folder``), an optional ``link`` to the case in the viewer
-    (it works where ``viewer.serve_folder`` serves the folder) and ``command`` (how to open it
-    in the viewer). Needs no network: the page holds its own script and style, the pictures lie
-    beside it.
+    """Write ``folder/index.html`` (or ``name``): one table row per case, sortable by any
+    column (a click on its header), each row with the case's picture (``image``: a file name
+    in ``folder``), an optional ``link`` to the case in the viewer (it works where
+    ``viewer.serve_folder`` serves the folder) and ``command`` (how to open it in the
+    viewer). Needs no network: the page holds its own script and style, the pictures lie
+    beside it. ``files``: other outputs in ``folder`` named at the top (PNGs shown).
 
-    Cases to review without a score (failed ones) come first, then by score.
+    Without Dice: cases to review first (failed ones, without a score, before the others),
+    then by QC score. With Dice (an evaluation): the lowest mean Dice of the regions first,
+    under a table of the Dice's mean and median over the cases.
     Row keys used: ``case``; optional ``review`` (bool), ``qc_score``, ``qc_why``,
     ``WT_ml``/``TC_ml``/``ET_ml``, ``dice_WT``/``dice_TC``/``dice_ET``, ``image``,
     ``command``.
@@ -558,8 +560,13 @@ def write_index_html(
 
     folder = Path(folder)
     columns = [(k, name) for k, name in _HTML_COLUMNS if any(k in r for r in rows)]
+    dice = [k for k, _ in columns if k.startswith("dice_")]
 
     def order(row: Mapping[str, Any]) -> tuple:
+        if dice:  # the truth is known: the worst cases first
+            values = [row.get(k) for k in dice]
+            known = [float(v) for v in values if _is_number(v) and not math.isnan(v)]
+            return (sum(known) / len(known) if known else -1.0), str(row["case"])
         score = row.get("qc_score")
         if score is None:  # to review without a score (a failed case) before every score
             score = -1.0 if row.get("review") else 1.0
@@ -590,7 +597,7 @@ def write_index_html(
         if row.get("image"):
             src = html.escape(str(row["image"]))
             extra.append(f'<a href="{src}"><img src="{src}" alt="{html.escape(str(row["case"]))}'
-                         ' planes"></a>')
+                         ' picture"></a>')
         if row.get("link"):
             extra.append(f'<a class="view" href="{html.escape(str(row["link"]))}">open in the '
                          "viewer</a> (with <code>tiramisu-brats view</code> of this folder)")
@@ -601,6 +608,21 @@ def write_index_html(
     header = "".join(f'<th data-col="{i}">{html.escape(name)}</th>'
                      for i, (_, name) in enumerate(columns))
     n_review = sum(bool(r.get("review")) for r in rows)
+    order_text = ("sorted by the mean of their Dice, lowest first" if dice else
+                  f"{n_review} to review (listed first)")
+    top = []
+    if dice:
+        stats = summarize([{k: r.get(k, math.nan) for k in dice} for r in rows])
+        cells = {s: "".join(f"<td>{stats[k][s]:.3f}</td>" for k in dice)
+                 for s in ("mean", "median")}
+        names = "".join(f"<th>{html.escape(dict(_HTML_COLUMNS)[k])}</th>" for k in dice)
+        top.append(f'<table id="dice"><tr><th>over {len(rows)} cases</th>{names}</tr>'
+                   f'<tr><td>mean</td>{cells["mean"]}</tr>'
+                   f'<tr><td>median</td>{cells["median"]}</tr></table>')
+    for file in files:
+        src = html.escape(file)
+        top.append(f'<a href="{src}"><img src="{src}" alt="{src}"></a>'
+                   if file.endswith(".png") else f'<a href="{src}">{src}</a> ')
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <title>{html.escape(title)}</title>
@@ -612,12 +634,14 @@ th, td {{ border-bottom: 1px solid #ddd; padding: 4px 8px; text-align: right;
 th {{ cursor: pointer; background: #f3f3f3; position: sticky; top: 0; }}
 td:first-child, th:first-child {{ text-align: left; }}
 td.flag {{ color: #b00; font-weight: bold; }}
-img {{ max-width: 640px; display: block; margin: 4px 0; }}
+img {{ max-width: min(1100px, 90vw); display: block; margin: 4px 0; }}
 .why {{ text-align: left; color: #555; max-width: 640px; }}
+#dice {{ margin-bottom: 1em; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
-<p id="summary">{len(rows)} cases; {n_review} to review (listed first). Click a column's header
+<p id="summary">{len(rows)} cases; {order_text}. Click a column's header
 to sort by it. Research use only; not for clinical decisions.</p>
+{chr(10).join(top)}
 <table id="cases"><thead><tr>{header}<th>pictures</th></tr></thead>
 <tbody>
 {chr(10).join(body)}
