@@ -674,16 +674,23 @@ def quantize_int8(
     from tiramisu_brats.infer import OpenVINOBackend
     from tiramisu_brats.preprocess import extract
 
+    if not tolerance >= 0:  # NaN too
+        raise ValueError(f"tolerance {tolerance}: a change of Dice must be 0 or more")
     weights = Path(model) if model is not None else default_weights()
     folders = [Path(data)] if isinstance(data, (str, os.PathLike)) else [Path(d) for d in data]
-    files = [f for f in (io.find_case_files(c) for d in folders for c in io.find_cases(d))
-             if f.seg is not None]
+    # A folder of images that is not a complete case raises what it lacks: left out, it would
+    # quietly shrink what the int8 model is calibrated and checked on.
+    files = [f for f in (io.find_case_files(c) for d in folders
+                         for c in io.find_cases(d, incomplete=True)) if f.seg is not None]
     if not files:
         raise io.InputError(f"no labelled cases in {', '.join(map(str, folders))}")
     ids = [f.case_id for f in files]
     unknown = sorted(set(holdout) - set(ids))
     if unknown:
         raise io.InputError(f"held-out cases not among the labelled ones: {', '.join(unknown)}")
+    if set(ids) <= set(holdout):
+        raise io.InputError(f"all {len(ids)} labelled cases are held out: no case is left to "
+                            "calibrate on")
     calibration, validation = [], []
     for f in files:
         if f.case_id in holdout:
@@ -1182,8 +1189,8 @@ def evaluate(
 
 def _view_command(case: Path, labels: Path) -> str:
     """The command that opens ``labels`` over the case folder ``case``, from any folder."""
-    return f"tiramisu-brats view {shlex.quote(str(case.resolve()))} " \
-           f"{shlex.quote(str(labels.resolve()))}"
+    return f"tiramisu-brats view {shlex.quote(str(case.absolute()))} " \
+           f"{shlex.quote(str(labels.absolute()))}"
 
 
 def _some(names: list[str], shown: int = 10) -> str:

@@ -634,8 +634,11 @@ th, td {{ border-bottom: 1px solid #ddd; padding: 4px 8px; text-align: right;
 th {{ cursor: pointer; background: #f3f3f3; position: sticky; top: 0; }}
 td:first-child, th:first-child {{ text-align: left; }}
 td.flag {{ color: #b00; font-weight: bold; }}
-img {{ max-width: min(1100px, 90vw); display: block; margin: 4px 0; }}
+img {{ max-width: min(100%, 1100px); display: block; margin: 4px 0; }}
 .why {{ text-align: left; color: #555; max-width: 640px; }}
+#cases {{ width: 100%; }}
+#cases td:last-child, #cases th:last-child {{ text-align: left; width: 100%; }}
+code {{ overflow-wrap: anywhere; }}
 #dice {{ margin-bottom: 1em; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
