@@ -368,3 +368,97 @@ def test_train_with_teachers_records_them(small_cases, tiny_weights, tmp_path):
     stored = json.loads((run_dir / "train_config.json").read_text())
     assert stored["teachers"] == [str(tiny_weights)] and stored["distill"] == 0.5
     assert stored["teachers_sha256"] == [file_sha256(tiny_weights)]
+
+
+def test_quantize_refuses_an_incomplete_case_no_case_to_calibrate_on_and_a_negative_tolerance(
+        small_cases, tiny_weights, tmp_path):
+    cases = tmp_path / "cases"
+    for case in ("syn-0", "syn-1"):
+        (cases / case).mkdir(parents=True)
+        for f in (small_cases / case).iterdir():
+            if f.name != "syn-1_t1ce.nii.gz":  # labelled, but one image short
+                (cases / case / f.name).symlink_to(f)
+    refused = [
+        ((cases,), f"error: {cases / 'syn-1'}: no t1ce image (expected <case>_t1ce.nii.gz"),
+        ((small_cases, "--holdout", "syn-0,syn-1,syn-2"),
+         "error: all 3 labelled cases are held out: no case is left to calibrate on"),
+        ((small_cases, "--tolerance", -1), "error: tolerance -1.0: a change of Dice must be 0 "
+                                           "or more"),
+    ]
+    for args, message in refused:
+        result = run("quantize", *args, "--model", tiny_weights, "--no-progress")
+        assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+        assert "Traceback" not in result.output
+    assert not list(tiny_weights.parent.glob("*.int8.*"))
+
+
+TRAIN_SMALL = ("--steps-per-epoch", 1, "--batch-size", 2, "--patch", 32, 32, "--growth-rate", 2,
+               "--no-progress")
+
+
+def test_train_refuses_a_bad_model_or_patch_in_one_line_before_writing(small_cases, tmp_path):
+    for options, message in ((("--growth-rate", 0), "error: invalid model config: "),
+                             (("--patch", -32, 64), "error: patch (-32, 64) must be positive "
+                                                    "multiples of 32")):
+        result = run("train", small_cases, "-o", tmp_path / "run", *TRAIN_SMALL, *options)
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert result.output.count("\n") == 1 and not (tmp_path / "run").exists()
+
+
+def test_train_resume_keeps_the_run_its_split_and_its_cache(small_cases, tiny_weights,
+                                                            tmp_path):
+    run_dir, shared = tmp_path / "run", tmp_path / "shared"
+    result = run("train", small_cases, "-o", run_dir, "--cache", shared, "--epochs", 2,
+                 "--val-cases", "syn-2", *TRAIN_SMALL)
+    assert result.exit_code == 0, result.output
+    before = (run_dir / "checkpoint.safetensors").read_bytes()
+    refused = [
+        (("--epochs", 1), "the run has completed 2 epochs; it cannot go on with 1"),
+        (("--val-cases", "syn-0"), "differs in val_cases (('syn-0',), stored ('syn-2',))"),
+        (("--val-fraction", 0.7), "differs in val_cases (('syn-0', 'syn-2'), stored ('syn-2',))"),
+        (("--distill", 0.5), "differs in distill (0.5, stored 0.0)"),
+        (("--teacher", tiny_weights), f"differs in teachers (('{tiny_weights}',), stored ())"),
+        (("--init", tiny_weights), f"differs in init ('{tiny_weights}', stored '')"),
+    ]
+    for options, message in refused:
+        result = run("train", small_cases, "-o", run_dir, "--resume", *options, "--no-progress")
+        said = " ".join(result.output.split())
+        assert result.exit_code == 2 and f"error: {run_dir}: " in said, result.output
+        assert message in said and "training on" not in said, result.output
+    assert (run_dir / "checkpoint.safetensors").read_bytes() == before
+    assert json.loads((run_dir / "train_config.json").read_text())["epochs"] == 2
+    # no --cache: the run's own, not a new one in the run folder
+    result = run("train", small_cases, "-o", run_dir, "--resume", "--epochs", 3, "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert not (run_dir / "cache").exists()
+    with open(run_dir / "log.csv", newline="") as f:
+        assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2", "3"]
+
+
+def test_train_interrupted_says_how_to_go_on(small_cases, tmp_path, monkeypatch):
+    from tiramisu_brats import train as ttrain
+
+    train_epoch, stop = ttrain._train_epoch, []
+
+    def interrupted(run, epoch, start, on_step):
+        if epoch == stop[-1]:
+            raise KeyboardInterrupt  # as Ctrl-C does
+        return train_epoch(run, epoch, start, on_step)
+
+    monkeypatch.setattr(ttrain, "_train_epoch", interrupted)
+    run_dir = tmp_path / "run"
+    args = ("train", small_cases, "-o", run_dir, "--epochs", 3, *TRAIN_SMALL)
+    stop.append(1)  # no epoch completed: nothing to go on from
+    result = run(*args)
+    assert result.exit_code == 130 and "resume" not in result.output, result.output
+    result = run("train", small_cases, "-o", run_dir, "--resume", "--no-progress")
+    assert result.exit_code == 2, result.output
+    assert (f"error: {run_dir}: nothing to resume: no epoch of the run was completed (no "
+            "checkpoint.safetensors); the run can start anew, without resuming"
+            in " ".join(result.output.split()))
+    assert "training on" not in result.output
+    stop.append(2)
+    result = run(*args)
+    assert result.exit_code == 130, result.output
+    assert (f"interrupted: {run_dir} holds the last complete epoch; --resume continues the run "
+            "from it" in " ".join(result.output.split()))

@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -71,6 +73,21 @@ def test_cases_are_found_by_their_names_and_an_unlabelled_one_writes_no_cache(tm
     assert data.find_training_cases(root) == {"c0": root / "c0", "c1": root / "c1"}
     write_case(make_case(2, shape=(24, 24, 24), case_id="c2"), root, with_seg=False)
     with pytest.raises(io.InputError, match=r"c2: no segmentation \(_seg\) for training"):
+        data.build_cache(root, tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_case_folder_missing_a_modality_is_an_error_not_left_out(tmp_path):
+    from tiramisu_brats.synthetic import make_case, write_case
+
+    root = tmp_path / "cases"
+    for i in (0, 1):
+        write_case(make_case(i, shape=(24, 24, 24), case_id=f"c{i}"), root)
+    (root / "c1" / "c1_t1ce.nii.gz").unlink()  # labelled, but one image short
+    with pytest.raises(io.InputError, match=rf"^{re.escape(str(root / 'c1'))}: no t1ce image "
+                                            r"\(expected <case>_t1ce.nii.gz"):
+        data.find_training_cases(root)
+    with pytest.raises(io.InputError, match="c1: no t1ce image"):
         data.build_cache(root, tmp_path / "cache")
     assert not (tmp_path / "cache").exists()
 

@@ -1,5 +1,10 @@
 import csv
 import dataclasses
+import json
+import re
+import runpy
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -160,8 +165,8 @@ def test_config_of_runs_before_planes_still_reads():
     old = old.replace('"intensity": 0.1, ', "").replace('"gamma": 0.0, ', "")
     assert '"rotate_deg"' not in old and '"zoom"' not in old and '"intensity"' not in old
     assert '"gamma"' not in old
-    old = old.replace('"init": "", "init_sha256": "", ', "")
-    assert '"planes"' not in old and '"init"' not in old
+    old = old.replace('"init": "", "init_sha256": "", ', "").replace('"cache": "", ', "")
+    assert '"planes"' not in old and '"init"' not in old and '"cache"' not in old
     old = old[:-1] + ', "extra": {}}'
     assert TrainConfig.from_json(old) == _config()
 
@@ -337,3 +342,150 @@ def test_a_run_from_folders_validates_on_the_fold_asked_for(small_cases, tmp_pat
     assert run.config.init_sha256 == file_sha256(tiny_weights)
     assert data.is_cache(tmp_path / "run" / "cache")
     assert len(data.open_cache(tmp_path / "run" / "cache")) == 9  # 3 cases, 3 planes
+
+
+def test_without_validation_the_best_weights_are_the_last(cache, tmp_path):
+    from tiramisu_brats.model import read_config
+
+    rows = train(cache[:2], [], tmp_path / "a", _config(epochs=2, steps_per_epoch=1),
+                 device=torch.device("cpu"))
+    assert len(rows) == 2 and np.isnan(rows[-1]["val_dice_mean"])
+    assert read_config(tmp_path / "a" / "model_best.safetensors")[1]["epoch"] == "2"
+    best = load_model(tmp_path / "a" / "model_best.safetensors").state_dict()
+    last = load_model(tmp_path / "a" / "model_last.safetensors").state_dict()
+    assert all(torch.equal(best[k], last[k]) for k in last)
+    # with validation cases, the epoch of the best validation mean Dice (the first of equals)
+    rows = train(cache[:2], cache[2:], tmp_path / "b", _config(epochs=3, steps_per_epoch=1),
+                 device=torch.device("cpu"))
+    best = max(rows, key=lambda r: r["val_dice_mean"])["epoch"]
+    assert read_config(tmp_path / "b" / "model_best.safetensors")[1]["epoch"] == str(best)
+
+
+def test_patch_sizes_must_be_positive():
+    for patch in ((0, 0), (-32, 64)):  # multiples of 32 all the same
+        with pytest.raises(ValueError, match=rf"^patch {re.escape(str(patch))} must be "
+                                             "positive multiples of 32$"):
+            TrainConfig(patch=patch)
+
+
+def test_a_resumed_run_refuses_another_split_start_or_teacher():
+    from tiramisu_brats.train import resumed_config
+
+    stored = _config()  # validated on syn-2
+    # the same split asked for again, as the run's fold, cases or fraction: no change
+    assert resumed_config(stored, {}, fold=(0, 3)) == stored
+    assert resumed_config(stored, {}, val_cases=["syn-2"]) == stored
+    assert resumed_config(stored, {}, val_fraction=0.3) == stored  # seed 3 draws syn-2
+    refused = [
+        (dict(fold=(1, 3)), r"val_cases \(\('syn-1',\), stored \('syn-2',\)\)$"),
+        (dict(val_cases=["syn-0"]), r"val_cases \(\('syn-0',\), stored \('syn-2',\)\)$"),
+        (dict(val_fraction=0.7), r"val_cases \(\('syn-1', 'syn-2'\), stored \('syn-2',\)\)$"),
+        (dict(init="ft.safetensors"), r"init \('ft.safetensors', stored ''\)$"),
+    ]
+    for given, message in refused:
+        with pytest.raises(ValueError, match="^a resumed run keeps its recipe; it differs in "
+                                             + message):
+            resumed_config(stored, {}, **given)
+    with pytest.raises(ValueError, match=r"differs in distill \(0.5, stored 0.0\), teachers "
+                                         r"\(\('t.safetensors',\), stored \(\)\)$"):
+        resumed_config(stored, {"teachers": ["t.safetensors"], "distill": 0.5})
+    taught = _config(teachers=("t.safetensors",), distill=0.5, init="ft.safetensors")
+    assert resumed_config(taught, {"teachers": ["t.safetensors"], "distill": 0.5},
+                          init="ft.safetensors") == taught
+
+
+def test_a_run_is_not_resumed_shorter_than_it_ran(cache, tmp_path):
+    train(cache[:2], [], tmp_path, _config(epochs=2, steps_per_epoch=1),
+          device=torch.device("cpu"))
+    before = (tmp_path / "checkpoint.safetensors").read_bytes()
+    with pytest.raises(ValueError, match=r"the run has completed 2 epochs; it cannot go on "
+                                         r"with 1$"):
+        train(cache[:2], [], tmp_path, _config(epochs=1, steps_per_epoch=1), resume=True,
+              device=torch.device("cpu"))
+    assert TrainConfig.from_json((tmp_path / "train_config.json").read_text()).epochs == 2
+    assert (tmp_path / "checkpoint.safetensors").read_bytes() == before
+
+
+def test_a_resume_reuses_the_cache_the_run_used(small_cases, tmp_path, caplog):
+    import shutil
+
+    from tiramisu_brats.train import run_from_folders
+
+    recipe = dict(model=TINY, patch=(32, 32), steps_per_epoch=1, batch_size=2)
+    shared, run = tmp_path / "shared", tmp_path / "run"
+    run_from_folders(small_cases, run, cache=shared, epochs=1, **recipe)
+    stored = TrainConfig.from_json((run / "train_config.json").read_text())
+    assert stored.cache == str(shared.absolute()) and len(data.open_cache(shared)) == 9
+    resumed = run_from_folders(small_cases, run, resume=True, epochs=2)
+    assert len(resumed.rows) == 2 and resumed.config.cache == str(shared.absolute())
+    assert not (run / "cache").exists()
+    shutil.rmtree(shared)  # gone: cached anew in the run folder, and said so
+    with caplog.at_level("WARNING", logger="tiramisu_brats.train"):
+        resumed = run_from_folders(small_cases, run, resume=True, epochs=3)
+    assert len(resumed.rows) == 3 and len(data.open_cache(run / "cache")) == 9
+    assert f"the run's cache {shared.absolute()} is gone" in caplog.text
+    assert (TrainConfig.from_json((run / "train_config.json").read_text()).cache
+            == str((run / "cache").absolute()))
+
+
+def test_resuming_a_run_that_completed_no_epoch_is_refused_before_caching(small_cases,
+                                                                          tmp_path):
+    from tiramisu_brats.train import run_from_folders
+
+    run = tmp_path / "run"
+    run.mkdir()  # as a run interrupted in its first epoch leaves it
+    (run / "train_config.json").write_text(_config(patch=(32, 32)).to_json())
+    started = []
+    with pytest.raises(FileNotFoundError, match=r"^.*run: nothing to resume: no epoch of the "
+                                                r"run was completed \(no checkpoint"):
+        run_from_folders(small_cases, run, resume=True, on_start=started.append)
+    assert [p.name for p in run.iterdir()] == ["train_config.json"] and not started
+
+
+def _package(monkeypatch, capsys, *args) -> tuple[int, str]:
+    """Run scripts/package_weights.py with ``args`` in this process: its exit status, stderr."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "package_weights.py"
+    monkeypatch.setattr(sys, "argv", [script.name, *map(str, args)])
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+        code = 0
+    except SystemExit as done:
+        code = done.code
+    return code, capsys.readouterr().err
+
+
+def test_package_weights_checks_its_inputs_before_writing(cache, tmp_path, monkeypatch, capsys):
+    from tiramisu_brats.export import decision
+    from tiramisu_brats.model import read_config
+
+    run = tmp_path / "run"
+    train(cache[:2], [], run, _config(epochs=2, steps_per_epoch=1, val_cases=(),
+                                      cache=str(tmp_path / "c")), device=torch.device("cpu"))
+    out = tmp_path / "w.safetensors"
+    words = ("--recipe", "r", "--postprocess", "p")
+    refused = [
+        ((tmp_path / "nope", out, *words), r"nope: no such run folder or weights file$"),
+        ((run, out, *words, "--decision", "{bad"), r"decision '\{bad' is not JSON \("),
+        ((run, out, *words, "--decision", '{"qc_spread_review": 2}'),
+         r"expected a JSON object of values in \(0, 1\) for region_threshold"),
+        ((run, tmp_path / "w.onnx", *words), r"w.onnx: the weights go to a .safetensors file"),
+    ]
+    for args, message in refused:
+        code, err = _package(monkeypatch, capsys, *args)
+        assert code == 2 and re.search(rf"^error: .*{message}", err), err
+        assert err.count("\n") == 1 and not list(tmp_path.glob("w.*")), err
+    code, err = _package(monkeypatch, capsys, run, out, *words, "--best")
+    assert code == 0, err
+    _, header = read_config(out)
+    assert header["epoch"] == "2" and header["held_out"] == ""  # no validation: best is last
+    assert "cache" not in json.loads(header["train_config"])  # a place, not the recipe
+    assert out.with_suffix(".onnx").is_file()
+    before = out.read_bytes()
+    code, err = _package(monkeypatch, capsys, run, out, *words)
+    assert code == 2 and f"error: {out}: already exists; pass --overwrite" in err
+    assert out.read_bytes() == before
+    # a decision recorded in the packaged weights themselves: an update in place
+    code, err = _package(monkeypatch, capsys, out, out, "--decision", '{"qc_spread_review": 0.2}')
+    assert code == 0 and decision(out) == {"qc_spread_review": 0.2}, err
+    code, err = _package(monkeypatch, capsys, run, out, *words, "--overwrite")
+    assert code == 0 and decision(out) == {}, err

@@ -534,26 +534,34 @@ def train(
     from tiramisu_brats import train as ttrain
     from tiramisu_brats.model import TiramisuConfig
 
-    recipe = dict(
-        model=TiramisuConfig(growth_rate=growth_rate), epochs=epochs,
-        steps_per_epoch=steps_per_epoch, batch_size=batch_size, patch=patch,
-        tumor_share=tumor_share, rotate_deg=rotate_deg, zoom=zoom, intensity=intensity,
-        gamma=gamma, lr=lr, weight_decay=weight_decay, loss=loss, schedule=schedule,
-        minutes=minutes, seed=seed, compile=compile, micro_batches=micro_batches,
-        planes=[p.strip() for p in planes.split(",")],
-        teachers=[str(t) for t in teacher or ()], distill=distill if teacher else 0.0)
-    if resume:  # the stored recipe, lengthened or repeated by the options given
-        option = {"model": "growth_rate", "teachers": "teacher"}
-        recipe = {k: v for k, v in recipe.items() if _given(ctx, option.get(k, k))}
     exists = "pass --resume to continue it, or another output folder"
-    with user_errors(exists), progress_bar(progress) as bar:
-        steps = TrainProgress(bar)
-        run = ttrain.run_from_folders(
-            data, output, cache=cache, resume=resume, fold=parse_fold(fold),
-            val_cases=[v.strip() for v in val_cases.split(",")] if val_cases else (),
-            val_fraction=val_fraction, init=init,
-            on_cache=lambda folders: bar.track(folders, description="caching cases"),
-            on_start=steps.start, on_step=steps.step, **recipe)
+    try:
+        with user_errors(exists), progress_bar(progress) as bar:
+            recipe = dict(
+                model=TiramisuConfig(growth_rate=growth_rate), epochs=epochs,
+                steps_per_epoch=steps_per_epoch, batch_size=batch_size, patch=patch,
+                tumor_share=tumor_share, rotate_deg=rotate_deg, zoom=zoom, intensity=intensity,
+                gamma=gamma, lr=lr, weight_decay=weight_decay, loss=loss, schedule=schedule,
+                minutes=minutes, seed=seed, compile=compile, micro_batches=micro_batches,
+                planes=[p.strip() for p in planes.split(",")],
+                teachers=[str(t) for t in teacher or ()],
+                distill=distill if teacher or resume else 0.0)
+            if resume:  # the stored recipe, lengthened or repeated by the options given
+                option = {"model": "growth_rate", "teachers": "teacher"}
+                recipe = {k: v for k, v in recipe.items() if _given(ctx, option.get(k, k))}
+            steps = TrainProgress(bar)
+            run = ttrain.run_from_folders(
+                data, output, cache=cache, resume=resume, fold=parse_fold(fold),
+                val_cases=[v.strip() for v in val_cases.split(",")] if val_cases else (),
+                val_fraction=val_fraction, init=init,
+                on_cache=lambda folders: bar.track(folders, description="caching cases"),
+                on_start=steps.start, on_step=steps.step, **recipe)
+    except KeyboardInterrupt:
+        # Under torchrun every process is interrupted: rank 0 alone says it.
+        if (output / "checkpoint.safetensors").exists() and os.environ.get("RANK", "0") == "0":
+            console.print(f"interrupted: {output} holds the last complete epoch; --resume "
+                          "continues the run from it", highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
     if not run.world.main:  # only rank 0 prints
         return
     if run.rows:

@@ -161,12 +161,13 @@ def build_cache(
 
 def find_training_cases(data_dirs: Path | Sequence[Path]) -> dict[str, Path]:
     """The labelled case folders below one or several data folders, by case id (in id order),
-    from the files' names alone (no image is read). A case without segmentation, or whose id
-    is no file name, is an error, as is a case id found twice (the same case would fall on
-    both sides of a split)."""
+    from the files' names alone (no image is read). A folder of images that is not a complete
+    case (``io.find_case_files`` says what is missing), a case without segmentation, or one
+    whose id is no file name, is an error, as is a case id found twice (the same case would
+    fall on both sides of a split)."""
     dirs = [Path(data_dirs)] if isinstance(data_dirs, (str, Path)) else [Path(d) for d in data_dirs]
     seen: dict[str, Path] = {}
-    for f in (f for d in dirs for f in io.find_cases(d)):
+    for f in (f for d in dirs for f in io.find_cases(d, incomplete=True)):
         files = io.find_case_files(f)
         if files.seg is None:
             raise io.InputError(f"{f}: no segmentation (_seg) for training")

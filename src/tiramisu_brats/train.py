@@ -2,7 +2,8 @@
 
 A run folder holds ``train_config.json``, ``log.csv`` (one row per epoch), ``curves.png``,
 ``checkpoint.safetensors`` (weights, optimizer and random states: resumable), and the weights
-files ``model_last.safetensors`` and ``model_best.safetensors`` (best validation mean Dice).
+files ``model_last.safetensors`` and ``model_best.safetensors`` (best validation mean Dice; in a
+run without validation cases, the last epoch's weights too).
 Every file is written under a temporary name and renamed, so a kill leaves the last complete
 epoch. Nothing is pickled.
 
@@ -104,6 +105,10 @@ class TrainConfig:
     teachers: tuple[str, ...] = ()
     teachers_sha256: tuple[str, ...] = ()
     distill: float = 0.0
+    # The slice cache folder the run read its cases from (absolute; "" where not known, as in
+    # runs before this field): where the machine keeps the data, not part of the recipe. A
+    # resume given no cache folder reuses it.
+    cache: str = ""
 
     def __post_init__(self) -> None:
         for name in ("patch", "planes", "val_cases", "train_cases", "teachers",
@@ -120,8 +125,8 @@ class TrainConfig:
         if self.schedule not in ("constant", "cosine"):
             raise ValueError(f"schedule must be 'constant' or 'cosine', got {self.schedule!r}")
         d = self.model.divisor
-        if any(p % d for p in self.patch):
-            raise ValueError(f"patch {self.patch} must be multiples of {d}")
+        if any(p <= 0 or p % d for p in self.patch):
+            raise ValueError(f"patch {self.patch} must be positive multiples of {d}")
         for name in ("epochs", "steps_per_epoch", "batch_size", "micro_batches", "seed"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < (name != "seed"):
@@ -606,17 +611,38 @@ def distill_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (target * (target.clamp_min(1e-8).log() - logp)).sum(1).mean()
 
 
-def _open_run(run_dir: Path, resume: bool, model, optimizer, rng, gen, rank: int):
-    ckpt = run_dir / "checkpoint.safetensors"
+def _open_run(run_dir: Path, config: TrainConfig, resume: bool, model, optimizer, rng, gen,
+              rank: int):
     if resume:
-        if not ckpt.exists():
-            raise FileNotFoundError(f"{ckpt}: nothing to resume")
-        rows, best = load_checkpoint(ckpt, model, optimizer, rng, gen, rank)
+        _check_resumable(run_dir, config)
+        rows, best = load_checkpoint(run_dir / "checkpoint.safetensors", model, optimizer, rng,
+                                     gen, rank)
         if rank == 0:
             log.info("resumed %s at epoch %d", run_dir, len(rows))
         return rows, best
     _check_new_run_dir(run_dir)
     return [], -1.0
+
+
+def _check_resumable(run_dir: Path, config: TrainConfig) -> None:
+    """Refuse to resume a run that completed no epoch, or to go on with fewer ``epochs`` than
+    it completed (its log and checkpoint would hold more than its config); reads the
+    checkpoint's header only."""
+    from safetensors import safe_open
+
+    ckpt = run_dir / "checkpoint.safetensors"
+    if not ckpt.exists():
+        raise FileNotFoundError(
+            f"{run_dir}: nothing to resume: no epoch of the run was completed (no "
+            "checkpoint.safetensors); the run can start anew, without resuming")
+    try:
+        with safe_open(str(ckpt), framework="pt") as f:
+            done = len(json.loads((f.metadata() or {})["rows"]))
+    except Exception as err:  # safetensors raises several types for a corrupt header
+        raise ValueError(f"{ckpt}: not a tiramisu-brats training checkpoint ({err})") from None
+    if config.epochs < done:
+        raise ValueError(f"{run_dir}: the run has completed {done} epochs; it cannot go on "
+                         f"with {config.epochs}")
 
 
 def _check_new_run_dir(run_dir: Path) -> None:
@@ -708,7 +734,7 @@ def _setup(train_cases, val_cases, run_dir: Path, config: TrainConfig, resume: b
                                     weight_decay=config.weight_decay)
     error = None
     try:
-        rows, best = _open_run(run_dir, resume, model, optimizer, rng, gen, world.rank)
+        rows, best = _open_run(run_dir, config, resume, model, optimizer, rng, gen, world.rank)
     except (OSError, ValueError) as err:
         error = err
     if world.size > 1:  # fail together: a process left alone would wait forever
@@ -848,13 +874,17 @@ def _end_epoch(run: _Run, epoch: int, losses: list[float], start: float) -> None
         tdist.all_gather_object(rank_rng, _rng_state(device))
     if world.main:
         run.best = _save_epoch(run.run_dir, run.model, run.optimizer, run.rng, run.gen, config,
-                               run.rows, run.best, rank_rng)
+                               run.rows, run.best, rank_rng, validated=bool(run.val_cases))
     barrier(device)  # the others wait for rank 0's files
 
 
 def _save_epoch(run_dir: Path, model, optimizer, rng, gen, config: TrainConfig,
-                rows: list[dict], best: float, rank_rng) -> float:
-    """Write the files of a finished epoch; returns the best validation mean Dice so far."""
+                rows: list[dict], best: float, rank_rng, validated: bool) -> float:
+    """Write the files of a finished epoch; returns the best validation mean Dice so far.
+
+    ``model_best.safetensors`` gets the epoch's weights where its validation mean beats
+    ``best``, and every epoch's where the run has no validation cases (``validated`` false):
+    with nothing to tell the epochs apart, the best is the last."""
     row = rows[-1]
     mean = row["val_dice_mean"]
     meta = {"epoch": str(row["epoch"]), "val_dice_mean": repr(mean),
@@ -862,10 +892,11 @@ def _save_epoch(run_dir: Path, model, optimizer, rng, gen, config: TrainConfig,
     io.atomic_write(run_dir / "model_last.safetensors",
                     lambda tmp: save_weights(model, tmp, metadata=meta), overwrite=True)
     best_path = run_dir / "model_best.safetensors"
-    if (not math.isnan(mean) and mean > best) or not best_path.exists():
-        best = mean if not math.isnan(mean) else best
+    better = not math.isnan(mean) and mean > best
+    if better or not validated or not best_path.exists():
         io.atomic_write(best_path, lambda tmp: save_weights(model, tmp, metadata=meta),
                         overwrite=True)
+    best = mean if better else best
     # The checkpoint, written after the weights, marks the epoch complete.
     save_checkpoint(run_dir / "checkpoint.safetensors", model, optimizer, rng, gen, config,
                     rows, best, rank_rng)
@@ -906,7 +937,8 @@ def run_from_folders(
     into the run folder ``output``; returns the run with its log rows.
 
     Case folders are cached first (``data.build_cache``, every plane) into ``cache`` (default
-    ``output/cache``; reused across runs). What the arguments and the case folders' names tell
+    ``output/cache``, or for a resumed run the cache folder it used, while it exists; reused
+    across runs; recorded in the config). What the arguments and the case folders' names tell
     (the split, ``init``, a run already in ``output``, ...) is checked before: a refused run
     writes nothing. Validated on: fold ``fold = (i, k)`` (``i`` from 0) of a k-fold split by
     case (``data.kfold``), else the cases ``val_cases``, else a random ``val_fraction`` of
@@ -915,9 +947,9 @@ def run_from_folders(
     recipe's ``teachers``). ``recipe``: the other fields of ``TrainConfig`` (``epochs``,
     ``batch_size``, ``model``, ``planes``, ...);
     ``micro_batches`` defaults to one per process. ``resume``: continue the run in
-    ``output`` with its stored config (``fold``, ``val_*`` and ``init`` are then not used);
-    ``recipe`` may then lengthen it (``epochs``, ``minutes``: see ``resumed_config``) and
-    repeat, but not change, the rest.
+    ``output`` with its stored config; ``recipe`` may then lengthen it (``epochs``,
+    ``minutes``: see ``resumed_config``) and repeat, but not change, the rest, as ``fold``,
+    ``val_*`` and ``init`` may repeat the run's split and starting weights.
 
     Under torchrun every process calls this with the same arguments and joins the process
     group (``distributed``); rank 0 caches the cases first, the others then find them cached
@@ -937,7 +969,8 @@ def run_from_folders(
         config = _stored_config(output) if resume else None
         if config is not None:
             try:
-                config = resumed_config(config, recipe)
+                config = resumed_config(config, recipe, fold=fold, val_cases=val_cases,
+                                        val_fraction=val_fraction, init=init)
             except ValueError as err:
                 raise io.InputError(f"{output}: {err}") from None
         cached = len(dirs) == 1 and tdata.is_cache(dirs[0])
@@ -952,12 +985,17 @@ def run_from_folders(
             if missing:
                 raise io.InputError(f"{output}: the run's cases {', '.join(missing[:5])}"
                                     f"{', ...' if len(missing) > 5 else ''} are not in the data")
+            _check_resumable(output, config)
         _check_micro_batches(config, world)
-        if not cached:
-            cache_dir = Path(cache) if cache is not None else output / "cache"
+        if cached:
+            cache_dir = dirs[0]
+        else:
+            cache_dir = (Path(cache) if cache is not None
+                         else _default_cache(output, config.cache, world))
             progress = on_cache if on_cache is not None and world.main else iter
             cases = in_turn(lambda: tdata.build_cache(dirs, cache_dir, progress=progress),
                             device)  # rank 0 writes, the others read
+        config = dataclasses.replace(config, cache=str(cache_dir.absolute()))
         run = FolderRun(config, world, tdata.select(cases, config.train_cases, config.planes),
                         tdata.select(cases, config.val_cases))
         if on_start is not None and world.main:
@@ -965,6 +1003,17 @@ def run_from_folders(
         rows = train(run.train_set, run.val_set, output, config, resume=resume, device=device,
                      on_step=on_step if world.main else None)
     return dataclasses.replace(run, rows=rows)
+
+
+def _default_cache(output: Path, stored: str, world: World) -> Path:
+    """The cache folder of a run given none: ``stored`` (the one a resumed run used) while it
+    exists, else ``output/cache``."""
+    if stored and Path(stored).is_dir():
+        return Path(stored)
+    if stored and world.main:
+        log.warning("the run's cache %s is gone: caching the cases anew in %s", stored,
+                    output / "cache")
+    return output / "cache"
 
 
 def _stored_config(run_dir: Path) -> TrainConfig:
@@ -976,29 +1025,43 @@ def _stored_config(run_dir: Path) -> TrainConfig:
         raise io.InputError(f"{path}: {err}") from None
 
 
-def resumed_config(stored: TrainConfig, recipe: dict) -> TrainConfig:
+def resumed_config(stored: TrainConfig, recipe: dict, *, fold: tuple[int, int] | None = None,
+                   val_cases: Sequence[str] = (), val_fraction: float = 0.0,
+                   init: str | os.PathLike[str] | None = None) -> TrainConfig:
     """The config a resumed run goes on with: ``stored``, lengthened where ``recipe`` (fields
     of ``TrainConfig``) asks for more ``epochs`` or ``minutes``.
 
     With the constant schedule the lengthened run is the run that had asked for that length
     from the start (the random states go on from the checkpoint). A cosine schedule is laid
     over the run's length, so lengthening it would change the learning rates of the epochs
-    already run: refused, as is any other field of ``recipe`` that differs from ``stored``.
+    already run: refused, as is any other field of ``recipe`` that differs from ``stored``,
+    and a split (``fold``, ``val_cases``, ``val_fraction``: see ``run_from_folders``) or
+    ``init`` given that is not the run's.
     """
-    wanted = dataclasses.replace(stored, **recipe)
-    changed = sorted(k for k in recipe if getattr(wanted, k) != getattr(stored, k))
-    fixed = [k for k in changed if k not in ("epochs", "minutes")]
+    def as_stored(value):  # lists (JSON, CLI) as the config holds them
+        return tuple(value) if isinstance(value, list) else value
+
+    differences = [(k, as_stored(recipe[k]), getattr(stored, k)) for k in sorted(recipe)
+                   if as_stored(recipe[k]) != getattr(stored, k)]
+    changed = [k for k, _, _ in differences]
+    fixed = [d for d in differences if d[0] not in ("epochs", "minutes")]
+    if fold is not None or val_cases or val_fraction:
+        ids = sorted({*stored.train_cases, *stored.val_cases})  # the split was made of these
+        val = (tdata.kfold(ids, *fold, stored.seed) if fold is not None
+               else tdata.split_cases(ids, list(val_cases), val_fraction, stored.seed)[1])
+        if set(val) != set(stored.val_cases):
+            fixed.append(("val_cases", tuple(val), stored.val_cases))
+    if init is not None and str(init) != stored.init:
+        fixed.append(("init", str(init), stored.init))
     if fixed:
-        raise ValueError(
-            "a resumed run keeps its recipe; it differs in "
-            + ", ".join(f"{k} ({getattr(wanted, k)!r}, stored {getattr(stored, k)!r})"
-                        for k in fixed))
+        raise ValueError("a resumed run keeps its recipe; it differs in "
+                         + ", ".join(f"{k} ({v!r}, stored {s!r})" for k, v, s in fixed))
     if changed and stored.schedule == "cosine":
         raise ValueError(
             f"this run's cosine schedule is laid over its length ({stored.epochs} epochs"
             + (f", {stored.minutes} minutes" if stored.minutes is not None else "")
             + "); lengthening it would change the learning rates of the epochs already run")
-    return wanted
+    return dataclasses.replace(stored, **{k: recipe[k] for k in changed})
 
 
 def _new_config(ids: list[str], world: World, fold: tuple[int, int] | None,
