@@ -793,3 +793,46 @@ def test_quantize_int8_checks_every_case_and_records_the_check(tmp_path, tiny_we
                                for r in metrics.REGIONS]
     monkeypatch.setattr(infer, "cpu_info", lambda: ("", frozenset({"avx2"})))
     assert infer.choose_precision("openvino", weights)[0] == ("int8" if check["kept"] else "bf16")
+
+
+def test_the_api_takes_what_an_image_can_be_and_says_what_it_cannot(tiny_weights, caplog):
+    import logging
+
+    case = make_case(2, shape=(48, 48, 32))
+    segmenter = api.Segmenter(tiny_weights, "torch", crop=(64, 64))
+    labels = segmenter.segment(case.image).labels
+    assert np.array_equal(segmenter.segment(case.image.tolist()).labels, labels)  # a list
+    nan = case.image.copy()
+    nan[0, 0, 0, 0], nan[2, 30, 30, 16] = np.nan, np.inf  # outside and inside the brain
+    zeroed = np.where(np.isfinite(nan), nan, 0)
+    with caplog.at_level(logging.WARNING, logger="tiramisu_brats"):
+        assert np.array_equal(segmenter.segment(nan).labels, segmenter.segment(zeroed).labels)
+    assert "2 NaN/Inf voxels set to 0" in caplog.text
+    with pytest.raises(ValueError, match=r"expected a real-valued image .* got dtype complex64"):
+        segmenter.segment(case.image.astype(np.complex64))
+    with pytest.raises(ValueError, match=r"a \(4, 4\) voxel-to-world matrix, got shape \(3, 3\)"):
+        segmenter.segment(case.image, affine=np.eye(3))
+    # api.segment takes the affine too: a case stored flipped gives its labels flipped
+    flipped = case.affine @ np.diag([-1.0, 1.0, 1.0, 1.0])
+    flipped[0, 3] = case.affine[0, 3] + case.affine[0, 0] * (case.image.shape[1] - 1)
+    seg = api.segment(case.image[:, ::-1], tiny_weights, "torch", affine=flipped, crop=(64, 64))
+    assert np.array_equal(seg.labels[::-1], labels)
+    with pytest.raises(ValueError, match=r"the spread map \(2, 2, 2\) and the labels"):
+        api.quality(np.zeros((2, 2, 2)), np.ones((3, 3, 3), np.uint8))
+
+
+def test_segment_case_checks_its_arguments_before_the_network_runs(tmp_path, tiny_weights,
+                                                                    monkeypatch):
+    from tiramisu_brats.synthetic import write_case
+
+    folder = write_case(make_case(1, shape=(48, 48, 32), case_id="c"), tmp_path / "in")
+    segmenter = api.Segmenter(tiny_weights, "torch", crop=(64, 64))
+    monkeypatch.setattr(segmenter, "_segment_grid", lambda *a, **k: pytest.fail("ran"))
+    with pytest.raises(ValueError, match="unknown label convention 'nnunet'"):
+        segmenter.segment_case(io.find_case_files(folder), tmp_path / "c.nii.gz",
+                               convention="nnunet")
+    with pytest.raises(ValueError, match=r"x\.txt: a label map must end in \.nii\.gz or \.nii"):
+        segmenter.segment_case(io.find_case_files(folder), tmp_path / "x.txt")
+    monkeypatch.undo()
+    summary = segmenter.segment_case(folder, tmp_path / "c.nii.gz")  # a folder will do
+    assert summary["case"] == "c"

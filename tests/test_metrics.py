@@ -342,3 +342,28 @@ def test_region_dice_gives_each_region_of_two_label_maps():
     # WT 3 vs 4 voxels, 3 shared; TC {1, 4} 2 vs 3, 2 shared; ET 1 vs 2, 1 shared
     assert region_dice(pred, ref) == pytest.approx({"WT": 6 / 7, "TC": 4 / 5, "ET": 2 / 3})
     assert region_dice(pred * 0, ref * 0) == {"WT": 1.0, "TC": 1.0, "ET": 1.0}
+
+
+def test_label_maps_with_other_values_than_0_1_2_4_are_refused():
+    ref = np.array([[[0, 1, 2, 4]]], np.uint8)
+    numbered_2023 = np.array([[[0, 1, 2, 3]]], np.uint8)  # enhancing as 3: would score 0
+    with pytest.raises(ValueError, match=r"prediction: label values \[3\] are not among"):
+        evaluate_case(numbered_2023, ref, (1, 1, 1))
+    with pytest.raises(ValueError, match=r"reference: label values \[5\]"):
+        region_dice(ref, np.array([[[0, 1, 2, 5]]], np.uint8))
+    with pytest.raises(ValueError, match=r"labels: label values \[-1.0, nan\]"):
+        volumes_ml(np.array([[[0, -1, np.nan, 4]]]), (1, 1, 1))
+    assert volumes_ml(ref.astype(np.int64), (1, 1, 1))["WT_ml"] == pytest.approx(0.003)
+
+
+def test_metrics_of_2d_label_maps_and_a_spacing_that_is_no_sequence():
+    pred = np.zeros((6, 6), np.uint8)
+    pred[1:4, 1:4] = 2
+    ref = np.zeros((6, 6), np.uint8)
+    ref[1:4, 2:5] = 2
+    row = evaluate_case(pred, ref, (1.0, 2.0))
+    # shifted by one voxel along the axis of 2 mm voxels
+    assert row["dice_WT"] == pytest.approx(2 * 6 / 18) and row["hd95_WT"] == pytest.approx(2.0)
+    assert row["volume_pred_WT_ml"] == pytest.approx(9 * 2 / 1000)
+    with pytest.raises(ValueError, match=r"spacing must be 2 positive finite numbers, got 1\.0"):
+        evaluate_case(pred, ref, 1.0)

@@ -166,6 +166,10 @@ def _qc(values: np.ndarray, labels: np.ndarray, key: str,
     """The QC of one case: the mean of ``values`` (X, Y, Z) inside the predicted tumor
     (``labels`` > 0) under ``key``, and the score, review flag and words ``judge`` gives it;
     no tumor found is score 0 and a review."""
+    values, labels = np.asarray(values), np.asarray(labels)
+    if values.shape != labels.shape:
+        raise ValueError(f"the {key} map {values.shape} and the labels {labels.shape} differ "
+                         "in shape")
     tumor = labels > 0
     if not tumor.any():
         return {"score": 0.0, "review": True, key: None,
@@ -340,9 +344,19 @@ class Segmenter:
         orientation the model was trained in (and to 1 mm, unless ``resample`` is off) and
         the labels back onto its grid. Without it the image is taken as it is (BraTS
         orientation, 1 mm). ``all_slices``: run every brain slice even with ``tumor_slices``
-        (a complete ``raw``)."""
+        (a complete ``raw``). NaN and Inf voxels count as 0 (with a warning), as when read
+        from a file (``io.read_case``)."""
+        image = np.asarray(image)  # a list, a CPU tensor
+        if image.dtype.kind not in "iuf":
+            raise ValueError(f"expected a real-valued image (integers or floats), got dtype "
+                             f"{image.dtype}")
         if image.ndim != 4 or image.shape[0] != 4:
             raise ValueError(f"expected an image (4, X, Y, Z), got shape {image.shape}")
+        if image.dtype.kind == "f":
+            bad = ~np.isfinite(image)
+            if bad.any():
+                log.warning("%d NaN/Inf voxels set to 0", np.count_nonzero(bad))
+                image = np.where(bad, 0, image)
         if affine is not None:
             grid = network_grid(affine, image.shape[1:], self.resample)
             return self._segment_grid(to_network(image, grid), grid, on_batch, all_slices)
@@ -553,6 +567,14 @@ class Segmenter:
         then ``preprocess`` takes no time here.
         """
         output = Path(output)
+        if not isinstance(files, io.CaseFiles):  # a case folder
+            files = io.find_case_files(files)
+        # Checked before the (long) inference, as is the output folder below.
+        if convention not in io.LABEL_CONVENTIONS:
+            raise ValueError(f"unknown label convention {convention!r} (use one of "
+                             f"{', '.join(io.LABEL_CONVENTIONS)})")
+        if io.nifti_stem(output.name) is None:
+            raise ValueError(f"{output}: a label map must end in .nii.gz or .nii")
         stem = label_stem(output)
         sidecar = output.with_name(stem + ".json")
         raw_path = output.with_name(stem + "_raw.nii.gz")
@@ -564,7 +586,7 @@ class Segmenter:
         for target in (output, sidecar, raw_path, spread_path):
             if target.resolve() in inputs:
                 raise io.InputError(f"{target}: the output would overwrite an input file")
-        # Checked before the (long) inference; atomic_write checks again when writing.
+        # atomic_write checks again when writing.
         if not output.parent.is_dir():
             raise io.InputError(f"{output}: output folder {output.parent} does not exist")
         if not os.access(output.parent, os.W_OK | os.X_OK):
@@ -633,9 +655,10 @@ class Segmenter:
 
 
 def segment(image: np.ndarray, model: PathLike | None = None, backend: str = "openvino",
-            **options) -> Segmentation:
-    """Segment one image (4, X, Y, Z) with a fresh ``Segmenter`` (see its options)."""
-    return Segmenter(model, backend, **options).segment(image)
+            affine: np.ndarray | None = None, **options) -> Segmentation:
+    """Segment one image (4, X, Y, Z) with a fresh ``Segmenter`` (see its options);
+    ``affine`` (4, 4): as ``Segmenter.segment`` (without it, BraTS orientation and 1 mm)."""
+    return Segmenter(model, backend, **options).segment(image, affine=affine)
 
 
 # int8 becomes the default only where it moves no case's Dice (WT, TC, ET) against the expert

@@ -27,12 +27,14 @@ from scipy import ndimage
 
 __all__ = [
     "HD95_EMPTY",
+    "LABELS",
     "METRIC_COLUMNS",
     "REGIONS",
     "Confusion",
     "dice",
     "evaluate_case",
     "hd95",
+    "region_dice",
     "region_mask",
     "sensitivity",
     "specificity",
@@ -63,10 +65,30 @@ _CROSS = ndimage.generate_binary_structure(3, 1)
 
 
 def _check_spacing(spacing: Sequence[float], ndim: int) -> tuple[float, ...]:
-    sp = tuple(float(s) for s in spacing)
+    try:
+        sp = tuple(float(s) for s in spacing)
+    except (TypeError, ValueError):
+        sp = ()
     if len(sp) != ndim or not all(np.isfinite(s) and s > 0 for s in sp):
         raise ValueError(f"spacing must be {ndim} positive finite numbers, got {spacing!r}")
     return sp
+
+
+LABELS = (0, 1, 2, 4)
+"""The label values the metrics take (BraTS 2023's enhancing 3 is 4 here:
+``io.from_convention``)."""
+
+
+def _check_labels(labels: np.ndarray, name: str) -> np.ndarray:
+    """``labels`` as an array, refused where it holds a value not in :data:`LABELS`."""
+    lab = np.asarray(labels)
+    present = (np.flatnonzero(np.bincount(lab.ravel(), minlength=256)) if lab.dtype == np.uint8
+               else np.unique(lab))
+    bad = [v for v in present.tolist() if v not in LABELS]
+    if bad:
+        raise ValueError(f"{name}: label values {bad[:10]} are not among 0/1/2/4 (BraTS 2023's "
+                         "enhancing tumor 3 is 4 here)")
+    return lab
 
 
 def _check_same_shape(pred: np.ndarray, ref: np.ndarray) -> None:
@@ -149,6 +171,7 @@ def dice(pred: np.ndarray, ref: np.ndarray) -> float:
 
 def region_dice(pred: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     """Dice of each region of :data:`REGIONS` (WT, TC, ET) between two label maps."""
+    pred, ref = _check_labels(pred, "prediction"), _check_labels(ref, "reference")
     return {r: dice(region_mask(pred, r), region_mask(ref, r)) for r in REGIONS}
 
 
@@ -169,7 +192,8 @@ def surface_voxels(mask: np.ndarray) -> np.ndarray:
     surface there. Returns a new ``bool`` array of the mask's shape.
     """
     m = np.asarray(mask, dtype=bool)
-    return m & ~ndimage.binary_erosion(m, structure=_CROSS, border_value=0)
+    cross = _CROSS if m.ndim == 3 else ndimage.generate_binary_structure(m.ndim, 1)
+    return m & ~ndimage.binary_erosion(m, structure=cross, border_value=0)
 
 
 def _bbox_crop(pred: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -224,6 +248,7 @@ def evaluate_case(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) -
         volumes in ml, all as Python floats.
     """
     _check_same_shape(pred, ref)
+    pred, ref = _check_labels(pred, "prediction"), _check_labels(ref, "reference")
     sp = _check_spacing(spacing, np.ndim(pred))
     voxel_ml = float(np.prod(sp)) / 1000.0
     out: dict[str, float] = {}
@@ -251,7 +276,7 @@ def volumes_ml(labels: np.ndarray, spacing: Sequence[float]) -> dict[str, float]
         ``necrosis_ml`` (label 1), ``edema_ml`` (2), ``enhancing_ml`` (4), ``WT_ml``, ``TC_ml``,
         ``ET_ml`` as Python floats.
     """
-    lab = np.asarray(labels)
+    lab = _check_labels(labels, "labels")
     sp = _check_spacing(spacing, lab.ndim)
     voxel_ml = float(np.prod(sp)) / 1000.0
     n1 = int(np.count_nonzero(lab == 1))

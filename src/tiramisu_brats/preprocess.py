@@ -139,6 +139,9 @@ def network_grid(affine: np.ndarray, shape: tuple[int, int, int], resample: bool
     import nibabel.orientations as nio
 
     affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4):
+        raise ValueError(f"an affine is a (4, 4) voxel-to-world matrix, got shape "
+                         f"{affine.shape}")
     linear = affine[:3, :3]
     spacing = np.sqrt((linear**2).sum(axis=0))
     if not np.all(np.isfinite(affine)) or np.any(spacing == 0):
