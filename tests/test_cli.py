@@ -462,3 +462,16 @@ def test_train_interrupted_says_how_to_go_on(small_cases, tmp_path, monkeypatch)
     assert result.exit_code == 130, result.output
     assert (f"interrupted: {run_dir} holds the last complete epoch; --resume continues the run "
             "from it" in " ".join(result.output.split()))
+
+
+def test_train_without_pytorch_says_which_extra_brings_it(tmp_path, monkeypatch):
+    import tiramisu_brats
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # an install without PyTorch
+    for name in ("train", "model", "data"):
+        monkeypatch.delitem(sys.modules, f"tiramisu_brats.{name}", raising=False)
+        monkeypatch.delattr(tiramisu_brats, name, raising=False)
+    result = run("train", tmp_path, "-o", tmp_path / "run", "--no-progress")
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2
+    assert "train needs PyTorch: pip install 'tiramisu-brats[train]'" in said

@@ -267,7 +267,7 @@ def test_a_crash_while_replacing_an_int8_model_leaves_no_record_naming_it_checke
     def killed(*args, **kwargs):
         raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(export, "_nncf", lambda source: _FakeNNCF())
+    monkeypatch.setattr(export, "require_nncf", lambda source: _FakeNNCF())
     monkeypatch.setattr(export, "_record", killed)
     with pytest.raises(KeyboardInterrupt):
         export.quantize(source, path, np.zeros((2, 4, 32, 32), np.float32), "new")

@@ -367,3 +367,14 @@ def test_openvino_asked_for_bf16_computes_fp32_where_the_cpu_has_none(tiny, monk
     monkeypatch.setattr(infer, "has_bf16", lambda: False)
     backend = infer.load_backend("openvino", tiny, precision="bf16")
     assert backend.precision == "fp32"
+
+
+@pytest.mark.parametrize("module, backend, extra", [
+    ("torch", infer.TorchBackend, "torch"),
+    ("onnxruntime", infer.OnnxRuntimeBackend, "onnx"),
+])
+def test_a_backend_whose_library_is_not_installed_says_which_extra_brings_it(
+        monkeypatch, tmp_path, module, backend, extra):
+    monkeypatch.setitem(sys.modules, module, None)  # what an install without it does
+    with pytest.raises(io.InputError, match=rf"needs .*: pip install 'tiramisu-brats\[{extra}\]'"):
+        backend(tmp_path / "model")

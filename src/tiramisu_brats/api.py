@@ -700,6 +700,7 @@ def quantize_int8(
     if not tolerance >= 0:  # NaN too
         raise ValueError(f"tolerance {tolerance}: a change of Dice must be 0 or more")
     weights = Path(model) if model is not None else default_weights()
+    export.require_nncf(weights)  # before the cases are read
     folders = [Path(data)] if isinstance(data, (str, os.PathLike)) else [Path(d) for d in data]
     # A folder of images that is not a complete case raises what it lacks: left out, it would
     # quietly shrink what the int8 model is calibrated and checked on.

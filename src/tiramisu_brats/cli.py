@@ -205,8 +205,9 @@ def segment(
     model: Annotated[Path | None, typer.Option(help="Weights (.safetensors); default: the "
                                                        "shipped model.")] = None,
     backend: Annotated[str, typer.Option(help=(
-        "Inference backend: openvino (fastest on CPU), onnxruntime, or torch (use it on a "
-        "CUDA GPU)."))] = "openvino",
+        "Inference backend: openvino (fastest on CPU), onnxruntime (needs "
+        "tiramisu-brats\\[onnx]), or torch (use it on a CUDA GPU; needs "
+        "tiramisu-brats\\[torch])."))] = "openvino",
     precision: Annotated[str | None, typer.Option(help=(
         "fp32; bf16 (openvino, torch); int8 (openvino, onnxruntime; the weights' int8 "
         "model, else one quantized once with NNCF: needs tiramisu-brats\\[int8]). Default "
@@ -528,11 +529,17 @@ def train(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Train the Tiramisu on labelled BraTS cases (CUDA when present, else all CPU cores).
+    Needs PyTorch: tiramisu-brats\\[train].
 
     Under torchrun: data-parallel over all its processes (docs/distributed.md).
     """
-    from tiramisu_brats import train as ttrain
-    from tiramisu_brats.model import TiramisuConfig
+    try:
+        from tiramisu_brats import train as ttrain
+        from tiramisu_brats.model import TiramisuConfig
+    except ImportError as err:
+        if err.name != "torch":
+            raise
+        raise fail("train needs PyTorch: pip install 'tiramisu-brats[train]'") from None
 
     exists = "pass --resume to continue it, or another output folder"
     try:

@@ -179,8 +179,8 @@ def _calibration_id(calibration: np.ndarray) -> str:
     return f"slices:{data.shape}:{hashlib.sha256(data.tobytes()).hexdigest()[:16]}"
 
 
-def _nncf(source: Path):
-    """The ``nncf`` module, or an error saying how to install it."""
+def require_nncf(source: Path):
+    """The ``nncf`` module, or an error (about ``source``) saying how to install it."""
     try:
         import nncf
     except ImportError:
@@ -206,7 +206,7 @@ def quantize(source: Path, path: Path, calibration: np.ndarray,
     layers whose quantization costs most, until the Dice of the int8 labels against fp32's
     (WT, TC, ET pooled over the slices, averaged) is within ``max_drop`` of 1.
     """
-    nncf = _nncf(source)
+    nncf = require_nncf(source)
     props = {"weights_sha256": recorded(source)["weights_sha256"],
              "calibration": calibration_id or _calibration_id(calibration)}
     items = [np.ascontiguousarray(s[None], np.float32) for s in calibration]
@@ -298,7 +298,7 @@ def model_file(weights: Path, precision: str = "fp32", backend: str = "openvino"
             log.info("using %s", path)
             return path
     if precision == "int8":
-        _nncf(weights)  # a missing NNCF is the first thing to fix
+        require_nncf(weights)  # a missing NNCF is the first thing to fix
         if calibration is None:
             raise CalibrationNeeded(
                 f"{weights}: no int8 model of these weights beside them or in {cache_dir()}, "

@@ -176,7 +176,11 @@ class TorchBackend(Backend):
 
     def __init__(self, weights: Path, device: str | None = None, threads: int | None = None,
                  precision: str | None = None) -> None:
-        import torch
+        try:
+            import torch
+        except ImportError:
+            raise io.InputError("the torch backend needs PyTorch: pip install "
+                                "'tiramisu-brats[torch]'") from None
 
         from tiramisu_brats.model import load_model
 
@@ -208,7 +212,11 @@ class OnnxRuntimeBackend(Backend):
 
     def __init__(self, model: Path, device: str | None = None, threads: int | None = None,
                  precision: str = "fp32") -> None:
-        import onnxruntime as ort
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise io.InputError("the onnxruntime backend needs ONNX Runtime: pip install "
+                                "'tiramisu-brats[onnx]'") from None
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or cpu_count()
