@@ -31,7 +31,7 @@ from safetensors.numpy import load_file, save_file
 
 from tiramisu_brats import io
 from tiramisu_brats.api import one_line
-from tiramisu_brats.export import DECISION_KEYS, decision, export_onnx, file_sha256, partner
+from tiramisu_brats.export import decision, export_onnx, file_sha256, parse_decision, partner
 from tiramisu_brats.model import load_model, read_config, save_weights
 from tiramisu_brats.train import TrainConfig
 
@@ -46,15 +46,9 @@ def fail(message: str) -> NoReturn:
 def check_decision(text: str) -> None:
     """Refuse a decision that ``export.decision`` would refuse in the header."""
     try:
-        rule = json.loads(text)
-    except json.JSONDecodeError as err:
-        fail(f"decision {text!r} is not JSON ({err})")
-    numbers = isinstance(rule, dict) and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1
-        for v in rule.values())
-    if not numbers or set(rule) - set(DECISION_KEYS):
-        fail(f"decision {text}: expected a JSON object of values in (0, 1) for "
-             f"{', '.join(DECISION_KEYS)}")
+        parse_decision(text)
+    except ValueError as err:
+        fail(str(err))
 
 
 parser = argparse.ArgumentParser(description=__doc__)

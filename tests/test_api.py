@@ -388,7 +388,7 @@ def test_evaluate_pairs_a_file_with_a_case_and_warns_of_mismatches(tmp_path, cap
     # Predictions without a reference are named, twelve of them shortened.
     preds = tmp_path / "preds"
     preds.mkdir()
-    for name in ["c0"] + [f"x{i:02d}" for i in range(12)]:
+    for name in ["c0", "c0_uncertainty"] + [f"x{i:02d}" for i in range(12)]:
         nib.save(nib.Nifti1Image(case.labels, affine), preds / f"{name}.nii.gz")
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="tiramisu_brats"):
@@ -548,7 +548,9 @@ def test_segment_cohort_skips_finished_cases_and_redoes_unfinished_ones(
     (out / "c1.json").unlink()  # a run killed after c1's label map, before its summary
     again = api.segment_cohort(cohort, out, segmenter=small_segmenter, skip_existing=True)
     assert [r["case"] for r in again.results] == ["c1"]  # c0 left as it was, c1 redone
-    assert again.skipped == ["c0"]
+    assert [s["case"] for s in again.skipped] == ["c0"]
+    assert again.skipped[0]["volumes_ml"] == json.loads((out / "c0.json").read_text())[
+        "volumes_ml"]
     assert (out / "c0.nii.gz").stat().st_mtime_ns == done["c0.nii.gz"]
     assert (out / "c1.nii.gz").stat().st_mtime_ns != done["c1.nii.gz"]
     assert [c for c, _ in again.failures] == ["c2"]
@@ -715,8 +717,11 @@ def test_the_weights_decision_rule_labels_the_case_and_is_recorded(tmp_path, tin
     assert "0.25)" in rule.segment(image).qc["why"]
 
 
-def test_quantize_int8_says_what_is_wrong_before_any_work(tmp_path, tiny_weights, small_cases):
+def test_quantize_int8_says_what_is_wrong_before_any_work(tmp_path, tiny_weights, small_cases,
+                                                          monkeypatch):
     from tiramisu_brats.synthetic import write_case
+
+    monkeypatch.setattr(export, "require_nncf", lambda source: None)  # installed or not
 
     write_case(make_case(0, shape=(48, 40, 32)), tmp_path / "unlabelled", with_seg=False)
     with pytest.raises(io.InputError, match=r"no labelled cases in .*unlabelled"):

@@ -119,7 +119,7 @@ def test_split_is_by_case():
                                          r"\(known: a, b\)$"):
         data.split_cases(["a", "b"], val_cases=["zz"])
     ids = [f"c{i}" for i in range(7)]
-    with pytest.raises(ValueError, match=r"found: x, y \(known: c0, c1, c2, c3, c4, \.\.\.\)$"):
+    with pytest.raises(ValueError, match=r"found: x, y \(known: c0, c1, c2, c3, c4 and 2 more\)$"):
         data.split_cases(ids, val_cases=["y", "c1", "x"])
 
 

@@ -545,13 +545,14 @@ class Segmenter:
                             {"brain": len(slices), "run": stats["run"]}, qc=qc)
 
     def segment_case(
-        self, files: io.CaseFiles, output: PathLike, *, convention: str = "brats",
+        self, files: io.CaseFiles | PathLike, output: PathLike, *, convention: str = "brats",
         overwrite: bool = False, save_raw: bool = False, uncertainty: bool = False,
         on_batch: Callable[[int], None] | None = None,
         read: Callable[[io.CaseFiles], io.Case | PreparedCase] | None = None,
         picture: PathLike | None = None,
     ) -> dict:
-        """Read, segment and write one case; returns the summary also written as JSON.
+        """Read, segment and write one case (``files``, or its folder: ``io.find_case_files``);
+        returns the summary also written as JSON.
 
         ``picture``: also write this PNG, the three planes through the tumor with the labels
         over FLAIR and T1ce (``report.planes_png``), in the trained orientation.
@@ -570,9 +571,7 @@ class Segmenter:
         if not isinstance(files, io.CaseFiles):  # a case folder
             files = io.find_case_files(files)
         # Checked before the (long) inference, as is the output folder below.
-        if convention not in io.LABEL_CONVENTIONS:
-            raise ValueError(f"unknown label convention {convention!r} (use one of "
-                             f"{', '.join(io.LABEL_CONVENTIONS)})")
+        io.check_convention(convention)
         if io.nifti_stem(output.name) is None:
             raise ValueError(f"{output}: a label map must end in .nii.gz or .nii")
         stem = label_stem(output)
@@ -792,15 +791,16 @@ class CohortRun:
     ``(case, reason)`` of each case of a folder of cases that failed, in the folder's order
     (``case`` is the folder's name when its files were not found); ``cohort``: whether the
     input was a folder of cases; ``failures_csv``: the list of failures written (a folder of
-    cases with failures), else None; ``segmenter``: the model used; ``skipped``: the cases
-    left as an earlier run finished them (``skip_existing``), in the folder's order."""
+    cases with failures), else None; ``segmenter``: the model used; ``skipped``: the summary
+    of each case left as an earlier run finished it (``skip_existing``), as that run wrote it,
+    in the folder's order."""
 
     results: list[dict]
     failures: list[tuple[str, str]]
     cohort: bool
     failures_csv: Path | None
     segmenter: Segmenter
-    skipped: list[str] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
 
 
 # What ``segment_cohort`` tells ``on_event(kind, case_id, value)``, in the order it happens.
@@ -838,7 +838,7 @@ def segment_cohort(
     failures ``failures-shard-<i>-of-<n>.csv``. ``skip_existing``: cases whose outputs an
     earlier run wrote completely are left as they are (those it left incomplete are redone).
     Without it (nor ``overwrite``), a folder of cases where any case's outputs, or the folder's
-    index, already exist is refused before anything is read or written.
+    index or list of failures, already exist is refused before anything is read or written.
 
     The model: ``segmenter``, or one made from ``model`` .. ``threads`` (see ``Segmenter``)
     while the first case is read. ``convention``, ``save_raw``, ``uncertainty`` and
@@ -846,9 +846,7 @@ def segment_cohort(
     background thread one case ahead. ``on_event(kind, case_id, value)``: progress, kinds
     as ``COHORT_EVENTS`` says. Nothing is printed.
     """
-    if convention not in io.LABEL_CONVENTIONS:
-        raise ValueError(f"unknown label convention {convention!r} (use one of "
-                         f"{', '.join(io.LABEL_CONVENTIONS)})")
+    io.check_convention(convention)
     output = Path(output)
     jobs, cohort = _cohort_jobs(input, output, (t1, t1ce, t2, flair), shard)
     emit = on_event or (lambda kind, case_id, value: None)
@@ -897,13 +895,13 @@ def segment_cohort(
                 emit("wrote", files.case_id, target)
     failures.sort()
     csv_path = _write_failures(output, failures, shard) if cohort else None
+    # Cases an earlier run finished keep their row in the index, from the summary it wrote.
+    earlier = [_earlier_summary(files, target) for files, target in skipped]
     if cohort and (results or failures or skipped):
-        # Cases an earlier run finished keep their row, from the summary it wrote.
-        earlier = [_earlier_summary(files, target) for files, target in skipped]
         sources.update((files.case_id, (files, target)) for files, target in skipped)
         _cohort_index(output, results + earlier, failures, sources, shard)
     return CohortRun(results, [(name, reason) for _, name, reason in failures], cohort,
-                     csv_path, segmenter, [files.case_id for files, _ in skipped])
+                     csv_path, segmenter, earlier)
 
 
 def _refuse_existing(output: Path, plan: list, save_raw: bool, uncertainty: bool,
@@ -917,7 +915,7 @@ def _refuse_existing(output: Path, plan: list, save_raw: bool, uncertainty: bool
             if p.exists()]
     if done or kept:
         what = (f"{len(done)} of the {len(plan)} cases already have outputs there "
-                f"({_some(done, 5)})"
+                f"({io.names_text(done, 5)})"
                 if done else f"an earlier run's {' and '.join(kept)} is there")
         raise FileExistsError(f"{output}: {what}, and neither replacing nor skipping them "
                               "was asked for; nothing was written")
@@ -1094,7 +1092,7 @@ class LabelSource:
 def find_label_maps(root: PathLike) -> dict[str, LabelSource]:
     """Label maps by case id: a file, a case folder (its ``_seg``), a folder of label files
     (``<case>.nii.gz``; a file's or a folder's ``<case>_raw.nii.gz`` is kept as the map before
-    postprocessing), or a folder of case folders."""
+    postprocessing, ``<case>_uncertainty.nii.gz`` left out), or a folder of case folders."""
     root = Path(root)
     if root.is_file():
         raw = root.with_name(label_stem(root) + "_raw.nii.gz")
@@ -1115,7 +1113,10 @@ def find_label_maps(root: PathLike) -> dict[str, LabelSource]:
     raws = {label_stem(p)[:-4]: p for p in files if label_stem(p).endswith("_raw")}
     for p in files:
         stem = label_stem(p)
-        if stem != p.name and not stem.endswith("_raw") and not io.is_case_folder(root):
+        # segment's other maps beside the label maps: before postprocessing, and the views'
+        # disagreement
+        companion = stem.endswith(("_raw", "_uncertainty"))
+        if stem != p.name and not companion and not io.is_case_folder(root):
             found[_label_id(p)] = LabelSource(_label_id(p), p, raw=raws.get(stem))
     if not found:
         raise io.InputError(f"{root}: no label maps found (.nii/.nii.gz or case folders)")
@@ -1129,8 +1130,9 @@ def evaluate(
 ) -> list[dict]:
     """Score predicted label maps against the expert's; returns one row per case.
 
-    ``pred`` and ``ref`` are each a label file or a folder (cases matched by id; either label
-    convention). With ``report_dir``: metrics.csv, summary.json, box plots and overlays.
+    ``pred`` and ``ref`` are each a label file or a folder (cases matched by id; one file
+    against a single case is paired whatever their names; either label convention). With
+    ``report_dir``: metrics.csv, summary.json, box plots and overlays.
     """
     from tiramisu_brats import metrics, report
 
@@ -1147,7 +1149,8 @@ def evaluate(
     for unmatched, what in ((set(refs) - set(preds), "reference case(s) have no prediction"),
                             (set(preds) - set(refs), "prediction(s) have no reference")):
         if unmatched:
-            log.warning("%d %s, not scored: %s", len(unmatched), what, _some(sorted(unmatched)))
+            log.warning("%d %s, not scored: %s", len(unmatched), what,
+                        io.names_text(sorted(unmatched)))
     if all(preds[c].images is not None for c in common):
         log.warning("%s: the predictions are experts' segmentations of case folders (the "
                     "predicted label maps come first, the references second)", pred)
@@ -1215,12 +1218,6 @@ def _view_command(case: Path, labels: Path) -> str:
     """The command that opens ``labels`` over the case folder ``case``, from any folder."""
     return f"tiramisu-brats view {shlex.quote(str(case.absolute()))} " \
            f"{shlex.quote(str(labels.absolute()))}"
-
-
-def _some(names: list[str], shown: int = 10) -> str:
-    """The first ``shown`` names, and how many more there are."""
-    more = len(names) - shown
-    return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
 
 
 def _segmented_case(label_map: Path) -> str | None:

@@ -273,7 +273,8 @@ def segment(
             on_event=SegmentProgress(bar))
     if run.results:
         console.print(_timing_table(run.results))
-    review = [r["case"] for r in run.results if r.get("qc", {}).get("review")]
+    # cases finished by an earlier run count as that run judged them
+    review = [r["case"] for r in (*run.results, *run.skipped) if r.get("qc", {}).get("review")]
     if run.cohort:
         skipped = f"{len(run.skipped)} skipped (done before), " if run.skipped else ""
         console.print(f"{len(run.results)} segmented, {skipped}{len(run.failures)} failed"
@@ -283,7 +284,8 @@ def segment(
     elif run.results and "qc" in run.results[0]:
         console.print(_qc_line(run.results[0]["qc"]), highlight=False)
     elif run.skipped:
-        console.print(f"{output}: left as it was (an earlier run finished {run.skipped[0]})",
+        console.print(f"{output}: left as it was (an earlier run finished "
+                      f"{run.skipped[0]['case']})",
                       highlight=False)
     if run.failures_csv is not None:
         console.print(f"failed cases and reasons: {run.failures_csv}", highlight=False)

@@ -200,7 +200,7 @@ def split_cases(
         if unknown:
             raise ValueError(
                 f"validation cases not among the {len(ids)} cases found: {', '.join(unknown)} "
-                f"(known: {', '.join(ids[:5])}{', ...' if len(ids) > 5 else ''})")
+                f"(known: {io.names_text(ids, 5)})")
         val = sorted(set(val_cases))
     else:
         n_val = round(len(ids) * val_fraction)

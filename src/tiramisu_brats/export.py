@@ -21,6 +21,7 @@ import os
 import warnings
 from importlib import resources
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 
@@ -74,15 +75,23 @@ def decision(weights: Path) -> dict[str, float]:
     which a case is flagged for review: ``api.quality``) and ``qc_confidence_review`` (the
     mean probability of one view below which it is: ``api.confidence``). ``{}`` where none was
     recorded (the argmax and the default review thresholds then apply)."""
-    text = _header(weights, "decision") or "{}"
+    try:
+        return parse_decision(_header(weights, "decision") or "{}")
+    except ValueError as err:
+        raise ValueError(f"{weights}: {err} in the header") from None
+
+
+def parse_decision(text: str) -> dict[str, float]:
+    """A decision rule from its JSON ``text`` (see ``decision``); ``ValueError`` says what
+    is wrong with it."""
     try:
         rule = json.loads(text)
         values = {k: float(rule[k]) for k in DECISION_KEYS if k in rule}
     except (json.JSONDecodeError, TypeError, ValueError) as err:
-        raise ValueError(f"{weights}: unreadable decision in the header ({err})") from None
+        raise ValueError(f"unreadable decision {text!r} ({err})") from None
     if set(rule) - set(DECISION_KEYS) or not all(0 < v < 1 for v in values.values()):
-        raise ValueError(f"{weights}: decision {text} in the header: expected values in (0, 1) "
-                         f"for {', '.join(DECISION_KEYS)}")
+        raise ValueError(f"decision {text}: expected values in (0, 1) for "
+                         f"{', '.join(DECISION_KEYS)}")
     return values
 
 
@@ -179,7 +188,7 @@ def _calibration_id(calibration: np.ndarray) -> str:
     return f"slices:{data.shape}:{hashlib.sha256(data.tobytes()).hexdigest()[:16]}"
 
 
-def require_nncf(source: Path):
+def require_nncf(source: Path) -> ModuleType:
     """The ``nncf`` module, or an error (about ``source``) saying how to install it."""
     try:
         import nncf

@@ -479,6 +479,12 @@ class ReadAhead(Generic[T]):
         self.close()
 
 
+def names_text(names: Sequence[str], shown: int = 10) -> str:
+    """The first ``shown`` of ``names`` joined by commas, and how many more there are."""
+    more = len(names) - shown
+    return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
+
+
 def _values_text(values: np.ndarray | list, limit: int = 10) -> str:
     values = list(np.asarray(values).tolist())
     more = f" and {len(values) - limit} more" if len(values) > limit else ""
@@ -537,7 +543,8 @@ def _remap(labels: np.ndarray, mapping: dict[int, int]) -> np.ndarray:
     return out
 
 
-def _check_convention(convention: str) -> None:
+def check_convention(convention: str) -> None:
+    """Refuse a label convention not in ``LABEL_CONVENTIONS``."""
     if convention not in LABEL_CONVENTIONS:
         raise ValueError(
             f"unknown label convention {convention!r} (use one of "
@@ -547,13 +554,13 @@ def _check_convention(convention: str) -> None:
 
 def to_convention(labels: np.ndarray, convention: str) -> np.ndarray:
     """Internal labels (0/1/2/4) -> a new uint8 array in ``convention`` (brats2023: 4 -> 3)."""
-    _check_convention(convention)
+    check_convention(convention)
     return _remap(labels, _TO_DISK[convention])
 
 
 def from_convention(labels: np.ndarray, convention: str) -> np.ndarray:
     """Labels in ``convention`` -> a new uint8 array in the internal numbering 0/1/2/4."""
-    _check_convention(convention)
+    check_convention(convention)
     return _remap(labels, {disk: internal for internal, disk in _TO_DISK[convention].items()})
 
 

@@ -983,8 +983,8 @@ def run_from_folders(
         else:
             missing = sorted({*config.train_cases, *config.val_cases} - set(ids))
             if missing:
-                raise io.InputError(f"{output}: the run's cases {', '.join(missing[:5])}"
-                                    f"{', ...' if len(missing) > 5 else ''} are not in the data")
+                raise io.InputError(f"{output}: the run's cases {io.names_text(missing, 5)} are "
+                                    "not in the data")
             _check_resumable(output, config)
         _check_micro_batches(config, world)
         if cached:
