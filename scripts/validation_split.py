@@ -4,11 +4,9 @@ Drawn once, by seed, before any result of a new recipe was seen, from the 14 cas
 shipped fold-0 model never trained on (its 4 held-out cases and the 10 of brats-labeled-extra),
 so that a model fine-tuned from the shipped weights is scored on cases that no weights it
 started from have seen. The other 20 cases are the training split.
-
-Usage: python scripts/validation_split.py [DATA_ROOT]   (default ../shared/data)
 """
 
-import sys
+import argparse
 from pathlib import Path
 
 from tiramisu_brats.data import find_training_cases, split_cases
@@ -22,7 +20,10 @@ FOLD0_TRAINED_ON = (
     "BraTS2021_00031,Brats17_2013_27_1,Brats17_TCIA_639_1,Brats18_2013_23_1,Brats18_2013_2_1,"
     "Brats18_TCIA02_606_1,Brats18_TCIA05_396_1,Brats18_TCIA10_628_1").split(",")
 
-root = Path(sys.argv[1] if len(sys.argv) > 1 else "../shared/data")
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("data_root", nargs="?", type=Path, default=Path("../shared/data"),
+                    help="the folder holding brats-labeled and brats-labeled-extra")
+root = parser.parse_args().data_root
 ids = list(find_training_cases([root / "brats-labeled", root / "brats-labeled-extra"]))
 seen = set(FOLD0_TRAINED_ON)
 unseen = [i for i in ids if i not in seen]
