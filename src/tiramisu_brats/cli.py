@@ -318,7 +318,7 @@ def evaluate(
     stats = summarize(rows)
     table = Table(title=f"{len(rows)} case(s), mean (median)")
     table.add_column("region")
-    for m in ("dice", "sensitivity", "specificity", "hd95"):
+    for m in ("dice", "sensitivity", "specificity", "hd95 (mm)"):
         table.add_column(m, justify="right")
     for region in ("WT", "TC", "ET"):
         table.add_row(region, *(f"{stats[f'{m}_{region}']['mean']:.3f} "
