@@ -352,11 +352,8 @@ class Segmenter:
                              f"{image.dtype}")
         if image.ndim != 4 or image.shape[0] != 4:
             raise ValueError(f"expected an image (4, X, Y, Z), got shape {image.shape}")
-        if image.dtype.kind == "f":
-            bad = ~np.isfinite(image)
-            if bad.any():
-                log.warning("%d NaN/Inf voxels set to 0", np.count_nonzero(bad))
-                image = np.where(bad, 0, image)
+        if image.dtype.kind == "f" and not np.isfinite(image).all():
+            image = io.zero_nonfinite(image.copy(), "the image")  # the caller's stays as it is
         if affine is not None:
             grid = network_grid(affine, image.shape[1:], self.resample)
             return self._segment_grid(to_network(image, grid), grid, on_batch, all_slices)
@@ -910,15 +907,23 @@ def _refuse_existing(output: Path, plan: list, save_raw: bool, uncertainty: bool
     there (a case's outputs, the folder's index or list of failures)."""
     done = [files.case_id for _, files, target, _ in plan
             if any(p.exists() for p in _case_outputs(target, save_raw, uncertainty))]
-    suffix = "" if shard is None else f"-shard-{shard[0]}-of-{shard[1]}"
-    kept = [p.name for p in (output / f"index{suffix}.html", output / f"failures{suffix}.csv")
-            if p.exists()]
+    kept = [name for name in (_shard_file("index.html", shard), _shard_file("failures.csv", shard))
+            if (output / name).exists()]
     if done or kept:
         what = (f"{len(done)} of the {len(plan)} cases already have outputs there "
                 f"({io.names_text(done, 5)})"
                 if done else f"an earlier run's {' and '.join(kept)} is there")
         raise FileExistsError(f"{output}: {what}, and neither replacing nor skipping them "
                               "was asked for; nothing was written")
+
+
+def _shard_file(name: str, shard: tuple[int, int] | None) -> str:
+    """A folder of cases' ``index.html`` or ``failures.csv``, or a shard's own of it
+    (``index-shard-<i>-of-<n>.html``)."""
+    if shard is None:
+        return name
+    stem, ext = name.rsplit(".", 1)
+    return f"{stem}-shard-{shard[0]}-of-{shard[1]}.{ext}"
 
 
 def _earlier_summary(files: io.CaseFiles, target: Path) -> dict:
@@ -956,7 +961,7 @@ def _cohort_index(output: Path, results: list[dict], failures: list,
             "command": _view_command(files.images[0].parent, target)})
     rows += [{"case": name, "review": True, "qc_why": f"failed: {reason}"}
              for _, name, reason in failures]
-    name = "index.html" if shard is None else f"index-shard-{shard[0]}-of-{shard[1]}.html"
+    name = _shard_file("index.html", shard)
     return write_index_html(output, rows, f"tiramisu-brats segment: {output.name}", name=name)
 
 
@@ -1060,7 +1065,7 @@ def _write_failures(output: Path, failures: list[tuple[int, str, str]],
                     shard: tuple[int, int] | None) -> Path | None:
     """Write the failures of a folder of cases (one list per shard) to ``output``, or remove
     the list an earlier run left when there are none; returns the list's path if written."""
-    name = "failures.csv" if shard is None else f"failures-shard-{shard[0]}-of-{shard[1]}.csv"
+    name = _shard_file("failures.csv", shard)
     path = output / name
     if not failures:  # a resumed run that succeeded: the last run's list no longer holds
         path.unlink(missing_ok=True)
@@ -1154,12 +1159,13 @@ def evaluate(
     if all(preds[c].images is not None for c in common):
         log.warning("%s: the predictions are experts' segmentations of case folders (the "
                     "predicted label maps come first, the references second)", pred)
+    summaries = {case_id: _summary_beside(preds[case_id].path) for case_id in common}
     for case_id in common:
         p, r = preds[case_id], refs[case_id]
         if p.path.resolve() == r.path.resolve():
             raise io.InputError(f"{p.path}: the prediction and the reference are the same file")
-        made = _segmented_case(p.path)
-        if made is not None and made != ref_ids[case_id]:
+        made = summaries[case_id].get("case")
+        if isinstance(made, str) and made != ref_ids[case_id]:
             log.warning("%s: segmented from case %s (its JSON summary), scored against the "
                         "reference of %s (%s)", p.path, made, ref_ids[case_id], r.path)
     if report_dir is not None:
@@ -1207,7 +1213,8 @@ def evaluate(
     written = report.write_report(report_dir, rows, raw_rows=raw_rows or None,
                                   extra_summary={"predictions": str(pred), "references": str(ref)})
     report.write_index_html(report_dir, [_report_row(row, preds[row["case"]],
-                                                     refs[row["case"]], report_dir)
+                                                     refs[row["case"]], report_dir,
+                                                     summaries[row["case"]])
                                          for row in rows],
                             f"tiramisu-brats evaluate: {Path(pred).name} against "
                             f"{Path(ref).name}", files=[p.name for p in written])
@@ -1220,25 +1227,22 @@ def _view_command(case: Path, labels: Path) -> str:
            f"{shlex.quote(str(labels.absolute()))}"
 
 
-def _segmented_case(label_map: Path) -> str | None:
-    """The case ``segment`` made ``label_map`` from, by the JSON summary beside it, if any."""
+def _summary_beside(label_map: Path) -> dict:
+    """The JSON summary ``segment`` wrote beside ``label_map``; ``{}`` where there is none
+    (or the file is not one)."""
     try:
-        case = json.loads(label_map.with_name(label_stem(label_map) + ".json").read_text())
+        summary = json.loads(label_map.with_name(label_stem(label_map) + ".json").read_text())
     except (OSError, ValueError):
-        return None
-    return case.get("case") if isinstance(case, dict) and isinstance(case.get("case"), str) \
-        else None
+        return {}
+    return summary if isinstance(summary, dict) else {}
 
 
-def _report_row(row: dict, pred: LabelSource, ref: LabelSource, report_dir: Path) -> dict:
-    """A row of evaluate's index.html: the metrics, the prediction's QC (from the JSON
-    ``segment`` wrote beside it, if there), the overlay and how to view the case."""
+def _report_row(row: dict, pred: LabelSource, ref: LabelSource, report_dir: Path,
+                summary: dict) -> dict:
+    """A row of evaluate's index.html: the metrics, the prediction's QC (from ``summary``,
+    the JSON ``segment`` wrote beside it, if any), the overlay and how to view the case."""
     out = {**row, **{f"{r}_ml": row[f"volume_pred_{r}_ml"] for r in ("WT", "TC", "ET")}}
-    summary = pred.path.with_name(label_stem(pred.path) + ".json")
-    try:
-        qc = json.loads(summary.read_text()).get("qc") or {}
-    except (OSError, ValueError, AttributeError):
-        qc = {}
+    qc = summary.get("qc") if isinstance(summary.get("qc"), dict) else {}
     out.update({"review": qc.get("review"), "qc_score": qc.get("score"), "qc_why": qc.get("why")})
     overlay = f"overlay_{io.safe_case_id(row['case'])}.png"
     if (report_dir / overlay).exists():

@@ -376,13 +376,21 @@ def _load_modality(flat: np.ndarray, slot: np.ndarray, img: nib.Nifti1Image, pat
         floats = data.dtype.kind == "f"  # scaled integers too
         with np.errstate(over="ignore"):  # float64 beyond float32 range -> Inf, handled below
             slot[...] = data.reshape(slot.shape)
-    if floats and slot.dtype.kind == "f":  # only float data can hold NaN/Inf (or overflow)
-        bad = ~np.isfinite(slot)
-        if bad.any():
-            logger.warning("%s: %d NaN/Inf voxels set to 0", path, np.count_nonzero(bad))
-            slot[bad] = 0
+    if floats:  # only float data can hold NaN/Inf (or overflow)
+        zero_nonfinite(slot, path)
     if not slot.any():
         raise InputError(f"{path}: all voxels are zero")
+
+
+def zero_nonfinite(values: np.ndarray, what: object) -> np.ndarray:
+    """``values`` with its NaN/Inf set to 0, in place (with a warning naming ``what`` and how
+    many); integer arrays, which hold none, as they are."""
+    if values.dtype.kind == "f":
+        bad = ~np.isfinite(values)
+        if bad.any():
+            logger.warning("%s: %d NaN/Inf voxels set to 0", what, np.count_nonzero(bad))
+            values[bad] = 0
+    return values
 
 
 def read_case(files: CaseFiles, *, keep_dtype: bool = False) -> Case:
