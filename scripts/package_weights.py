@@ -43,14 +43,6 @@ def fail(message: str) -> NoReturn:
     sys.exit(2)
 
 
-def check_decision(text: str) -> None:
-    """Refuse a decision that ``export.decision`` would refuse in the header."""
-    try:
-        parse_decision(text)
-    except ValueError as err:
-        fail(str(err))
-
-
 parser = argparse.ArgumentParser(description=__doc__)
 parser.add_argument("run", type=Path, help="a training run's folder, or packaged weights")
 parser.add_argument("out", type=Path)
@@ -73,7 +65,10 @@ existing = [p for p in (args.out, onnx) if p.exists()]
 if existing and not (args.overwrite or in_place):
     fail(f"{existing[0]}: already exists; pass --overwrite to replace it")
 if args.decision:
-    check_decision(args.decision)
+    try:
+        parse_decision(args.decision)  # as export.decision will read it from the header
+    except ValueError as err:
+        fail(str(err))
 if args.partner_of and not args.partner_of.is_file():
     fail(f"{args.partner_of}: no such weights file")
 if args.partner_of and args.out != args.partner_of.with_name(
