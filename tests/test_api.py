@@ -443,6 +443,13 @@ def test_accurate_mode_writes_qc_and_an_uncertainty_map(tmp_path, tiny_weights):
     with pytest.raises(ValueError, match="needs several views"):
         fast.segment_case(files, tmp_path / "fast.nii.gz", uncertainty=True)
     assert "confidence" in fast.segment_case(files, tmp_path / "fast.nii.gz")["qc"]
+    # Run again over it without the map: the old one, of the labels replaced, goes.
+    seg.segment_case(files, tmp_path / "out.nii.gz", overwrite=True, save_raw=True)
+    assert not (tmp_path / "out_uncertainty.nii.gz").exists()
+    assert (tmp_path / "out_raw.nii.gz").is_file()
+    seg.segment_case(files, tmp_path / "out.nii.gz", overwrite=True)
+    assert not (tmp_path / "out_raw.nii.gz").exists()
+    assert sorted(p.name for p in tmp_path.glob("out*")) == ["out.json", "out.nii.gz"]
 
 
 def test_confidence_score_from_the_whole_tumor_probability_inside_the_tumor():
@@ -537,6 +544,25 @@ def test_segment_cohort_returns_results_and_failures_and_reports_progress(
         assert ("wrote", case_id, out / f"{case_id}.nii.gz") in events
         slices = sum(n for kind, c, n in events if kind == "slices" and c == case_id)
         assert slices == summary["slices"]["brain"] > 0
+
+
+def test_segment_cohort_leaves_out_its_output_folder_among_the_cases(cohort, small_segmenter):
+    out = cohort / "predictions"  # inside the folder of cases
+    for skip in (False, True):
+        run = api.segment_cohort(cohort, out, segmenter=small_segmenter, skip_existing=skip)
+        assert [c for c, _ in run.failures] == ["c2"]
+    assert [r["case"] for r in run.skipped] == ["c0", "c1"]
+
+
+def test_segment_cohort_refuses_an_uncertainty_map_of_one_view_before_any_case(
+        cohort, tmp_path, small_segmenter):
+    with pytest.raises(ValueError, match="needs several views; mode 'fast' has one"):
+        api.segment_cohort(cohort, tmp_path / "out", segmenter=small_segmenter,
+                           uncertainty=True)
+    with pytest.raises(ValueError, match="mode 'fast' has one"):
+        api.segment_cohort(cohort, tmp_path / "out", model=small_segmenter.weights,
+                           uncertainty=True)
+    assert not (tmp_path / "out").exists()
 
 
 def test_segment_cohort_skips_finished_cases_and_redoes_unfinished_ones(

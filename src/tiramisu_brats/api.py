@@ -434,10 +434,10 @@ class Segmenter:
 
     def _segment_views(
         self, image: np.ndarray, on_batch: Callable[[int], None] | None,
-        views: Sequence[tuple[str, bool, int]] | None = None, back: Grid | None = None,
-        all_slices: bool = False,
+        back: Grid | None = None, all_slices: bool = False,
+        axial: tuple[np.ndarray, Geometry] | None = None,
     ) -> Segmentation:
-        """Every view of ``views`` (default ``self.views``): the mean of their softmax
+        """Every view of ``self.views``: the mean of their softmax
         probabilities, labelled by ``region_labels`` with the weights' threshold. With tumor
         slices (not ``all_slices``) the first view runs its tumor slices and the views after
         it near its tumor only (``VIEW_MARGIN``); where it found none, each later view runs its
@@ -445,12 +445,13 @@ class Segmenter:
         the probabilities are brought linearly to the input grid of ``back`` (a resampled one)
         before the labels and postprocessing there: on the validation cases resampled to
         0.5 x 0.5 x 1 and 1 x 1 x 3 mm slightly better than the labels by nearest neighbour
-        (docs/model-card.md)."""
+        (docs/model-card.md). ``axial``: ``preprocess(image, self.crop)``, if made already.
+        """
         stats: dict = {}
-        views = self.views if views is None else views
+        views = self.views
         # the two models' views of a plane share its preprocessing, held until the last asks
         last = {(plane, flip): k for k, (plane, flip, _) in enumerate(views)}
-        prepared: dict = {}
+        prepared: dict = {} if axial is None else {("axial", False): axial}
         near = self.tumor_slices and not all_slices and len(views) > 1
         first = box = None
         for k, (plane, flip, model) in enumerate(views):
@@ -511,7 +512,7 @@ class Segmenter:
             seg = self._segment(*prepared, on_batch, all_slices, preprocess_s)
         else:
             seg = self._segment_views(image, on_batch, back=grid if grid.resampled else None,
-                                      all_slices=all_slices)
+                                      all_slices=all_slices, axial=prepared)
             seg.timings["preprocess"] += preprocess_s
         if grid.resampled:  # already on the input grid
             return seg
@@ -558,7 +559,9 @@ class Segmenter:
         (volumes in ml, model, timings; the quality score ``qc``), with
         ``save_raw`` ``<output stem>_raw.nii.gz`` and with ``uncertainty`` (a mode of several
         views) ``<output stem>_uncertainty.nii.gz``: the spread of the whole tumor's
-        probability across the views, float32 on the input's grid.
+        probability across the views, float32 on the input's grid. With ``overwrite``, an
+        earlier run's ``_raw`` or ``_uncertainty`` map of ``output`` that this run does not
+        make is removed: it belongs to the labels replaced.
         ``read``: how the case is read (default ``io.read_case``, keeping the files' integer
         type), e.g. ``io.ReadAhead.read`` (then the ``load`` time is the wait for it); it may
         return the case already prepared (``prepare_case``), e.g. in the reading thread, and
@@ -571,13 +574,9 @@ class Segmenter:
         io.check_convention(convention)
         if io.nifti_stem(output.name) is None:
             raise ValueError(f"{output}: a label map must end in .nii.gz or .nii")
-        stem = label_stem(output)
-        sidecar = output.with_name(stem + ".json")
-        raw_path = output.with_name(stem + "_raw.nii.gz")
-        spread_path = output.with_name(stem + "_uncertainty.nii.gz")
-        if uncertainty and len(self.views) == 1:
-            raise ValueError(f"an uncertainty map needs several views; mode {self.mode!r} "
-                             "has one (mode 'accurate' has six)")
+        _, sidecar, raw_path, spread_path = _case_outputs(output, True, True)
+        if uncertainty:
+            _check_uncertainty(self.mode, len(self.views))
         inputs = {Path(p).resolve() for p in (*files.images, files.seg) if p is not None}
         for target in (output, sidecar, raw_path, spread_path):
             if target.resolve() in inputs:
@@ -615,6 +614,21 @@ class Segmenter:
         if uncertainty:
             io.write_float_map(spread_path, spread, case.header,
                                case.affine, overwrite=overwrite)
+        if overwrite:
+            # an earlier run's maps beside this label map belong to its old labels (evaluate
+            # would score a _raw map with the new ones)
+            for stale, written in ((raw_path, save_raw), (spread_path, uncertainty)):
+                if not written and stale.exists():
+                    stale.unlink()
+                    log.info("%s: removed (an earlier run's, not made this time)", stale)
+        enhancing = 3 if convention == "brats2023" else 4
+        if picture is not None:
+            from tiramisu_brats.report import planes_png
+
+            view = network_grid(case.affine, case.shape, resample=False)  # flips only
+            image = to_network(case.image, view)
+            planes_png(image[3], image[1], to_network(labels, view), picture, case.case_id,
+                       view.oriented_spacing(), enhancing=enhancing)
         t3 = time.perf_counter()
         timings = {"load": t1 - t0, **seg.timings, "save": t3 - t2}
         timings["total"] = sum(timings.values())
@@ -623,8 +637,7 @@ class Segmenter:
             "label_map": output.name,
             "inputs": [str(Path(p).resolve()) for p in files.images],
             "label_convention": convention,
-            "labels": {"necrosis": 1, "edema": 2, "enhancing": 3 if convention == "brats2023"
-                       else 4},
+            "labels": {"necrosis": 1, "edema": 2, "enhancing": enhancing},
             "volumes_ml": _volumes_ml(labels, case.spacing),
             "postprocessed": self.postprocess,
             "shape": list(case.shape),
@@ -638,14 +651,6 @@ class Segmenter:
             **({"qc": seg.qc} if seg.qc is not None else {}),
             "timings_s": timings,
         }
-        if picture is not None:
-            from tiramisu_brats.report import planes_png
-
-            view = network_grid(case.affine, case.shape, resample=False)  # flips only
-            image = to_network(case.image, view)
-            planes_png(image[3], image[1], to_network(labels, view), picture, case.case_id,
-                       view.oriented_spacing(),
-                       enhancing=summary["labels"]["enhancing"])
         io.atomic_write_text(sidecar, json.dumps(summary, indent=2), overwrite=True)
         return summary
 
@@ -844,6 +849,9 @@ def segment_cohort(
     as ``COHORT_EVENTS`` says. Nothing is printed.
     """
     io.check_convention(convention)
+    if uncertainty:  # checked before any case, as each case would fail alike
+        _check_uncertainty(*((segmenter.mode, len(segmenter.views)) if segmenter
+                             else (mode, len(MODES.get(mode, ())))))  # unknown: Segmenter says
     output = Path(output)
     jobs, cohort = _cohort_jobs(input, output, (t1, t1ce, t2, flair), shard)
     emit = on_event or (lambda kind, case_id, value: None)
@@ -987,7 +995,10 @@ def _cohort_jobs(
         cohort = not io.is_case_folder(input)
         if cohort:
             # Subfolders with images that are not complete cases are reported as failures.
-            folders = io.find_cases(input, incomplete=True)
+            # The output folder may lie among the cases: its label maps are not a case.
+            out = output.resolve()
+            folders = [f for f in io.find_cases(input, incomplete=True)
+                       if f.resolve() != out and f.resolve() not in out.parents]
             if shard is not None:  # sorted folders: the same split in every job
                 folders = folders[shard[0]::shard[1]]
             jobs = [(f, None) for f in folders]
@@ -1049,6 +1060,13 @@ def _case_outputs(target: Path, save_raw: bool, uncertainty: bool = False) -> li
             *([target.with_name(stem + "_uncertainty.nii.gz")] if uncertainty else [])]
 
 
+def _check_uncertainty(mode: str, views: int) -> None:
+    """An uncertainty map is the views' disagreement: refused for a mode of one view."""
+    if views == 1:
+        raise ValueError(f"an uncertainty map needs several views; mode {mode!r} has one "
+                         "(mode 'accurate' has six)")
+
+
 def _finished(target: Path, save_raw: bool, uncertainty: bool) -> bool:
     """Whether an earlier run wrote every output of a case asked for now: the JSON summary is
     written last, so a label map without it is what a killed run left and is redone."""
@@ -1105,7 +1123,8 @@ def find_label_maps(root: PathLike) -> dict[str, LabelSource]:
                                              raw=raw if raw.is_file() else None)}
     if not root.is_dir():
         raise io.InputError(f"{root}: no such file or folder")
-    if io.is_case_folder(root):
+    case_folder = io.is_case_folder(root)
+    if case_folder:
         folders = [root]
     else:
         folders = [p for p in sorted(root.iterdir()) if p.is_dir() and io.is_case_folder(p)]
@@ -1121,7 +1140,7 @@ def find_label_maps(root: PathLike) -> dict[str, LabelSource]:
         # segment's other maps beside the label maps: before postprocessing, and the views'
         # disagreement
         companion = stem.endswith(("_raw", "_uncertainty"))
-        if stem != p.name and not companion and not io.is_case_folder(root):
+        if stem != p.name and not companion and not case_folder:
             found[_label_id(p)] = LabelSource(_label_id(p), p, raw=raws.get(stem))
     if not found:
         raise io.InputError(f"{root}: no label maps found (.nii/.nii.gz or case folders)")
