@@ -227,3 +227,26 @@ def test_a_segmented_folder_is_served_with_its_report_and_a_viewer_per_case(tmp_
         server.shutdown()
     with pytest.raises(io.InputError, match=r"no index\.html"):
         viewer.serve_folder(cohort)
+
+
+def test_a_folder_segmented_in_shards_is_served_with_a_page_linking_each_shards_index(
+        tmp_path, tiny_weights):
+    from tiramisu_brats import api
+
+    cohort = tmp_path / "cohort"
+    for seed in range(2):
+        write_case(make_case(seed, shape=(48, 48, 24), case_id=f"c{seed}"), cohort)
+    out = tmp_path / "out"
+    seg = api.Segmenter(tiny_weights, "torch", crop=(64, 64))
+    for i in range(2):
+        api.segment_cohort(cohort, out, segmenter=seg, shard=(i, 2))
+    server = viewer.serve_folder(out)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        page = _get(server.url)[1].decode()
+        names = ["index-shard-0-of-2.html", "index-shard-1-of-2.html"]
+        assert all(f'href="{n}"' in page for n in names)
+        assert 'href="view/c1/"' in _get(server.url + names[1])[1].decode()
+        assert _get(server.url + "view/c1/")[0] == 200
+    finally:
+        server.shutdown()

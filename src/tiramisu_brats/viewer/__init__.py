@@ -128,17 +128,27 @@ def serve(case: io.CaseFiles, labels: str | os.PathLike[str], port: int = 0) -> 
 
 def serve_folder(folder: str | os.PathLike[str], port: int = 0) -> ViewServer:
     """A ``ViewServer`` for the output folder of ``segment`` on a folder of cases: its
-    ``index.html`` and pictures at ``/``, and each case in the viewer at ``/view/<case>/``
+    ``index.html`` (or, from sharded jobs, a page linking each shard's) and pictures at ``/``, and each case in the viewer at ``/view/<case>/``
     (the report's links), from the JSON ``segment`` wrote beside each label map."""
     folder = Path(folder)
     index = folder / "index.html"
-    if not index.is_file():
-        if io.is_case_folder(folder):
-            raise io.InputError(f"{folder}: a case folder; viewing a case needs a label map on "
-                                "its grid")
-        raise io.InputError(f"{folder}: no index.html (the output of segment on a folder of "
-                            "cases)")
-    routes: dict[str, bytes | Path] = {"/": index}
+    shards = sorted(p.name for p in folder.glob("index-shard-*-of-*.html"))
+    routes: dict[str, bytes | Path] = {}
+    if index.is_file():
+        routes["/"] = index
+    elif shards:  # sharded jobs each wrote their own index: a page that links them
+        import html
+
+        links = "".join(f'<li><a href="{html.escape(n)}">{html.escape(n)}</a></li>'
+                        for n in shards)
+        routes["/"] = (f"<!doctype html><meta charset=utf-8><title>{html.escape(folder.name)}"
+                       f"</title><h1>{html.escape(folder.name)}</h1><ul>{links}</ul>").encode()
+    elif io.is_case_folder(folder):
+        raise io.InputError(f"{folder}: a case folder; viewing a case needs a label map on "
+                            "its grid")
+    else:
+        raise io.InputError(f"{folder}: no index.html (not the output of segment on a folder "
+                            "of cases)")
     for path in sorted(folder.iterdir()):
         if path.suffix in (".png", ".html") and not path.name.startswith("."):
             routes["/" + path.name] = path
