@@ -238,7 +238,7 @@ def test_cohort_segment_and_evaluate_match_numpy_dice(small_cases, tiny_weights,
 
 
 @pytest.mark.slow
-def test_demo_runs_the_whole_job(tiny_weights, tmp_path):
+def test_demo_runs_the_whole_job(tiny_weights, tmp_path, caplog):
     result = run("demo", "-o", tmp_path / "demo", "--model", tiny_weights, "--backend", "torch",
                  "--no-progress")
     assert result.exit_code == 0, result.output
@@ -261,6 +261,12 @@ def test_demo_runs_the_whole_job(tiny_weights, tmp_path):
     assert np.array_equal(nib.load(seg).get_fdata(),
                           nib.load(demo / "synthetic-000.nii.gz").get_fdata())
     assert run("demo", "-o", demo, "--model", tiny_weights, "--no-progress").exit_code == 2
+    # Again over it with another case: scored alone, not with the earlier demo's label map.
+    result = run("demo", "-o", demo, "--model", tiny_weights, "--backend", "torch", "--seed", 1,
+                 "--overwrite", "--no-progress")
+    assert result.exit_code == 0 and "Dice against the known tumor" in result.output
+    assert "no reference" not in caplog.text, caplog.text
+    assert "synthetic-001" in (demo / "report" / "metrics.csv").read_text()
 
 
 def test_demo_refuses_a_folder_of_cases_or_a_file_for_output_before_writing(
@@ -386,7 +392,7 @@ def test_quantize_refuses_an_incomplete_case_no_case_to_calibrate_on_and_a_negat
                 (cases / case / f.name).symlink_to(f)
     refused = [
         ((cases,), f"error: {cases / 'syn-1'}: no t1ce image (expected <case>_t1ce.nii.gz"),
-        ((small_cases, "--holdout", "syn-0,syn-1,syn-2"),
+        ((small_cases, "--holdout", "syn-0, syn-1 ,syn-2"),  # spaces as typed
          "error: all 3 labelled cases are held out: no case is left to calibrate on"),
         ((small_cases, "--tolerance", -1), "error: tolerance -1.0: a change of Dice must be 0 "
                                            "or more"),

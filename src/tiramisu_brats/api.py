@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -109,7 +110,7 @@ class Segmentation:
     stage, and ``slices``: how many slices hold brain and how many of them were run (one
     view: its axial slices; several: summed over the views, each counting its plane's brain
     slices, so that ``run / brain`` is the share of the views' work done).
-    ``qc``: the quality score, with several views (``--mode accurate``) from how they
+    ``qc``: the quality score, with several views (accurate mode) from how they
     disagree (``quality``), with one from the network's confidence (``confidence``); with
     several views ``uncertainty`` (X, Y, Z) float32, the standard deviation of the whole
     tumor's probability across them."""
@@ -124,10 +125,10 @@ class Segmentation:
 
 @dataclass(frozen=True)
 class PreparedCase:
-    """A case with the network's input made from it: ``image`` (4, X', Y', Z') on the
-    network's ``grid`` (``preprocess.network_grid``: the trained orientation, 1 mm unless
-    ``resample`` was off), and its axial ``slices`` (Z', 4, H, W) float32 with their
-    ``geometry``, as ``preprocess.preprocess(image, crop)``."""
+    """A case with the network's input made from it: ``image`` (4, X', Y', Z'), the case's dtype (a
+    file's integer type, or float32), on the network's ``grid`` (``preprocess.network_grid``: the
+    trained orientation, 1 mm unless ``resample`` was off), and its axial ``slices`` (Z', 4, H, W)
+    float32 with their ``geometry``, as ``preprocess.preprocess(image, crop)``."""
 
     case: io.Case
     image: np.ndarray
@@ -275,17 +276,18 @@ class Segmenter:
     ) -> None:
         """``whole_slices``: run the network on whole slices, else on each slice's brain window
         (``preprocess.brain_windows``); default: the backend's (``infer.WHOLE_SLICES``).
-        ``tumor_slices``: run only the slices near tumor (``infer.predict_labels``), which
-        can lose only tumor under ``infer.TUMOR_STRIDE`` slices thick cut off from the rest
-        (the postprocessed labels of the 27 labelled cases stay as they are; the raw ones do
-        not); default: with ``postprocess``. ``segment_case(save_raw=True)`` runs every slice
-        regardless. ``mode``: one of ``MODES``; ``accurate`` averages the probabilities of
-        every view (``views``: with a partner model, the three planes of each model,
-        ``PARTNER_VIEWS``, labelled by the partner's decision), with ``tumor_slices`` those of
-        the views after the first only near the tumor the first found (``VIEW_MARGIN``).
-        ``partner``: the weights accurate mode fuses with the model's; default the partner
-        beside them (``export.partner``), if any. ``resample``: bring images that are not
-        1 mm to 1 mm for the network (``segment_case``, and ``segment`` given an affine)."""
+        ``tumor_slices``: run only the slices near tumor (``infer.predict_labels``), which can lose
+        only tumor under ``infer.TUMOR_STRIDE`` slices thick cut off from the rest (the
+        postprocessed labels of the 27 labelled cases stay as they are; the raw ones do not);
+        default: with ``postprocess``. ``segment_case(save_raw=True)`` runs every slice regardless,
+        and so does fast mode on voxels resampled to 1 mm (its probabilities are brought back before
+        the labels; ``model.tumor_slices`` in the JSON says which ran). ``mode``: one of ``MODES``;
+        ``accurate`` averages the probabilities of every view (``views``: with a partner model, the
+        three planes of each model, ``PARTNER_VIEWS``, labelled by the partner's decision), with
+        ``tumor_slices`` those of the views after the first only near the tumor the first found
+        (``VIEW_MARGIN``). ``partner``: the weights accurate mode fuses with the model's; default
+        the partner beside them (``export.partner``), if any. ``resample``: bring images that are
+        not 1 mm to 1 mm for the network (``segment_case``, and ``segment`` given an affine)."""
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
         self.mode = mode
@@ -656,7 +658,7 @@ class Segmenter:
 
 
 def segment(image: np.ndarray, model: PathLike | None = None, backend: str = "openvino",
-            affine: np.ndarray | None = None, **options) -> Segmentation:
+            affine: np.ndarray | None = None, **options: Any) -> Segmentation:
     """Segment one image (4, X, Y, Z) with a fresh ``Segmenter`` (see its options);
     ``affine`` (4, 4): as ``Segmenter.segment`` (without it, BraTS orientation and 1 mm)."""
     return Segmenter(model, backend, **options).segment(image, affine=affine)
@@ -696,7 +698,6 @@ def quantize_int8(
 
     from tiramisu_brats import export, metrics
     from tiramisu_brats.infer import OpenVINOBackend
-    from tiramisu_brats.preprocess import extract
 
     if not tolerance >= 0:  # NaN too
         raise ValueError(f"tolerance {tolerance}: a change of Dice must be 0 or more")
@@ -805,7 +806,8 @@ class CohortRun:
     skipped: list[dict] = field(default_factory=list)
 
 
-# What ``segment_cohort`` tells ``on_event(kind, case_id, value)``, in the order it happens.
+# What ``segment_cohort`` tells ``on_event(kind, case_id, value)``: cases found incomplete
+# while planning fail first, then the model, then the cases one by one.
 COHORT_EVENTS = {
     "model": "the model is loaded (value: the Segmenter; case_id '')",
     "cases": "a folder of cases: segmenting begins (value: the number of cases to segment)",
@@ -1224,9 +1226,12 @@ def evaluate(
             view = network_grid(case.affine, case.shape, resample=False)  # flips only
             image = to_network(case.image, view)
             ref_labels = to_network(io.read_label_map(r.path)[0], view)
+            written_as = summaries[case_id].get("labels")  # segment's numbering of the file
+            enhancing = written_as.get("enhancing") if isinstance(written_as, dict) else None
             report.overlay_png(image[3], image[1], to_network(io.read_label_map(p.path)[0], view),
                                ref_labels, report_dir / f"overlay_{io.safe_case_id(case_id)}.png",
-                               case_id, view.oriented_spacing())
+                               case_id, view.oriented_spacing(),
+                               enhancing=enhancing if enhancing in (3, 4) else 4)
         except ValueError as err:  # the metrics stand without the picture
             log.warning("%s: no overlay: %s", case_id, err)
     written = report.write_report(report_dir, rows, raw_rows=raw_rows or None,

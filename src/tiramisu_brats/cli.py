@@ -13,6 +13,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import logging
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -50,12 +51,13 @@ INPUT_HELP = (
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
+    """Print ``message`` as an error and return the exit (status ``code``) to raise."""
     console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
 @contextmanager
-def user_errors(exists: str = "pass --overwrite to replace it"):
+def user_errors(exists: str = "pass --overwrite to replace it") -> Iterator[None]:
     """Turn the errors a user can cause into one line and exit status 2; ``exists``: what to
     do about an output that exists already."""
     try:
@@ -88,6 +90,7 @@ class Bars(Progress):
 
 
 def progress_bar(enabled: bool) -> Bars:
+    """The commands' bars (on stderr, gone when done); ``enabled`` False: none shown."""
     return Bars(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                 TimeElapsedColumn(), console=console, disable=not enabled, transient=True)
 
@@ -161,6 +164,7 @@ class SegmentProgress:
         self.slices: TaskID | None = None
 
     def __call__(self, kind: str, case_id: str, value: Any) -> None:
+        """One event of ``api.COHORT_EVENTS``."""
         if kind == "model":
             _last_model[:] = [value]
         elif kind == "cases":
@@ -240,7 +244,8 @@ def segment(
             "under 4 slices thick cut off from the rest); in accurate mode, every slice of "
             "every view or the first view's tumor slices, then those near the tumor it found. "
             "Default: tumor slices, "
-            "every slice with --no-postprocess; --save-raw runs every slice."))] = None,
+            "every slice with --no-postprocess; --save-raw runs every slice, and so does fast "
+            "mode on voxels resampled to 1 mm."))] = None,
     save_raw: Annotated[bool, typer.Option(help=(
         "Also write `<name>_raw.nii.gz`, before postprocessing."))] = False,
     uncertainty: Annotated[bool, typer.Option(help=(
@@ -346,7 +351,7 @@ def demo(
     """The whole job on an embedded default: a synthetic case in, labels and report out.
     The case is segmented exactly as ``segment`` does it."""
     from tiramisu_brats.api import evaluate as run_evaluate
-    from tiramisu_brats.api import segment_cohort
+    from tiramisu_brats.api import label_stem, segment_cohort
     from tiramisu_brats.synthetic import make_case, write_case
 
     start = time.perf_counter()
@@ -378,12 +383,13 @@ def demo(
                   f"edema {vols['edema_ml']:.1f}", highlight=False)
         out.print(_qc_line(summary["qc"]), highlight=False)
         if files.seg is not None:
-            rows = run_evaluate(label_path.parent, case, output / "report", overwrite=True)
+            # this label map alone: an earlier demo's in the folder are not this run's
+            rows = run_evaluate(label_path, case, output / "report", overwrite=True)
             row = rows[0]
             out.print(f"Dice against the known tumor: WT {row['dice_WT']:.3f}, "
                       f"TC {row['dice_TC']:.3f}, ET {row['dice_ET']:.3f}", highlight=False)
-    out.print(f"label map: {label_path}\nsummary:   {label_path.with_suffix('').with_suffix('')}"
-              f".json", highlight=False)
+    out.print(f"label map: {label_path}\nsummary:   "
+              f"{label_path.with_name(label_stem(label_path) + '.json')}", highlight=False)
     if files.seg is not None:
         out.print(f"report:    {output / 'report'} (metrics.csv, summary.json, boxplots.png, "
                   f"overlay_*.png)", highlight=False)
@@ -409,7 +415,7 @@ def quantize(
     40 to 70 min on 2 cores."""
     from tiramisu_brats.api import quantize_int8
 
-    held = [c for c in (holdout or "").split(",") if c]
+    held = [c.strip() for c in (holdout or "").split(",") if c.strip()]
     with user_errors(), progress_bar(progress) as bar:
         task = bar.add_task("reading, then checking cases", total=None)
         result = quantize_int8(data, model, holdout=held, tolerance=tolerance,
@@ -450,6 +456,7 @@ class TrainProgress:
         self.epochs = 0
 
     def start(self, run: FolderRun) -> None:
+        """Training begins: say on what, and start the bar of steps."""
         for task in self.bar.task_ids:  # caching is done
             self.bar.remove_task(task)
         config, world = run.config, run.world
@@ -462,6 +469,7 @@ class TrainProgress:
         self.task = self.bar.add_task("epoch 1", total=config.steps_per_epoch)
 
     def step(self, epoch: int, step: int, value: float) -> None:
+        """Step ``step`` (0-based) of ``epoch`` is done, with loss ``value``."""
         if self.task is not None:
             self.bar.update(self.task, completed=step + 1,
                             description=f"epoch {epoch}/{self.epochs} loss {value:.3f}")

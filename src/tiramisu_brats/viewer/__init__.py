@@ -128,8 +128,9 @@ def serve(case: io.CaseFiles, labels: str | os.PathLike[str], port: int = 0) -> 
 
 def serve_folder(folder: str | os.PathLike[str], port: int = 0) -> ViewServer:
     """A ``ViewServer`` for the output folder of ``segment`` on a folder of cases: its
-    ``index.html`` (or, from sharded jobs, a page linking each shard's) and pictures at ``/``, and each case in the viewer at ``/view/<case>/``
-    (the report's links), from the JSON ``segment`` wrote beside each label map."""
+    ``index.html`` (or, from sharded jobs, a page linking each shard's) and pictures at ``/``, and
+    each case in the viewer at ``/view/<case>/`` (the report's links), from the JSON ``segment``
+    wrote beside each label map."""
     folder = Path(folder)
     index = folder / "index.html"
     shards = sorted(p.name for p in folder.glob("index-shard-*-of-*.html"))
