@@ -305,3 +305,20 @@ def test_probabilities_come_back_to_a_resampled_input_grid_linearly():
     assert back.shape == (2, 40, 30, 6) and back.dtype == np.float32
     np.testing.assert_allclose(back[0, :, 0, 0], np.linspace(0, 1, 40), atol=1e-5)
     np.testing.assert_allclose(back.sum(0), 1, atol=1e-5)
+
+
+@pytest.mark.parametrize("spacing, shape", [((1.503, 1.503, 1.0), (160, 160, 155)),
+                                            ((1.503, 1.201, 2.0), (160, 200, 78))])
+def test_probabilities_brought_back_keep_their_sum_to_the_input_grids_last_voxels(
+        spacing, shape):
+    # At these sizes scipy's zoom put the last input voxels a rounding error outside the
+    # network grid, and filled them with 0: probabilities 0 for every class, which the
+    # region-probability labels read as tumor (accurate mode's edema on the last planes).
+    grid = pp.network_grid(np.diag([-spacing[0], -spacing[1], spacing[2], 1.0]), shape)
+    probs = np.zeros((4, *grid.network_shape), np.float32)
+    probs[0] = 1  # background everywhere
+    back = pp.to_input(probs, grid, linear=True)
+    assert back.shape == (4, *shape)
+    np.testing.assert_allclose(back[0], 1, atol=1e-6)
+    up = pp.to_network(np.ones((1, *shape), np.float32), grid)
+    np.testing.assert_allclose(up, 1, atol=1e-6)

@@ -188,12 +188,15 @@ def _zoom(volume: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
     by channel, the corner voxels of both grids on each other."""
     from scipy import ndimage
 
-    # zoom gives round(n * m / n) = m voxels, with its corner voxels on the input's corners
+    # zoom gives round(n * m / n) = m voxels, with its corner voxels on the input's corners;
+    # "nearest": the last voxel's coordinate can land a rounding error past the input's last,
+    # which "constant" fills with 0 (a plane of probabilities 0 for every class)
     factors = [m / n for n, m in zip(volume.shape[-3:], shape, strict=True)]
     flat = volume.reshape(-1, *volume.shape[-3:])
     out = np.empty((len(flat), *shape), np.float32)
     for i, channel in enumerate(flat):
-        out[i] = ndimage.zoom(channel.astype(np.float32), factors, order=1, grid_mode=False)
+        out[i] = ndimage.zoom(channel.astype(np.float32), factors, order=1, grid_mode=False,
+                              mode="nearest")
     return out.reshape(*volume.shape[:-3], *shape)
 
 
