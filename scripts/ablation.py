@@ -4,7 +4,9 @@ For each case the network's probabilities are computed once per view (axial, cor
 sagittal; each also flipped left-right; and the three planes of the weights' partner where
 accurate mode has one, ``export.partner``) with ``api.Segmenter.view_probabilities``, then every
 combination of views is fused, postprocessed (with and without the rule that relabels a small
-enhancing region as necrosis) and scored against the expert. Also the QC score candidates:
+enhancing region as necrosis) and scored against the expert; per-region rules (``RULES``:
+holes in the tumor core filled, small core or enhancing components dropped) on the labels by
+each combination's decision (the weights' labelling rule). Also the QC score candidates:
 the spread of the whole-tumor probability across views inside the predicted tumor.
 
 Usage:
@@ -22,6 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 from scipy.stats import spearmanr
 
 from tiramisu_brats import api, io, metrics
@@ -49,6 +52,44 @@ def relabel_small_et(labels: np.ndarray, n: int) -> np.ndarray:
         labels = labels.copy()
         labels[labels == 4] = 1
     return labels
+
+
+def fill_core(labels: np.ndarray, axes: tuple[int, ...] = ()) -> np.ndarray:
+    """Holes of the tumor core (1, 4) relabelled necrosis: in 3-D, or in every slice of ``axes``."""
+    core = np.isin(labels, (1, 4))
+    filled = core
+    for axis in axes:
+        filled = filled | np.stack([ndimage.binary_fill_holes(s)
+                                    for s in np.moveaxis(core, axis, 0)], axis)
+    if not axes:
+        filled = ndimage.binary_fill_holes(core)
+    out = labels.copy()
+    out[filled & ~core] = 1
+    return out
+
+
+def keep_components(labels: np.ndarray, region: tuple[int, ...], share: float,
+                    to: int) -> np.ndarray:
+    """Components (26-connected) of ``region`` below ``share`` of its largest relabelled ``to``."""
+    comp, n = ndimage.label(np.isin(labels, region), np.ones((3, 3, 3), bool))
+    if n <= 1:
+        return labels
+    sizes = np.bincount(comp.ravel())[1:]
+    out = labels.copy()
+    out[np.isin(comp, 1 + np.flatnonzero(sizes < share * sizes.max()))] = to
+    return out
+
+
+# per-region rules tried on the postprocessed labels (issue 13, item 9)
+RULES = {
+    "core holes filled (3-D)": fill_core,
+    "core holes filled (slices of 3 planes)": lambda labels: fill_core(labels, (0, 1, 2)),
+    "core: largest component (others edema)": lambda labels: keep_components(labels, (1, 4), 1, 2),
+    "core: components >= 10 % of largest": lambda labels: keep_components(labels, (1, 4), .1, 2),
+    "enhancing: largest component (others necrosis)":
+        lambda labels: keep_components(labels, (4,), 1, 1),
+    "enhancing: components >= 10 % of largest": lambda labels: keep_components(labels, (4,), .1, 1),
+}
 
 
 def main() -> None:
@@ -113,6 +154,9 @@ def main() -> None:
                          **{f"post_regions_{t}": region_dice(postprocess(region_labels(fused, t)),
                                                              ref)
                             for t in REGION_T}}
+            decided = (post if rules[name].threshold is None
+                       else postprocess(region_labels(fused, rules[name].threshold)))
+            row[name].update({f"rule: {r}": region_dice(f(decided), ref) for r, f in RULES.items()})
             wt = np.stack([1 - probs[v][0] for v in combo])  # whole-tumor probability per view
             inside = postprocess(region_labels(fused, qc_threshold[name])) > 0
             row[name]["wt_ml"] = float(inside.sum() / 1000)
@@ -149,11 +193,13 @@ def main() -> None:
     print("|---|---|---:|---:|---:|---:|")
     for name in combos:
         for stage in ("raw", "post", *(f"post_min_et_{n}" for n in MIN_ET if n),
-                      *(f"post_keep_{k}" for k in KEEP), *(f"post_regions_{t}" for t in REGION_T)):
+                      *(f"post_keep_{k}" for k in KEEP), *(f"post_regions_{t}" for t in REGION_T),
+                      *(f"rule: {r}" for r in RULES)):
             m = {r: float(np.mean([row[name][stage][r] for row in rows]))
                  for r in ("WT", "TC", "ET")}
             print(f"| {name} | {stage} | {m['WT']:.3f} | {m['TC']:.3f} | {m['ET']:.3f} | "
                   f"{np.mean(list(m.values())):.3f} |")
+    print(f"\n(rule: on the postprocessed labels by each row's decision, {chosen})")
     print(f"\nPer case, labels by each mode's decision (fast {chosen[FAST]}, accurate "
           f"{acc_name} {chosen[acc_name]}); QC inside the tumor of accurate's labels:")
     print("\n| case | fast: Dice WT / TC / ET | accurate: Dice WT / TC / ET | QC spread "
