@@ -566,7 +566,7 @@ def test_segment_cohort_refuses_an_uncertainty_map_of_one_view_before_any_case(
 
 
 def test_segment_cohort_skips_finished_cases_and_redoes_unfinished_ones(
-        cohort, tmp_path, small_segmenter):
+        cohort, tmp_path, small_segmenter, caplog):
     out = tmp_path / "out"
     first = api.segment_cohort(cohort, out, segmenter=small_segmenter)
     assert len(first.results) == 2 and len(first.failures) == 1
@@ -592,6 +592,15 @@ def test_segment_cohort_skips_finished_cases_and_redoes_unfinished_ones(
                                               r"\(c0, c1\).*nothing was written"):
         api.segment_cohort(cohort, out, segmenter=small_segmenter)
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    with pytest.raises(ValueError, match="replacing existing outputs and skipping them"):
+        api.segment_cohort(cohort, out, segmenter=small_segmenter, skip_existing=True,
+                           overwrite=True)
+    # Skipped cases made in another label convention than asked now are named.
+    with caplog.at_level("WARNING"):
+        api.segment_cohort(cohort, out, segmenter=small_segmenter, skip_existing=True,
+                           convention="brats2023")
+    assert ("2 case(s) skipped as done before were segmented in another mode or label "
+            "convention than asked now (their JSON says which): c0, c1") in caplog.text
     # Outputs asked for now but not written before (raw label maps) redo the cases.
     fast = api.segment_cohort(cohort, out, segmenter=small_segmenter, skip_existing=True,
                               save_raw=True)

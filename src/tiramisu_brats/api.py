@@ -840,7 +840,8 @@ def segment_cohort(
     failures removes. ``shard=(i, n)``: of the sorted case folders only every ``n``-th from
     the ``i``-th (``n`` jobs with ``i = 0 .. n-1`` cover the folder once), its list of
     failures ``failures-shard-<i>-of-<n>.csv``. ``skip_existing``: cases whose outputs an
-    earlier run wrote completely are left as they are (those it left incomplete are redone).
+    earlier run wrote completely are left as they are (those it left incomplete are redone;
+    those made in another mode or label convention are named in a warning).
     Without it (nor ``overwrite``), a folder of cases where any case's outputs, or the folder's
     index or list of failures, already exist is refused before anything is read or written.
 
@@ -851,6 +852,8 @@ def segment_cohort(
     as ``COHORT_EVENTS`` says. Nothing is printed.
     """
     io.check_convention(convention)
+    if overwrite and skip_existing:
+        raise ValueError("replacing existing outputs and skipping them were both asked for")
     if uncertainty:  # checked before any case, as each case would fail alike
         _check_uncertainty(*((segmenter.mode, len(segmenter.views)) if segmenter
                              else (mode, len(MODES.get(mode, ())))))  # unknown: Segmenter says
@@ -904,6 +907,12 @@ def segment_cohort(
     csv_path = _write_failures(output, failures, shard) if cohort else None
     # Cases an earlier run finished keep their row in the index, from the summary it wrote.
     earlier = [_earlier_summary(files, target) for files, target in skipped]
+    other = [e["case"] for e in earlier if e.get("mode", segmenter.mode) != segmenter.mode
+             or e.get("label_convention", convention) != convention]
+    if other:
+        log.warning("%d case(s) skipped as done before were segmented in another mode or label "
+                    "convention than asked now (their JSON says which): %s", len(other),
+                    io.names_text(other))
     if cohort and (results or failures or skipped):
         sources.update((files.case_id, (files, target)) for files, target in skipped)
         _cohort_index(output, results + earlier, failures, sources, shard)

@@ -254,7 +254,8 @@ def segment(
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
     skip_existing: Annotated[bool, typer.Option(help=(
         "Leave cases whose outputs an earlier run finished as they are (in a folder of "
-        "cases, the others are segmented)."))] = False,
+        "cases, the others are segmented; those made in another mode or label convention are "
+        "named). Not with --overwrite."))] = False,
     batch_size: Annotated[int | None, typer.Option(min=1, help=(
         "Slices per batch; default: the backend's (openvino 1, onnxruntime 4, torch 8)."))] = None,
     threads: Annotated[int | None, typer.Option(min=1, help="CPU threads.")] = None,
