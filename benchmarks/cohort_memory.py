@@ -63,7 +63,6 @@ def rss_bytes(pid: int) -> int | None:
 def build_cohort(data: Path, cohort: Path, n: int) -> list[tuple[str, str]]:
     """``n`` case folders in ``cohort``, ``case000`` .. , each of symlinks to the images of a
     real case (cycling through them); returns (new id, source id) pairs."""
-    sys.path.insert(0, str(REPO / "src"))
     from tiramisu_brats import io
 
     sources = [io.find_case_files(f) for f in io.find_cases(data)]
@@ -158,7 +157,7 @@ def machine() -> str:
         mem = float("nan")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (f"{os.cpu_count()} CPU cores ({cpu}), {mem:.0f} GiB RAM, load average "
-            f"{load:.1f} at the start (other jobs shared the cores)")
+            f"{load:.1f} at the start")
 
 
 INTRO = (
@@ -209,8 +208,7 @@ def run_block(args, cohort_ids, model_kind, model_desc, samples, finished, code,
         ]
     lines += analysis_lines(per_case, n_sources)
     if args.cases < 40:
-        lines += ["", f"Run with `--cases {args.cases}` rather than the default 40 to fit the "
-                      "time available on this machine (2 shared cores)."]
+        lines += ["", f"Run with `--cases {args.cases}`, fewer than the default 40."]
     return "\n".join(lines) + "\n"
 
 
@@ -275,7 +273,6 @@ def _has_psutil() -> bool:
 def write_section(doc: Path, block: str) -> None:
     """Put ``block`` (a ``### `` subsection) into the "Cohort memory" section of ``doc``,
     replacing the subsection of the same heading; the rest of the file is left as it is."""
-    sys.path.insert(0, str(REPO / "src"))
     from tiramisu_brats import io
 
     old = doc.read_text() if doc.exists() else "# Benchmarks\n"
@@ -313,10 +310,10 @@ def main() -> int:
     if not args.data.is_dir():
         print(f"{args.data}: real data not found", file=sys.stderr)
         return 2
+    sys.path.insert(0, str(REPO / "src"))  # this checkout's package, for the helpers above
     work = Path(tempfile.mkdtemp(prefix="cohort-memory-", dir=args.workdir))
     try:
         cohort_ids = build_cohort(args.data, work / "cohort", args.cases)
-        sys.path.insert(0, str(REPO / "src"))
         from tiramisu_brats.export import default_weights
 
         model = args.model

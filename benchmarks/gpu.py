@@ -1,8 +1,12 @@
 """GPU benchmark: training throughput (fp32 vs bf16) and inference seconds per patient.
 
-Run on a machine with a CUDA GPU: ``python benchmarks/gpu.py [--json OUT.json]`` (or
-``bash benchmarks/gpu.sh``). Prints each figure as soon as it is measured (about 2 minutes in
-all on an H100-class card); figures go into docs/benchmarks.md by hand, with the card's name.
+Run on a machine with a CUDA GPU:
+``python benchmarks/gpu.py [--json OUT.json] [--batch 32] [--steps 20]`` (or
+``bash benchmarks/gpu.sh`` with the same flags). Prints each figure as soon as it is measured
+(about 2 minutes in all on an H100-class card); figures go into docs/benchmarks.md by hand,
+with the card's name. The per-patient figures run the shipped weights where the package has
+them (the tumor-slices path depends on what the network finds), else random ones; ``weights``
+in the output says which.
 """
 
 import argparse
@@ -16,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from tiramisu_brats.api import Segmenter
+from tiramisu_brats.export import default_weights
 from tiramisu_brats.io import find_case_files
 from tiramisu_brats.model import REFERENCE, Tiramisu, save_weights
 from tiramisu_brats.synthetic import make_case, write_case
@@ -47,11 +52,14 @@ def train_throughput(dtype: torch.dtype | None, batch: int, steps: int) -> float
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        parser.error("no CUDA GPU here (torch.cuda.is_available() is False)")
     results = {}
 
     def record(key: str, value: object) -> None:  # printed at once: a cut-off run keeps these
@@ -68,7 +76,13 @@ def main() -> None:
     record("train_slices_per_s_fp32", train_throughput(None, args.batch, args.steps))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        weights = save_weights(Tiramisu(REFERENCE), tmp / "w.safetensors")
+        # random weights mark most slices tumor, so the tumor-slices path would run them all
+        weights = default_weights()
+        if weights.is_file():
+            record("weights", str(weights))
+        else:
+            weights = save_weights(Tiramisu(REFERENCE), tmp / "w.safetensors")
+            record("weights", "random init (no shipped weights found)")
         case_dir = write_case(make_case(seed=0), tmp / "in")
         seg = Segmenter(weights, "torch", device="cuda", batch_size=32)
         totals, infer = [], []

@@ -1,6 +1,7 @@
 """CPU inference: seconds per patient, stages, memory and Dice for every backend and precision.
 
-Run from anywhere: ``python benchmarks/speed.py [--case DIR] [--runs 3] [--model PATH]``.
+Run from anywhere: ``python benchmarks/speed.py [--case DIR] [--runs 3] [--model PATH]
+[--threads N] [--configs BACKEND:PRECISION[:whole][:all][:accurate],...]``.
 Each measured run is a fresh ``tiramisu-brats segment CASE -o OUT --overwrite --no-progress
 --backend B [--precision P] --whole-slices|--brain-windows --all-slices|--tumor-slices``
 process (interpreter start and imports included); one unmeasured run per configuration first
@@ -23,6 +24,9 @@ case, cores kept busy, and how long each case waited for its reading.
 ``--demo`` adds, in rounds as above, ``tiramisu-brats demo`` against ``segment`` of the
 synthetic case the demo writes and of ``--case`` (a real case of the same size): the seconds
 the demo spends segmenting must be those of ``segment``.
+
+``--no-speed`` skips the per-configuration runs (and leaves the "Speed" subsection as it is):
+with one or more of ``--cohort``, ``--demo`` and ``--accuracy-cases``.
 
 Writes the section "CPU inference" of docs/benchmarks.md (its subsections "Speed", "Cohort",
 "Demo" and "Reduced precision on every labelled case" are each replaced by a new run of their
@@ -424,20 +428,22 @@ def write_doc(subsection: str, body: str) -> None:
     start, end = section_span(text, "CPU inference", 2)
     text = text[:start] + put_section(text[start:end], subsection, body, 3) + text[end:]
     io.atomic_write_text(DOC, text.rstrip() + "\n")
+    print(f"wrote {subsection!r} in {DOC}", file=sys.stderr)
 
 
 def parse_configs(text: str) -> list[Config]:
     configs = []
     for item in text.split(","):
-        parts = item.split(":")
-        backend, precision = parts[0], parts[1] if len(parts) > 1 else "default"
-        flags = parts[2:]
-        if (len(parts) < 2 or not set(flags) <= {"whole", "all", "accurate"}
+        error = argparse.ArgumentTypeError(
+            f"{item}: not backend:precision[:whole][:all][:accurate]")
+        if ":" not in item:
+            raise error
+        backend, precision, *flags = item.split(":")
+        if (not set(flags) <= {"whole", "all", "accurate"}
                 or len(set(flags)) < len(flags)
                 or backend not in infer.SUPPORTED
                 or precision not in (*infer.SUPPORTED[backend], "default")):
-            raise argparse.ArgumentTypeError(
-                f"{item}: not backend:precision[:whole][:all][:accurate]")
+            raise error
         configs.append((backend, None if precision == "default" else precision,
                         "whole" in flags, "all" not in flags,
                         "accurate" if "accurate" in flags else "fast"))
@@ -463,6 +469,9 @@ def main() -> None:
     parser.add_argument("--no-speed", action="store_true", help=(
         "skip the per-configuration runs (only --cohort, --demo and --accuracy-cases)"))
     args = parser.parse_args()
+    if args.no_speed and not (args.cohort or args.demo or args.accuracy_cases):
+        parser.error("--no-speed leaves nothing to run: add --cohort, --demo or "
+                     "--accuracy-cases")
     args.command = shlex.join(["python", "benchmarks/speed.py", *sys.argv[1:]])
     args.load_before = load_average()
     with tempfile.TemporaryDirectory() as tmp:
@@ -490,7 +499,6 @@ def main() -> None:
         if args.accuracy_cases:
             write_doc("Reduced precision on every labelled case",
                       accuracy_markdown(accuracy(args.accuracy_cases, weights), args, note))
-    print(f"wrote {DOC}", file=sys.stderr)
 
 
 if __name__ == "__main__":

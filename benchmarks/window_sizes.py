@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import subprocess
 import sys
@@ -63,6 +64,8 @@ def main() -> None:
     if args.child:
         child(Path(args.child[0]), args.child[1])
         return
+    from speed import cpu_name  # benchmarks/speed.py, beside this file
+
     from tiramisu_brats import infer
     from tiramisu_brats.preprocess import SHAPE_COST
 
@@ -71,16 +74,18 @@ def main() -> None:
     for i in range(args.runs):
         for case in args.cases:
             for cost in costs:
-                out = subprocess.run([sys.executable, __file__, "--child", str(case), str(cost)],
-                                     capture_output=True, text=True, check=True).stdout
+                cmd = [sys.executable, __file__, "--child", str(case), str(cost)]
+                try:
+                    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+                except subprocess.CalledProcessError as err:  # its stderr says why
+                    sys.stderr.write(err.stderr)
+                    sys.exit(f"failed ({err.returncode}): {shlex.join(cmd)}")
                 runs.setdefault((case.name, cost), []).append(json.loads(out.splitlines()[-1]))
                 print(f"round {i + 1}, {case.name}, cost {cost}: "
                       f"{runs[case.name, cost][-1]['seconds']:.2f} s", file=sys.stderr, flush=True)
-    name, flags = infer.cpu_info()
-    isa = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16",
-                       "amx_int8") if f in flags]
-    print(f"`python benchmarks/window_sizes.py --runs {args.runs}`: CPU {name} with "
-          f"{', '.join(isa)}, {infer.cpu_count()} cores; default `SHAPE_COST` {SHAPE_COST}; "
+    command = shlex.join(["python", "benchmarks/window_sizes.py", *sys.argv[1:]])
+    print(f"`{command}`: CPU {cpu_name()}, {infer.cpu_count()} cores; default `SHAPE_COST` "
+          f"{SHAPE_COST}; "
           f"median of {args.runs} fresh processes per cell: seconds of the first network pass "
           "over the case / of the same pass again in the same process (distinct window sizes, "
           "window megapixels over the brain slices). `whole`: whole 192 x 160 slices.\n")

@@ -13,6 +13,7 @@ Usage:
   python scripts/ablation.py --cases ID,ID,... [--model W] [--partner W2]
                              [--data-root ../shared/data] [--json OUT.json]
                              [--precision fp32|bf16|int8] [--view-margin N]
+                             [--qc-threshold T]
 Prints Markdown tables (per case and means).
 """
 
@@ -93,7 +94,8 @@ RULES = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", required=True)
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--partner", type=Path, default=None,
@@ -111,9 +113,12 @@ def main() -> None:
                              "its table as segment runs it (default: api.VIEW_MARGIN)")
     args = parser.parse_args()
     api.VIEW_MARGIN = args.view_margin
-    wanted = [c.strip() for c in args.cases.split(",")]
     folders = find_training_cases(
         [args.data_root / "brats-labeled", args.data_root / "brats-labeled-extra"])
+    wanted = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = [c for c in wanted if c not in folders] or ([] if wanted else ["(none given)"])
+    if unknown:
+        parser.error(f"not labelled cases of {args.data_root}: {', '.join(unknown)}")
     seg = api.Segmenter(args.model, precision=args.precision)
     accurate = api.Segmenter(args.model, precision=args.precision, mode="accurate",  # tumor slices
                              partner=args.partner)
@@ -132,6 +137,9 @@ def main() -> None:
                     for name, r in rules.items()}
     chosen = {name: "post" if r.threshold is None else f"post_regions_{r.threshold:g}"
               for name, r in rules.items()}
+    # the weights' own thresholds too, which the tables read (chosen) and REGION_T may lack
+    region_t = sorted({*REGION_T, *(r.threshold for r in (seg, accurate)
+                                    if r.threshold is not None)})
     rows = []
     for case_id in wanted:
         files = io.find_case_files(folders[case_id])
@@ -151,9 +159,8 @@ def main() -> None:
                             for n in MIN_ET if n},
                          **{f"post_keep_{k}": region_dice(postprocess(raw, keep_fraction=k), ref)
                             for k in KEEP},
-                         **{f"post_regions_{t}": region_dice(postprocess(region_labels(fused, t)),
-                                                             ref)
-                            for t in REGION_T}}
+                         **{f"post_regions_{t:g}": region_dice(
+                             postprocess(region_labels(fused, t)), ref) for t in region_t}}
             decided = (post if rules[name].threshold is None
                        else postprocess(region_labels(fused, rules[name].threshold)))
             row[name].update({f"rule: {r}": region_dice(f(decided), ref) for r, f in RULES.items()})
@@ -193,7 +200,8 @@ def main() -> None:
     print("|---|---|---:|---:|---:|---:|")
     for name in combos:
         for stage in ("raw", "post", *(f"post_min_et_{n}" for n in MIN_ET if n),
-                      *(f"post_keep_{k}" for k in KEEP), *(f"post_regions_{t}" for t in REGION_T),
+                      *(f"post_keep_{k}" for k in KEEP),
+                      *(f"post_regions_{t:g}" for t in region_t),
                       *(f"rule: {r}" for r in RULES)):
             m = {r: float(np.mean([row[name][stage][r] for row in rows]))
                  for r in ("WT", "TC", "ET")}

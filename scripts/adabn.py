@@ -37,9 +37,13 @@ parser.add_argument("--blend", default="0.5,1")
 parser.add_argument("--model", type=Path, default=None)
 parser.add_argument("--data-root", type=Path, default=Path("../shared/data"))
 args = parser.parse_args()
-base = load_model(args.model or default_weights()).eval()
 folders = find_training_cases(
     [args.data_root / "brats-labeled", args.data_root / "brats-labeled-extra"])
+cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+unknown = [c for c in cases if c not in folders] or ([] if cases else ["(none given)"])
+if unknown:
+    parser.error(f"not labelled cases of {args.data_root}: {', '.join(unknown)}")
+base = load_model(args.model or default_weights()).eval()
 
 
 def labels(model: torch.nn.Module, slices: np.ndarray) -> np.ndarray:
@@ -63,7 +67,7 @@ def adapted(slices: np.ndarray, blend: float) -> torch.nn.Module:
 blends = [float(b) for b in args.blend.split(",")]
 names = ["trained", *(f"blend {b:g}" for b in blends)]
 scores = {name: [] for name in names}
-for case_id in [c.strip() for c in args.cases.split(",")]:
+for case_id in cases:
     files = io.find_case_files(folders[case_id])
     prep = api.prepare_case(io.read_case(files))
     ref = to_network(io.read_label_map(files.seg)[0], prep.grid)

@@ -3,8 +3,8 @@ with the recipe, the training and held-out cases, the postprocessing and labelli
 and the license in the header, and the ONNX export beside it (what the light install runs
 without PyTorch).
 
-Usage: python scripts/package_weights.py RUN_DIR OUT.safetensors --recipe "TEXT" \
-           --postprocess "TEXT" [--decision JSON] [--best] [--overwrite]
+Usage: python scripts/package_weights.py RUN_DIR OUT.safetensors --recipe "TEXT"
+           --postprocess "TEXT" [--decision JSON] [--best] [--partner-of WEIGHTS] [--overwrite]
        python scripts/package_weights.py PACKAGED.safetensors OUT.safetensors --decision JSON
            [--partner-of WEIGHTS] [--overwrite]
 ``--best``: the run's ``model_best.safetensors`` (the epoch of the best validation mean
@@ -43,7 +43,8 @@ def fail(message: str) -> NoReturn:
     sys.exit(2)
 
 
-parser = argparse.ArgumentParser(description=__doc__)
+parser = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("run", type=Path, help="a training run's folder, or packaged weights")
 parser.add_argument("out", type=Path)
 parser.add_argument("--recipe")
@@ -79,6 +80,11 @@ try:
     if args.run.is_file():
         if not args.decision:
             fail("packaged weights: give the --decision to record")
+        # the run's recipe and epoch are in the header already: these would change nothing
+        given = [f for f, v in (("--recipe", args.recipe), ("--postprocess", args.postprocess),
+                                ("--best", args.best)) if v]
+        if given:
+            fail(f"packaged weights: {', '.join(given)} only apply to a run folder")
         _, meta = read_config(args.run)
         tensors = load_file(args.run)
         meta["decision"] = args.decision
@@ -105,6 +111,8 @@ try:
                 "held_out": ",".join(config["val_cases"]), "epoch": trained["epoch"],
                 "postprocess": args.postprocess, "license": LICENSE,
                 **({"decision": args.decision} if args.decision else {})}
+        if args.partner_of:
+            meta["partner_of"] = file_sha256(args.partner_of)
         io.atomic_write(args.out, lambda tmp: save_weights(model, tmp, half=True, metadata=meta),
                         overwrite=True)
     else:
@@ -113,7 +121,9 @@ except (ValueError, OSError, KeyError) as err:  # KeyError: a header without the
     fail(one_line(err))
 print(f"decision: {decision(args.out) or 'none (argmax)'}")
 if args.partner_of:
-    assert partner(args.partner_of) == args.out
+    if partner(args.partner_of) != args.out:
+        fail(f"{args.out}: written, but accurate mode does not find it as the partner of "
+             f"{args.partner_of}")
     print(f"the partner of {args.partner_of} in accurate mode")
 export_onnx(args.out, onnx)
 print(f"wrote {args.out} and {onnx}")

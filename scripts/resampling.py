@@ -1,12 +1,13 @@
 """Compare two ways of bringing the prediction back from the network's 1 mm grid to an input
-grid of another voxel size: the labels by nearest neighbour (what ``segment`` does) or the
-class probabilities, linearly, then argmax and postprocessing on the input grid.
+grid of another voxel size: the labels by nearest neighbour or the class probabilities,
+linearly (what ``segment`` does), then argmax and postprocessing on the input grid; and the
+network run on the input grid as it is (``segment --no-resample``).
 
 Each case is resampled to ``--spacing`` (images linear, the expert's labels nearest), segmented
 in fast mode's single axial view (every slice), and scored against the expert on the same grid.
 
 Usage: python scripts/resampling.py --cases ID,... [--spacing 0.5,0.5,1 --spacing 1,1,3]
-       [--model W]
+       [--model W] [--data-root ../shared/data]
 """
 
 from __future__ import annotations
@@ -47,11 +48,16 @@ def main() -> None:
                                                                ["0.5,0.5,1", "1,1,3"])]
     folders = find_training_cases(
         [args.data_root / "brats-labeled", args.data_root / "brats-labeled-extra"])
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = [c for c in cases if c not in folders] or ([] if cases else ["(none given)"])
+    if unknown:
+        parser.error(f"not labelled cases of {args.data_root}: {', '.join(unknown)}")
     seg = api.Segmenter(args.model)
-    print("| case | grid (mm) | WT/TC/ET at 1 mm | labels nearest | probabilities linear |")
-    print("|---|---|---|---|---|")
+    print("| case | grid (mm) | WT/TC/ET at 1 mm | labels nearest | probabilities linear | "
+          "not resampled |")
+    print("|---|---|---|---|---|---|")
     sums: dict = {}
-    for case_id in args.cases.split(","):
+    for case_id in cases:
         files = io.find_case_files(folders[case_id])
         case = io.read_case(files)
         ref = io.read_label_map(files.seg)[0]
@@ -62,12 +68,13 @@ def main() -> None:
             grid = network_grid(affine, image.shape[1:])
             probs = seg.view_probabilities(to_network(image, grid))
             nearest = to_input(postprocess(io.CLASS_TO_LABEL[probs.argmax(0)]), grid)
-            factors = [n / m for n, m in zip(grid.shape, grid.network_shape, strict=True)]
-            linear = np.stack([ndimage.zoom(p, factors, order=1, grid_mode=False)
-                               for p in probs])
-            soft = postprocess(io.CLASS_TO_LABEL[linear.argmax(0)])
+            soft = postprocess(io.CLASS_TO_LABEL[to_input(probs, grid, linear=True).argmax(0)])
+            # the network on the input's voxels (flips to the trained orientation only)
+            same = network_grid(affine, image.shape[1:], resample=False)
+            as_is = to_input(postprocess(io.CLASS_TO_LABEL[
+                seg.view_probabilities(to_network(image, same)).argmax(0)]), same)
             row = [at_1mm]
-            for pred in (nearest, soft):
+            for pred in (nearest, soft, as_is):
                 row.append(list(metrics.region_dice(pred, labels).values()))
             key = "x".join(f"{z:g}" for z in spacing)
             sums.setdefault(key, []).append(row)

@@ -25,12 +25,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tiramisu_brats import infer, io
 from tiramisu_brats.data import PatchSampler, dequantize, open_cache, select
 from tiramisu_brats.model import load_model, read_config, recompute_batchnorm, save_weights
 from tiramisu_brats.preprocess import CROP
 from tiramisu_brats.train import validate
 
-parser = argparse.ArgumentParser(description=__doc__)
+parser = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("out", type=Path)
 parser.add_argument("weights", type=Path, nargs="+", help="weights sharing one architecture")
 parser.add_argument("--cache", type=Path, required=True, help="a three-plane training cache")
@@ -41,6 +43,23 @@ parser.add_argument("--tumor-share", type=float, default=0.8,
 parser.add_argument("--seed", type=int, default=0)
 args = parser.parse_args()
 
+# checked before any work: a mistyped id would put a validation case into the BatchNorm slices
+try:
+    cases = open_cache(args.cache)
+except io.InputError as err:
+    parser.error(str(err))
+val_ids = [c.strip() for c in args.val_cases.split(",") if c.strip()]
+cached = {c.case_id for c in cases}
+unknown = [c for c in val_ids if c not in cached] or ([] if val_ids else ["(none given)"])
+if unknown:
+    parser.error(f"not cases of {args.cache}: {', '.join(unknown)}")
+try:
+    val_cases = select(cases, val_ids)  # validation reads their axial slices
+except io.InputError as err:
+    parser.error(str(err))
+if not args.out.parent.is_dir():
+    parser.error(f"{args.out}: output folder {args.out.parent} does not exist")
+
 models = [load_model(w) for w in args.weights]
 model = models[0]
 states = [m.state_dict() for m in models]
@@ -48,8 +67,6 @@ averaged = {name: sum(s[name].double() for s in states).div(len(states)).to(t.dt
             if t.is_floating_point() else t for name, t in states[0].items()}
 model.load_state_dict(averaged)
 
-val_ids = args.val_cases.split(",")
-cases = open_cache(args.cache)
 if args.bn_batches:
     sampler = PatchSampler([c for c in cases if c.case_id not in val_ids], CROP, args.tumor_share)
     rng = np.random.default_rng(args.seed)
@@ -57,12 +74,15 @@ if args.bn_batches:
                                 for _ in range(args.bn_batches)))
 
 _, meta = read_config(args.weights[0])
-save_weights(model, args.out, metadata={
+made_from = json.dumps({"average_of": [str(w) for w in args.weights],
+                         "bn_batches_of_16": args.bn_batches, "tumor_share": args.tumor_share,
+                         "seed": args.seed})
+io.atomic_write(args.out, lambda tmp: save_weights(model, tmp, metadata={
     **({"train_config": meta["train_config"]} if "train_config" in meta else {}),
-    "made_from": json.dumps({"average_of": [str(w) for w in args.weights],
-                             "bn_batches_of_16": args.bn_batches, "tumor_share": args.tumor_share,
-                             "seed": args.seed})})
-dice = validate(model, select(cases, val_ids), torch.device("cpu"))
-print(f"{args.out}: validation (cached axial slices, argmax) "
+    "made_from": made_from}), overwrite=True)
+dice = validate(model, val_cases, torch.device("cpu"))
+# validate's autocast: bf16 on the CPU only where it computes in bf16
+print(f"{args.out}: validation (cached axial slices, argmax, "
+      f"{'bf16' if infer.has_bf16() else 'fp32'}) "
       + " / ".join(f"{r} {v:.3f}" for r, v in dice.items())
       + f", mean {np.mean(list(dice.values())):.3f}")

@@ -24,6 +24,7 @@ from scipy import ndimage
 
 from tiramisu_brats import api, io
 from tiramisu_brats.data import find_training_cases
+from tiramisu_brats.export import decision
 from tiramisu_brats.infer import region_labels
 from tiramisu_brats.metrics import region_dice
 from tiramisu_brats.postprocess import postprocess
@@ -37,11 +38,20 @@ parser.add_argument("--scales", default="0.87,1,1.15")
 parser.add_argument("--data-root", type=Path, default=Path("../shared/data"))
 parser.add_argument("--json", type=Path, default=None)
 args = parser.parse_args()
-scales = [float(s) for s in args.scales.split(",")]
+try:
+    scales = [float(s) for s in args.scales.split(",")]
+except ValueError:
+    parser.error(f"--scales {args.scales}: expected numbers, comma-separated")
+if 1 not in scales:  # accurate mode's rows fuse the views at scale 1
+    parser.error(f"--scales {args.scales}: must include 1 (accurate mode's unzoomed views)")
 folders = find_training_cases(
     [args.data_root / "brats-labeled", args.data_root / "brats-labeled-extra"])
+cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+unknown = [c for c in cases if c not in folders] or ([] if cases else ["(none given)"])
+if unknown:
+    parser.error(f"not labelled cases of {args.data_root}: {', '.join(unknown)}")
 accurate = api.Segmenter(mode="accurate")
-fast_rule = api.Segmenter().threshold
+fast_rule = decision(accurate.weights).get("region_threshold")  # as Segmenter() labels
 print(f"precision {accurate.backend.precision}; labels: fast {fast_rule}, accurate "
       f"{accurate.threshold}", flush=True)
 
@@ -68,7 +78,7 @@ combos["accurate, every zoom on axial only"] = (
     combos["accurate"][0] + [("axial", m, s) for m in (0, 1) for s in scales if s != 1],
     accurate.threshold)
 rows = []
-for case_id in args.cases.split(","):
+for case_id in cases:
     files = io.find_case_files(folders[case_id])
     image = io.read_case(files).image
     ref = io.read_label_map(files.seg)[0]

@@ -10,6 +10,7 @@ of the codes by 1-3 quantization steps (of 1/16 standard deviation); the classes
 The 27 labelled cases pack to 78 MiB (1.9-3.5 MiB a case), in two calls' worth of parts.
 
 Usage: python scripts/gpu/pack_cache.py OUT DATA_DIR [DATA_DIR ...] [--part-mib 40]
+       [--workers 2]
 """
 
 import argparse
@@ -40,6 +41,15 @@ def pack(folder: Path) -> tuple[str, bytes]:
     return io.safe_case_id(files.case_id), lzma.compress(buf.getvalue(), preset=6)
 
 
+def packed_only(out: Path) -> bool:
+    """Whether ``out`` holds nothing but what this script writes (part*/ of *.npz.xz)."""
+    return out.is_dir() and all(
+        d.is_dir() and not d.is_symlink() and d.name.startswith("part")
+        and all(f.is_file() and not f.is_symlink() and f.name.endswith(".npz.xz")
+                for f in d.iterdir())
+        for d in out.iterdir())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -48,11 +58,19 @@ def main() -> None:
     parser.add_argument("--part-mib", type=float, default=40)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
-    if args.out.exists():
+    try:
+        cases = find_training_cases(args.data)
+    except io.InputError as err:
+        parser.error(str(err))
+    # OUT is replaced whole, so only an earlier run's output may be deleted
+    if args.out.exists() or args.out.is_symlink():
+        if args.out.is_symlink() or not packed_only(args.out):
+            parser.error(f"{args.out}: exists and is not what pack_cache writes (part*/ folders "
+                         "of *.npz.xz only): name a new or empty folder")
         shutil.rmtree(args.out)
     part, size = 0, 0.0
     with ProcessPoolExecutor(args.workers) as pool:
-        for case_id, blob in pool.map(pack, find_training_cases(args.data).values()):
+        for case_id, blob in pool.map(pack, cases.values()):
             mib = len(blob) / 2**20
             if size and size + mib > args.part_mib:
                 part, size = part + 1, 0.0

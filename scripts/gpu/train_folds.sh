@@ -9,7 +9,12 @@
 # Recipe of the fold-0 model (shipped two versions before): MINUTES=7.5, FOLDS=5, flags below
 # (see docs/model-card.md, "The fold-0 model").
 set -u
+if [ $# -lt 4 ]; then
+  echo "usage: scripts/gpu/train_folds.sh CACHE RUNS MINUTES FOLDS [extra \`tiramisu-brats train\` flags]" >&2
+  exit 2
+fi
 cache=$1 runs=$2 minutes=$3 folds=$4
+[[ $folds =~ ^[1-9][0-9]*$ ]] || { echo "error: FOLDS must be a positive integer, got $folds" >&2; exit 2; }
 shift 4
 mkdir -p "$runs"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | tee "$runs/gpu.txt"

@@ -1,6 +1,6 @@
 """Build the training cache (three planes) from folders written by ``pack_cache.py``.
 
-Usage: python scripts/gpu/unpack_cache.py CACHE_DIR PACKED_DIR [PACKED_DIR ...]
+Usage: python scripts/gpu/unpack_cache.py CACHE_DIR PACKED_DIR [PACKED_DIR ...] [--workers 8]
 """
 
 import argparse
@@ -27,11 +27,18 @@ def unpack(args: tuple[Path, Path]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("cache", type=Path)
     parser.add_argument("packed", type=Path, nargs="+")
     parser.add_argument("--workers", type=int, default=8)
     args = parser.parse_args()
+    # a wrong or empty PACKED would otherwise leave a cache short of its cases, silently
+    for d in args.packed:
+        if not d.is_dir():
+            parser.error(f"{d}: not a folder")
+        if not any(d.glob("*.npz.xz")):
+            parser.error(f"{d}: holds no *.npz.xz (pack_cache.py's part<i> folders hold them)")
     args.cache.mkdir(parents=True, exist_ok=True)
     jobs = [(p, args.cache) for d in args.packed for p in sorted(d.glob("*.npz.xz"))]
     with ProcessPoolExecutor(args.workers) as pool:
