@@ -450,6 +450,14 @@ def test_accurate_mode_writes_qc_and_an_uncertainty_map(tmp_path, tiny_weights):
     seg.segment_case(files, tmp_path / "out.nii.gz", overwrite=True)
     assert not (tmp_path / "out_raw.nii.gz").exists()
     assert sorted(p.name for p in tmp_path.glob("out*")) == ["out.json", "out.nii.gz"]
+    # A label map of another run that only shares the name (its own JSON beside it) stays,
+    # and so does anything beside an output written for the first time.
+    seg.segment_case(files, tmp_path / "out_raw.nii.gz")
+    seg.segment_case(files, tmp_path / "out.nii.gz", overwrite=True)
+    assert (tmp_path / "out_raw.nii.gz").is_file()
+    (tmp_path / "new_raw.nii.gz").write_bytes(b"someone's")
+    seg.segment_case(files, tmp_path / "new.nii.gz", overwrite=True)
+    assert (tmp_path / "new_raw.nii.gz").read_bytes() == b"someone's"
 
 
 def test_confidence_score_from_the_whole_tumor_probability_inside_the_tumor():
@@ -552,6 +560,9 @@ def test_segment_cohort_leaves_out_its_output_folder_among_the_cases(cohort, sma
         run = api.segment_cohort(cohort, out, segmenter=small_segmenter, skip_existing=skip)
         assert [c for c, _ in run.failures] == ["c2"]
     assert [r["case"] for r in run.skipped] == ["c0", "c1"]
+    # an output inside a case folder leaves that case a case
+    run = api.segment_cohort(cohort, cohort / "c1" / "labels", segmenter=small_segmenter)
+    assert [r["case"] for r in run.results] == ["c0", "c1"]
 
 
 def test_segment_cohort_refuses_an_uncertainty_map_of_one_view_before_any_case(

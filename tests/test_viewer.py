@@ -250,3 +250,11 @@ def test_a_folder_segmented_in_shards_is_served_with_a_page_linking_each_shards_
         assert _get(server.url + "view/c1/")[0] == 200
     finally:
         server.shutdown()
+    # pages of another split beside them: in numeric order, and said to be from two splits
+    for i in (2, 10):
+        (out / f"index-shard-{i}-of-12.html").write_text("<p>old</p>")
+    page = viewer.serve_folder(out).routes["/"].decode()
+    order = [m for m in re.findall(r'href="(index-shard-[^"]+)"', page)]
+    assert order == ["index-shard-0-of-2.html", "index-shard-1-of-2.html",
+                     "index-shard-2-of-12.html", "index-shard-10-of-12.html"]
+    assert "splits into 2, 12 jobs" in page

@@ -40,7 +40,6 @@ from tiramisu_brats.preprocess import (
     MARGIN,
     OBLIQUE_WARNING_DEG,
     PLANES,
-    SPACING_TOLERANCE,
     Geometry,
     Grid,
     box_slices,
@@ -255,13 +254,17 @@ def grid_info(grid: Grid, case_id: str = "") -> dict:
                     case_id, grid.oblique_deg)
     elif grid.oblique_deg > 0.5:
         log.info("%s: image axes %.1f degrees off the scanner axes", case_id, grid.oblique_deg)
+    seen = grid.network_spacing()
+    seen_text = "x".join(f"{z:.3g}" for z in seen)
     if grid.resampled:
-        log.info("%s: voxels of %s mm resampled to 1 mm for the network", case_id, spacing)
-    elif not np.allclose(grid.spacing, 1.0, atol=SPACING_TOLERANCE):
-        log.warning("%s: voxels of %s mm segmented as they are (not resampled); the model was "
-                    "trained on 1 mm images", case_id, spacing)
+        log.info("%s: voxels of %s mm resampled to %s mm for the network", case_id, spacing,
+                 seen_text)
+    if grid.unlike_training():
+        log.warning("%s: the network sees voxels of %s mm (the input's %s mm; trained on 1 mm "
+                    "images)", case_id, seen_text, spacing)
     return {"axes": "".join(grid.axes), "oblique_deg": grid.oblique_deg,
-            "resampled_to_1mm": grid.resampled, "network_shape": list(grid.network_shape)}
+            "resampled_to_1mm": grid.resampled, "network_shape": list(grid.network_shape),
+            "network_spacing_mm": [round(z, 4) for z in seen]}
 
 
 class Segmenter:
@@ -561,9 +564,9 @@ class Segmenter:
         (volumes in ml, model, timings; the quality score ``qc``), with
         ``save_raw`` ``<output stem>_raw.nii.gz`` and with ``uncertainty`` (a mode of several
         views) ``<output stem>_uncertainty.nii.gz``: the spread of the whole tumor's
-        probability across the views, float32 on the input's grid. With ``overwrite``, an
-        earlier run's ``_raw`` or ``_uncertainty`` map of ``output`` that this run does not
-        make is removed: it belongs to the labels replaced.
+        probability across the views, float32 on the input's grid. With ``overwrite`` over an
+        earlier run's ``output`` (its JSON there), that run's ``_raw`` or ``_uncertainty`` map
+        which this run does not make is removed: it belongs to the labels replaced.
         ``read``: how the case is read (default ``io.read_case``, keeping the files' integer
         type), e.g. ``io.ReadAhead.read`` (then the ``load`` time is the wait for it); it may
         return the case already prepared (``prepare_case``), e.g. in the reading thread, and
@@ -594,6 +597,7 @@ class Segmenter:
                 if target.exists():
                     raise FileExistsError(f"{target}: exists (and overwriting was not asked "
                                           "for)")
+        rerun = overwrite and sidecar.exists()  # this label map's earlier run, replaced
         t0 = time.perf_counter()
         case = read(files) if read else io.read_case(files, keep_dtype=True)
         t1 = time.perf_counter()
@@ -616,11 +620,13 @@ class Segmenter:
         if uncertainty:
             io.write_float_map(spread_path, spread, case.header,
                                case.affine, overwrite=overwrite)
-        if overwrite:
+        if rerun:
             # an earlier run's maps beside this label map belong to its old labels (evaluate
-            # would score a _raw map with the new ones)
+            # would score a _raw map with the new ones); one with its own JSON is another
+            # run's label map, named like them
             for stale, written in ((raw_path, save_raw), (spread_path, uncertainty)):
-                if not written and stale.exists():
+                if (not written and stale.exists()
+                        and not stale.with_name(label_stem(stale) + ".json").exists()):
                     stale.unlink()
                     log.info("%s: removed (an earlier run's, not made this time)", stale)
         enhancing = 3 if convention == "brats2023" else 4
@@ -907,7 +913,8 @@ def segment_cohort(
     csv_path = _write_failures(output, failures, shard) if cohort else None
     # Cases an earlier run finished keep their row in the index, from the summary it wrote.
     earlier = [_earlier_summary(files, target) for files, target in skipped]
-    other = [e["case"] for e in earlier if e.get("mode", segmenter.mode) != segmenter.mode
+    # summaries from before the mode was recorded are fast mode's (the only one then)
+    other = [e["case"] for e in earlier if e.get("mode", "fast") != segmenter.mode
              or e.get("label_convention", convention) != convention]
     if other:
         log.warning("%d case(s) skipped as done before were segmented in another mode or label "
@@ -1009,7 +1016,7 @@ def _cohort_jobs(
             # The output folder may lie among the cases: its label maps are not a case.
             out = output.resolve()
             folders = [f for f in io.find_cases(input, incomplete=True)
-                       if f.resolve() != out and f.resolve() not in out.parents]
+                       if f.resolve() != out or io.is_case_folder(f)]
             if shard is not None:  # sorted folders: the same split in every job
                 folders = folders[shard[0]::shard[1]]
             jobs = [(f, None) for f in folders]
@@ -1235,12 +1242,9 @@ def evaluate(
             view = network_grid(case.affine, case.shape, resample=False)  # flips only
             image = to_network(case.image, view)
             ref_labels = to_network(io.read_label_map(r.path)[0], view)
-            written_as = summaries[case_id].get("labels")  # segment's numbering of the file
-            enhancing = written_as.get("enhancing") if isinstance(written_as, dict) else None
             report.overlay_png(image[3], image[1], to_network(io.read_label_map(p.path)[0], view),
                                ref_labels, report_dir / f"overlay_{io.safe_case_id(case_id)}.png",
-                               case_id, view.oriented_spacing(),
-                               enhancing=enhancing if enhancing in (3, 4) else 4)
+                               case_id, view.oriented_spacing())
         except ValueError as err:  # the metrics stand without the picture
             log.warning("%s: no overlay: %s", case_id, err)
     written = report.write_report(report_dir, rows, raw_rows=raw_rows or None,

@@ -251,7 +251,9 @@ def segment(
     uncertainty: Annotated[bool, typer.Option(help=(
         "Also write `<name>_uncertainty.nii.gz`: how much the views disagree on the whole "
         "tumor, voxel by voxel (float32; needs --mode accurate)."))] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
+    overwrite: Annotated[bool, typer.Option(help=(
+        "Replace existing outputs (and remove the replaced run's `_raw` or `_uncertainty` "
+        "map where this run makes none)."))] = False,
     skip_existing: Annotated[bool, typer.Option(help=(
         "Leave cases whose outputs an earlier run finished as they are (in a folder of "
         "cases, the others are segmented; those made in another mode or label convention are "
@@ -595,7 +597,8 @@ def train(
 def view(
     case: Annotated[Path, typer.Argument(help=(
         "A case folder (any layout segment reads), or the output folder of segment on a "
-        "folder of cases (its index.html, each case a link)."))],
+        "folder of cases (its index.html, or a page linking each shard's; each case a "
+        "link)."))],
     labels: Annotated[Path | None, typer.Argument(help=(
         "Label map on the case's grid (.nii.gz); not with an output folder."))] = None,
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free one).")] = 0,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import urllib.parse
 from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -133,7 +134,8 @@ def serve_folder(folder: str | os.PathLike[str], port: int = 0) -> ViewServer:
     wrote beside each label map."""
     folder = Path(folder)
     index = folder / "index.html"
-    shards = sorted(p.name for p in folder.glob("index-shard-*-of-*.html"))
+    shards = sorted((int(m[2]), int(m[1]), p.name) for p in folder.glob("index-shard-*-of-*.html")
+                    if (m := re.fullmatch(r"index-shard-(\d+)-of-(\d+)\.html", p.name)))
     routes: dict[str, bytes | Path] = {}
     if index.is_file():
         routes["/"] = index
@@ -141,9 +143,13 @@ def serve_folder(folder: str | os.PathLike[str], port: int = 0) -> ViewServer:
         import html
 
         links = "".join(f'<li><a href="{html.escape(n)}">{html.escape(n)}</a></li>'
-                        for n in shards)
+                        for _, _, n in shards)
+        splits = sorted({n for n, _, _ in shards})
+        note = ("" if len(splits) == 1 else "<p>Pages of splits into "
+                f"{', '.join(map(str, splits))} jobs: an earlier split's may be out of date.</p>")
         routes["/"] = (f"<!doctype html><meta charset=utf-8><title>{html.escape(folder.name)}"
-                       f"</title><h1>{html.escape(folder.name)}</h1><ul>{links}</ul>").encode()
+                       f"</title><h1>{html.escape(folder.name)}</h1>{note}<ul>{links}</ul>"
+                       ).encode()
     elif io.is_case_folder(folder):
         raise io.InputError(f"{folder}: a case folder; viewing a case needs a label map on "
                             "its grid")
