@@ -307,13 +307,15 @@ def test_probabilities_come_back_to_a_resampled_input_grid_linearly():
     np.testing.assert_allclose(back.sum(0), 1, atol=1e-5)
 
 
-@pytest.mark.parametrize("spacing, shape", [((1.503, 1.503, 1.0), (160, 160, 155)),
-                                            ((1.503, 1.201, 2.0), (160, 200, 78))])
+@pytest.mark.parametrize("spacing, shape", [((1.6, 1.0, 1.0), (77, 8, 8)),
+                                            ((2.0, 1.0, 1.0), (110, 8, 8)),
+                                            ((0.7, 1.0, 1.0), (80, 8, 8))])
 def test_probabilities_brought_back_keep_their_sum_to_the_input_grids_last_voxels(
         spacing, shape):
     # At these sizes scipy's zoom put the last input voxels a rounding error outside the
     # network grid, and filled them with 0: probabilities 0 for every class, which the
-    # region-probability labels read as tumor (accurate mode's edema on the last planes).
+    # region-probability labels read as tumor (accurate mode's edema on the last planes; found
+    # on a 1.503 x 1.503 x 1 mm copy of a real case, 160 x 160 voxels).
     grid = pp.network_grid(np.diag([-spacing[0], -spacing[1], spacing[2], 1.0]), shape)
     probs = np.zeros((4, *grid.network_shape), np.float32)
     probs[0] = 1  # background everywhere
@@ -322,3 +324,27 @@ def test_probabilities_brought_back_keep_their_sum_to_the_input_grids_last_voxel
     np.testing.assert_allclose(back[0], 1, atol=1e-6)
     up = pp.to_network(np.ones((1, *shape), np.float32), grid)
     np.testing.assert_allclose(up, 1, atol=1e-6)
+
+
+def test_in_plane_voxels_up_to_1_5_mm_are_kept_and_the_others_brought_to_1_mm():
+    def grid(spacing, shape):
+        return pp.network_grid(np.diag([-spacing[0], -spacing[1], spacing[2], 1.0]), shape)
+
+    kept = grid((1.5, 1.2, 1.0), (160, 200, 155))
+    assert not kept.resampled and kept.network_spacing() == pytest.approx((1.5, 1.2, 1.0))
+    assert not kept.unlike_training()
+    as_is = pp.network_grid(np.diag([-0.5, -0.5, 1.0, 1.0]), (480, 480, 155), resample=False)
+    assert as_is.unlike_training()  # half-millimetre voxels the network never saw
+    # the slice axis and in-plane axes outside 1-1.5 mm are resampled, the others kept
+    thick = grid((1.5, 1.0, 3.0), (160, 240, 52))
+    assert thick.network_shape == (160, 240, 156)
+    assert thick.network_spacing() == pytest.approx((1.5, 1.0, 153 / 155))
+    assert grid((2.0, 0.5, 1.0), (120, 480, 155)).network_shape == (240, 240, 155)
+    # stored in another orientation: X and Y are the network's (the axial slices' axes)
+    sagittal = pp.network_grid(np.array([[0, 0, -1.0, 0], [0, -1.5, 0, 0], [1.5, 0, 0, 0],
+                                         [0, 0, 0, 1]]), (100, 160, 155))
+    assert sagittal.oriented_spacing() == (1.0, 1.5, 1.5)
+    assert sagittal.network_shape == (155, 160, 150)
+    assert grid((1.5, 1.5, 1.0), (160, 160, 155)).network_shape == (160, 160, 155)
+    assert grid((1.5, 1.5, 1.0), (160, 160, 155)) == pp.network_grid(
+        np.diag([-1.5, -1.5, 1.0, 1.0]), (160, 160, 155), resample=False)
