@@ -1,24 +1,30 @@
-"""Compare two ways of bringing the prediction back from the network's 1 mm grid to an input
-grid of another voxel size: the labels by nearest neighbour or the class probabilities,
-linearly (what ``segment`` does), then argmax and postprocessing on the input grid; and the
-network run on the input grid as it is (``segment --no-resample``).
+"""How to segment an image whose voxels are not 1 mm: which axes to resample for the network,
+and how to bring the prediction back.
 
-Each case is resampled to ``--spacing`` (images linear, the expert's labels nearest), segmented
-in fast mode's single axial view (every slice), and scored against the expert on the same grid.
+Each case is resampled to ``--spacing`` (images linear, the expert's labels nearest) and scored
+against the expert on the same grid. ``--mode fast`` (fast mode's single axial view, every
+slice, argmax): the labels brought back by nearest neighbour or the class probabilities
+linearly, every axis resampled to 1 mm; the probabilities linearly on the grid ``segment`` uses
+(in-plane axes of 1 to ``preprocess.KEEP_IN_PLANE_MM`` mm kept); and the network on the input's
+voxels as they are (``segment --no-resample``). ``--mode accurate``: ``Segmenter.segment`` in
+accurate mode (its tumor slices and labelling rule), every axis to 1 mm, on ``segment``'s grid,
+and as they are.
 
 Usage: python scripts/resampling.py --cases ID,... [--spacing 0.5,0.5,1 --spacing 1,1,3]
-       [--model W] [--data-root ../shared/data]
+       [--mode fast|accurate] [--model W] [--data-root ../shared/data]
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
-from tiramisu_brats import api, io, metrics
+from tiramisu_brats import api, io, metrics, preprocess
 from tiramisu_brats.data import find_training_cases
 from tiramisu_brats.postprocess import postprocess
 from tiramisu_brats.preprocess import network_grid, to_input, to_network
@@ -37,12 +43,25 @@ def resampled(image, seg, affine, spacing):
     return img, lab, new
 
 
+@contextmanager
+def every_axis_to_1mm() -> Iterator[None]:
+    """``network_grid`` resamples every axis to 1 mm meanwhile (the rule before in-plane axes
+    of up to ``preprocess.KEEP_IN_PLANE_MM`` were kept)."""
+    keep, preprocess.KEEP_IN_PLANE_MM = preprocess.KEEP_IN_PLANE_MM, 0.0
+    try:
+        yield
+    finally:
+        preprocess.KEEP_IN_PLANE_MM = keep
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", required=True)
     parser.add_argument("--spacing", action="append", default=None)
     parser.add_argument("--data-root", type=Path, default=Path("../shared/data"))
     parser.add_argument("--model", type=Path, default=None)
+    parser.add_argument("--mode", choices=list(api.MODES), default="fast")
     args = parser.parse_args()
     spacings = [tuple(float(v) for v in s.split(",")) for s in (args.spacing or
                                                                ["0.5,0.5,1", "1,1,3"])]
@@ -52,30 +71,46 @@ def main() -> None:
     unknown = [c for c in cases if c not in folders] or ([] if cases else ["(none given)"])
     if unknown:
         parser.error(f"not labelled cases of {args.data_root}: {', '.join(unknown)}")
-    seg = api.Segmenter(args.model)
-    print("| case | grid (mm) | WT/TC/ET at 1 mm | labels nearest | probabilities linear | "
-          "not resampled |")
-    print("|---|---|---|---|---|---|")
+    seg = api.Segmenter(args.model, mode=args.mode)
+    as_is = api.Segmenter(args.model, mode=args.mode, resample=False)
+    columns = (["labels nearest, every axis to 1 mm", "probabilities linear, every axis to 1 mm",
+                "probabilities linear, segment's grid"] if args.mode == "fast" else
+               ["every axis to 1 mm", "segment's grid"]) + ["not resampled"]
+    print(f"mode {args.mode}\n\n| case | grid (mm) | WT/TC/ET at 1 mm | " + " | ".join(columns)
+          + " |")
+    print("|---|---|---|" + "---|" * len(columns))
     sums: dict = {}
     for case_id in cases:
         files = io.find_case_files(folders[case_id])
         case = io.read_case(files)
         ref = io.read_label_map(files.seg)[0]
-        base = postprocess(io.CLASS_TO_LABEL[seg.view_probabilities(case.image).argmax(0)])
+        if args.mode == "fast":
+            base = postprocess(io.CLASS_TO_LABEL[seg.view_probabilities(case.image).argmax(0)])
+        else:
+            base = seg.segment(case.image).labels
         at_1mm = list(metrics.region_dice(base, ref).values())
         for spacing in spacings:
             image, labels, affine = resampled(case.image, ref, case.affine, spacing)
-            grid = network_grid(affine, image.shape[1:])
-            probs = seg.view_probabilities(to_network(image, grid))
-            nearest = to_input(postprocess(io.CLASS_TO_LABEL[probs.argmax(0)]), grid)
-            soft = postprocess(io.CLASS_TO_LABEL[to_input(probs, grid, linear=True).argmax(0)])
-            # the network on the input's voxels (flips to the trained orientation only)
-            same = network_grid(affine, image.shape[1:], resample=False)
-            as_is = to_input(postprocess(io.CLASS_TO_LABEL[
-                seg.view_probabilities(to_network(image, same)).argmax(0)]), same)
-            row = [at_1mm]
-            for pred in (nearest, soft, as_is):
-                row.append(list(metrics.region_dice(pred, labels).values()))
+            if args.mode == "fast":
+                with every_axis_to_1mm():
+                    grid = network_grid(affine, image.shape[1:])
+                probs = seg.view_probabilities(to_network(image, grid))
+                preds = [to_input(postprocess(io.CLASS_TO_LABEL[probs.argmax(0)]), grid),
+                         postprocess(io.CLASS_TO_LABEL[
+                             to_input(probs, grid, linear=True).argmax(0)])]
+                ours = network_grid(affine, image.shape[1:])
+                probs = seg.view_probabilities(to_network(image, ours))
+                preds.append(postprocess(io.CLASS_TO_LABEL[
+                    to_input(probs, ours, linear=True).argmax(0)]))
+                # the network on the input's voxels (flips to the trained orientation only)
+                same = network_grid(affine, image.shape[1:], resample=False)
+                preds.append(to_input(postprocess(io.CLASS_TO_LABEL[
+                    seg.view_probabilities(to_network(image, same)).argmax(0)]), same))
+            else:
+                with every_axis_to_1mm():
+                    preds = [seg.segment(image, affine=affine).labels]
+                preds += [s.segment(image, affine=affine).labels for s in (seg, as_is)]
+            row = [at_1mm] + [list(metrics.region_dice(p, labels).values()) for p in preds]
             key = "x".join(f"{z:g}" for z in spacing)
             sums.setdefault(key, []).append(row)
             print(f"| {case_id} | {key} | " + " | ".join(

@@ -283,14 +283,16 @@ class Segmenter:
         only tumor under ``infer.TUMOR_STRIDE`` slices thick cut off from the rest (the
         postprocessed labels of the 27 labelled cases stay as they are; the raw ones do not);
         default: with ``postprocess``. ``segment_case(save_raw=True)`` runs every slice regardless,
-        and so does fast mode on voxels resampled to 1 mm (its probabilities are brought back before
+        and so does fast mode on resampled voxels (its probabilities are brought back before
         the labels; ``model.tumor_slices`` in the JSON says which ran). ``mode``: one of ``MODES``;
         ``accurate`` averages the probabilities of every view (``views``: with a partner model, the
         three planes of each model, ``PARTNER_VIEWS``, labelled by the partner's decision), with
         ``tumor_slices`` those of the views after the first only near the tumor the first found
         (``VIEW_MARGIN``). ``partner``: the weights accurate mode fuses with the model's; default
         the partner beside them (``export.partner``), if any. ``resample``: bring images that are
-        not 1 mm to 1 mm for the network (``segment_case``, and ``segment`` given an affine)."""
+        not 1 mm to 1 mm for the network, but for in-plane axes of 1 to
+        ``preprocess.KEEP_IN_PLANE_MM`` mm (``segment_case``, and ``segment`` given an
+        affine)."""
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
         self.mode = mode

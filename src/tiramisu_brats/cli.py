@@ -229,8 +229,9 @@ def segment(
         "plane also flipped left-right (with tumor slices, the views after the first near "
         "its tumor only; slower, more accurate: docs/model-card.md)."))] = "fast",
     resample: Annotated[bool, typer.Option(help=(
-        "Resample images that are not 1 mm to 1 mm for the network (the label map is "
-        "written on the input's grid all the same)."))] = True,
+        "Resample images that are not 1 mm to 1 mm for the network, but for in-plane voxels "
+        "of 1 to 1.5 mm, kept (the label map is written on the input's grid all the "
+        "same)."))] = True,
     postprocess: Annotated[bool, typer.Option(help="Closing + keep the main tumor.")] = True,
     whole_slices: Annotated[bool | None, typer.Option(
         "--whole-slices/--brain-windows", show_default=False, help=(
