@@ -93,8 +93,8 @@ SPACING_TOLERANCE = 0.05  # mm: within this of 1 mm on every axis, no resampling
 # In-plane voxels (X and Y of the axial slices) coarser than 1 mm up to this size are kept as
 # they are: brought to 1 mm they are smoother than any slice the network trained on, and on the
 # validation cases at 1.5 x 1.5 x 1 mm it did far better on them as they are (mean Dice fast
-# 0.700 against 0.628, accurate 0.750 against 0.687; at 2 mm both ways alike, at 0.5 mm and
-# along a 3 mm slice axis resampling as good or better: docs/model-card.md, "Resampled inputs").
+# 0.700 against 0.628, accurate 0.750 against 0.687; at 2 mm in-plane and along a 3 mm slice
+# axis both ways alike, at 0.5 mm resampling far better: docs/model-card.md, "Resampled inputs").
 KEEP_IN_PLANE_MM = 1.5
 # Beyond this angle between the image axes and the closest scanner axes, the slices the
 # network sees are tilted more than its training's in-plane rotations (±10°) covered.
