@@ -957,16 +957,15 @@ def _shard_file(name: str, shard: tuple[int, int] | None) -> str:
 def _earlier_summary(files: io.CaseFiles, target: Path) -> dict:
     """The summary an earlier run wrote beside ``target`` (a skipped case), or a stand-in
     that says it could not be read."""
-    sidecar = target.with_name(label_stem(target) + ".json")
     try:
-        summary = json.loads(sidecar.read_text())
-        if not isinstance(summary, dict) or not isinstance(summary.get("volumes_ml"), dict):
+        summary = _read_summary(target)
+        if not isinstance(summary.get("volumes_ml"), dict):
             raise ValueError("not the summary segment writes")
         return {**summary, "case": files.case_id}
     except (OSError, ValueError) as err:
         return {"case": files.case_id, "volumes_ml": {},
-                "qc": {"review": True, "why": f"done before; {sidecar.name} unreadable: "
-                                              f"{one_line(err)}"}}
+                "qc": {"review": True, "why": f"done before; {label_stem(target)}.json "
+                                              f"unreadable: {one_line(err)}"}}
 
 
 def _cohort_index(output: Path, results: list[dict], failures: list,
@@ -1266,14 +1265,21 @@ def _view_command(case: Path, labels: Path) -> str:
            f"{shlex.quote(str(labels.absolute()))}"
 
 
+def _read_summary(label_map: Path) -> dict:
+    """The JSON summary ``segment`` wrote beside ``label_map``; ``OSError`` where there is
+    none, ``ValueError`` where the file is not JSON of an object."""
+    summary = json.loads(label_map.with_name(label_stem(label_map) + ".json").read_text())
+    if not isinstance(summary, dict):
+        raise ValueError("not the summary segment writes")
+    return summary
+
+
 def _summary_beside(label_map: Path) -> dict:
-    """The JSON summary ``segment`` wrote beside ``label_map``; ``{}`` where there is none
-    (or the file is not one)."""
+    """``_read_summary``, or ``{}`` where there is none (or the file is not one)."""
     try:
-        summary = json.loads(label_map.with_name(label_stem(label_map) + ".json").read_text())
+        return _read_summary(label_map)
     except (OSError, ValueError):
         return {}
-    return summary if isinstance(summary, dict) else {}
 
 
 def _report_row(row: dict, pred: LabelSource, ref: LabelSource, report_dir: Path,
