@@ -113,8 +113,11 @@ def main() -> None:
                              "its table as segment runs it (default: api.VIEW_MARGIN)")
     args = parser.parse_args()
     api.VIEW_MARGIN = args.view_margin
-    folders = find_training_cases(
-        [args.data_root / "brats-labeled", args.data_root / "brats-labeled-extra"])
+    try:
+        folders = find_training_cases(
+            [args.data_root / "brats-labeled", args.data_root / "brats-labeled-extra"])
+    except io.InputError as err:  # e.g. no such --data-root
+        parser.error(str(err))
     wanted = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = [c for c in wanted if c not in folders] or ([] if wanted else ["(none given)"])
     if unknown:

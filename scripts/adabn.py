@@ -37,8 +37,11 @@ parser.add_argument("--blend", default="0.5,1")
 parser.add_argument("--model", type=Path, default=None)
 parser.add_argument("--data-root", type=Path, default=Path("../shared/data"))
 args = parser.parse_args()
-folders = find_training_cases(
-    [args.data_root / "brats-labeled", args.data_root / "brats-labeled-extra"])
+try:
+    folders = find_training_cases(
+        [args.data_root / "brats-labeled", args.data_root / "brats-labeled-extra"])
+except io.InputError as err:  # e.g. no such --data-root
+    parser.error(str(err))
 cases = [c.strip() for c in args.cases.split(",") if c.strip()]
 unknown = [c for c in cases if c not in folders] or ([] if cases else ["(none given)"])
 if unknown:

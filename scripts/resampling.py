@@ -65,8 +65,11 @@ def main() -> None:
     args = parser.parse_args()
     spacings = [tuple(float(v) for v in s.split(",")) for s in (args.spacing or
                                                                ["0.5,0.5,1", "1,1,3"])]
-    folders = find_training_cases(
-        [args.data_root / "brats-labeled", args.data_root / "brats-labeled-extra"])
+    try:
+        folders = find_training_cases(
+            [args.data_root / "brats-labeled", args.data_root / "brats-labeled-extra"])
+    except io.InputError as err:  # e.g. no such --data-root
+        parser.error(str(err))
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = [c for c in cases if c not in folders] or ([] if cases else ["(none given)"])
     if unknown:

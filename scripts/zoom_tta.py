@@ -44,8 +44,11 @@ except ValueError:
     parser.error(f"--scales {args.scales}: expected numbers, comma-separated")
 if 1 not in scales:  # accurate mode's rows fuse the views at scale 1
     parser.error(f"--scales {args.scales}: must include 1 (accurate mode's unzoomed views)")
-folders = find_training_cases(
-    [args.data_root / "brats-labeled", args.data_root / "brats-labeled-extra"])
+try:
+    folders = find_training_cases(
+        [args.data_root / "brats-labeled", args.data_root / "brats-labeled-extra"])
+except io.InputError as err:  # e.g. no such --data-root
+    parser.error(str(err))
 cases = [c.strip() for c in args.cases.split(",") if c.strip()]
 unknown = [c for c in cases if c not in folders] or ([] if cases else ["(none given)"])
 if unknown:
