@@ -682,6 +682,14 @@ def test_segment_cohort_of_one_case_raises_its_error(tmp_path, tiny_weights):
     assert [r["case"] for r in run.results] == ["one"]
     assert run.segmenter.backend.name == "torch" and run.segmenter.weights == tiny_weights
     assert (tmp_path / "one_raw.nii.gz").exists() and "cases" not in events
+    # a folder and files, or files short of four: said alike by segment_cohort and read_case
+    for call in (lambda **kw: api.segment_cohort(**kw, output=tmp_path / "x.nii.gz"),
+                 api.read_case):
+        key = "input" if call is not api.read_case else "folder"
+        with pytest.raises(ValueError, match="not both"):
+            call(**{key: folder}, t1=files.images[0])
+        with pytest.raises(ValueError, match="all four modality files; missing: t1ce, t2, flair"):
+            call(**{key: None}, t1=files.images[0])
     with pytest.raises(FileExistsError, match="overwriting was not asked for"):
         api.segment_cohort(folder, tmp_path / "one.nii.gz", segmenter=run.segmenter)
     (folder / "one_t2.nii.gz").unlink()

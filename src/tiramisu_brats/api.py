@@ -91,15 +91,22 @@ def read_case(
 
     Returns an ``io.Case`` with ``image`` (4, X, Y, Z) float32 in T1, T1ce, T2, FLAIR order.
     """
-    explicit = (t1, t1ce, t2, flair)
-    if folder is not None and any(explicit):
-        raise ValueError("give a case folder or the four modality files, not both")
+    files = _explicit_files(folder, (t1, t1ce, t2, flair))
+    return io.read_case(files or io.find_case_files(folder))
+
+
+def _explicit_files(folder: PathLike | None, explicit: tuple) -> io.CaseFiles | None:
+    """The case of the four files ``explicit`` (t1, t1ce, t2, flair) where no ``folder`` is
+    given, else None; raises where both or neither are, or files are missing."""
     if folder is not None:
-        return io.read_case(io.find_case_files(folder))
+        if any(explicit):
+            raise ValueError("give a case folder or the four modality files, not both")
+        return None
     if not all(explicit):
         missing = [m for m, p in zip(io.MODALITIES, explicit) if not p]
-        raise ValueError(f"missing modality file(s): {', '.join(missing)}")
-    return io.read_case(io.case_files_from_paths(t1, t1ce, t2, flair))
+        raise ValueError("give a case folder or all four modality files; "
+                         f"missing: {', '.join(missing)}")
+    return io.case_files_from_paths(*explicit)
 
 
 @dataclass(frozen=True)
@@ -999,14 +1006,10 @@ def _cohort_jobs(
     one in the output folder)`` for each case, and whether it is a folder of cases."""
     if shard is not None and not 0 <= shard[0] < shard[1]:
         raise ValueError(f"shard {shard[0]} of {shard[1]}: expected i of n with 0 <= i < n")
-    if input is None:
-        if not all(explicit):
-            raise ValueError("give a case folder (or a folder of cases) or all four files: "
-                             "t1, t1ce, t2 and flair")
-        jobs: list = [(io.case_files_from_paths(*explicit), output)]
+    files = _explicit_files(input, explicit)
+    if files is not None:
+        jobs: list = [(files, output)]
         cohort = False
-    elif any(explicit):
-        raise ValueError("give a case folder or the four modality files, not both")
     else:
         input = Path(input)
         if not input.exists():
