@@ -29,7 +29,7 @@ from scipy import ndimage
 from scipy.stats import spearmanr
 
 from tiramisu_brats import api, io, metrics
-from tiramisu_brats.data import find_training_cases
+from tiramisu_brats.data import labelled_cases
 from tiramisu_brats.infer import region_labels
 from tiramisu_brats.metrics import region_dice
 from tiramisu_brats.postprocess import postprocess
@@ -113,15 +113,11 @@ def main() -> None:
                              "its table as segment runs it (default: api.VIEW_MARGIN)")
     args = parser.parse_args()
     api.VIEW_MARGIN = args.view_margin
-    try:
-        folders = find_training_cases(
-            [args.data_root / "brats-labeled", args.data_root / "brats-labeled-extra"])
-    except io.InputError as err:  # e.g. no such --data-root
+    try:  # e.g. no such --data-root, an unknown case
+        folders = labelled_cases(args.data_root, args.cases)
+    except io.InputError as err:
         parser.error(str(err))
-    wanted = [c.strip() for c in args.cases.split(",") if c.strip()]
-    unknown = [c for c in wanted if c not in folders] or ([] if wanted else ["(none given)"])
-    if unknown:
-        parser.error(f"not labelled cases of {args.data_root}: {', '.join(unknown)}")
+    wanted = list(folders)
     seg = api.Segmenter(args.model, precision=args.precision)
     accurate = api.Segmenter(args.model, precision=args.precision, mode="accurate",  # tumor slices
                              partner=args.partner)

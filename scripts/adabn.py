@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from tiramisu_brats import api, io
-from tiramisu_brats.data import find_training_cases
+from tiramisu_brats.data import labelled_cases
 from tiramisu_brats.export import default_weights
 from tiramisu_brats.io import CLASS_TO_LABEL
 from tiramisu_brats.metrics import region_dice
@@ -37,15 +37,11 @@ parser.add_argument("--blend", default="0.5,1")
 parser.add_argument("--model", type=Path, default=None)
 parser.add_argument("--data-root", type=Path, default=Path("../shared/data"))
 args = parser.parse_args()
-try:
-    folders = find_training_cases(
-        [args.data_root / "brats-labeled", args.data_root / "brats-labeled-extra"])
-except io.InputError as err:  # e.g. no such --data-root
+try:  # e.g. no such --data-root, an unknown case
+    folders = labelled_cases(args.data_root, args.cases)
+except io.InputError as err:
     parser.error(str(err))
-cases = [c.strip() for c in args.cases.split(",") if c.strip()]
-unknown = [c for c in cases if c not in folders] or ([] if cases else ["(none given)"])
-if unknown:
-    parser.error(f"not labelled cases of {args.data_root}: {', '.join(unknown)}")
+cases = list(folders)
 base = load_model(args.model or default_weights()).eval()
 
 

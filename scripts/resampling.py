@@ -25,7 +25,7 @@ import numpy as np
 from scipy import ndimage
 
 from tiramisu_brats import api, io, metrics, preprocess
-from tiramisu_brats.data import find_training_cases
+from tiramisu_brats.data import labelled_cases
 from tiramisu_brats.postprocess import postprocess
 from tiramisu_brats.preprocess import network_grid, to_input, to_network
 
@@ -65,15 +65,11 @@ def main() -> None:
     args = parser.parse_args()
     spacings = [tuple(float(v) for v in s.split(",")) for s in (args.spacing or
                                                                ["0.5,0.5,1", "1,1,3"])]
-    try:
-        folders = find_training_cases(
-            [args.data_root / "brats-labeled", args.data_root / "brats-labeled-extra"])
-    except io.InputError as err:  # e.g. no such --data-root
+    try:  # e.g. no such --data-root, an unknown case
+        folders = labelled_cases(args.data_root, args.cases)
+    except io.InputError as err:
         parser.error(str(err))
-    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
-    unknown = [c for c in cases if c not in folders] or ([] if cases else ["(none given)"])
-    if unknown:
-        parser.error(f"not labelled cases of {args.data_root}: {', '.join(unknown)}")
+    cases = list(folders)
     seg = api.Segmenter(args.model, mode=args.mode)
     as_is = api.Segmenter(args.model, mode=args.mode, resample=False)
     columns = (["labels nearest, every axis to 1 mm", "probabilities linear, every axis to 1 mm",

@@ -23,7 +23,7 @@ import numpy as np
 from scipy import ndimage
 
 from tiramisu_brats import api, io
-from tiramisu_brats.data import find_training_cases
+from tiramisu_brats.data import labelled_cases
 from tiramisu_brats.export import decision
 from tiramisu_brats.infer import region_labels
 from tiramisu_brats.metrics import region_dice
@@ -44,15 +44,11 @@ except ValueError:
     parser.error(f"--scales {args.scales}: expected numbers, comma-separated")
 if 1 not in scales:  # accurate mode's rows fuse the views at scale 1
     parser.error(f"--scales {args.scales}: must include 1 (accurate mode's unzoomed views)")
-try:
-    folders = find_training_cases(
-        [args.data_root / "brats-labeled", args.data_root / "brats-labeled-extra"])
-except io.InputError as err:  # e.g. no such --data-root
+try:  # e.g. no such --data-root, an unknown case
+    folders = labelled_cases(args.data_root, args.cases)
+except io.InputError as err:
     parser.error(str(err))
-cases = [c.strip() for c in args.cases.split(",") if c.strip()]
-unknown = [c for c in cases if c not in folders] or ([] if cases else ["(none given)"])
-if unknown:
-    parser.error(f"not labelled cases of {args.data_root}: {', '.join(unknown)}")
+cases = list(folders)
 accurate = api.Segmenter(mode="accurate")
 fast_rule = decision(accurate.weights).get("region_threshold")  # as Segmenter() labels
 print(f"precision {accurate.backend.precision}; labels: fast {fast_rule}, accurate "

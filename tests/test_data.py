@@ -63,6 +63,26 @@ def test_several_data_folders_and_a_case_in_two_of_them(small_cases, tmp_path):
         data.build_cache([small_cases, other], tmp_path / "cache2", crop=(64, 64))
 
 
+def test_labelled_cases_of_a_data_root_in_the_order_asked_and_unknown_ids_refused(
+        small_cases, tmp_path):
+    root = tmp_path / "data"
+    for folder, case in (("brats-labeled", "syn-2"), ("brats-labeled-extra", "syn-0"),
+                         ("brats-labeled-extra", "syn-1")):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        (root / folder / case).symlink_to(small_cases / case)
+    everything = data.labelled_cases(root)
+    assert list(everything) == ["syn-0", "syn-1", "syn-2"]
+    assert everything["syn-2"] == root / "brats-labeled" / "syn-2"
+    first, second = "syn-0", "syn-2"
+    assert data.labelled_cases(root, f" {second}, {first} ") == {
+        second: everything[second], first: everything[first]}
+    for ids, said in ((f"{first},nope", "nope"), (" , ", "(none given)")):
+        with pytest.raises(io.InputError, match=re.escape(f"not labelled cases of {root}: {said}")):
+            data.labelled_cases(root, ids)
+    with pytest.raises(io.InputError, match="not a folder"):
+        data.labelled_cases(tmp_path / "nowhere")
+
+
 def test_cases_are_found_by_their_names_and_an_unlabelled_one_writes_no_cache(tmp_path):
     from tiramisu_brats.synthetic import make_case, write_case
 

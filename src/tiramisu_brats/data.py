@@ -178,6 +178,20 @@ def find_training_cases(data_dirs: Path | Sequence[Path]) -> dict[str, Path]:
     return {case_id: seen[case_id] for case_id in sorted(seen)}
 
 
+def labelled_cases(root: Path, ids: str | None = None) -> dict[str, Path]:
+    """The labelled case folders of ``root/brats-labeled`` and ``root/brats-labeled-extra``
+    (the layout of ``../shared/data``) by case id: the comma-separated ``ids`` in the order
+    given, or all (``ids`` None). An id not found, or none given, is an ``io.InputError``."""
+    found = find_training_cases([Path(root) / "brats-labeled", Path(root) / "brats-labeled-extra"])
+    if ids is None:
+        return found
+    wanted = [c.strip() for c in ids.split(",") if c.strip()]
+    unknown = [c for c in wanted if c not in found] or ([] if wanted else ["(none given)"])
+    if unknown:
+        raise io.InputError(f"not labelled cases of {root}: {', '.join(unknown)}")
+    return {c: found[c] for c in wanted}
+
+
 def select(cases: Sequence[CachedCase], case_ids: Sequence[str],
            planes: Sequence[str] = ("axial",)) -> list[CachedCase]:
     """The cached cases of ``case_ids`` in each of ``planes``, in that order; a case or plane
