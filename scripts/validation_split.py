@@ -9,6 +9,7 @@ started from have seen. The other 20 cases are the training split.
 import argparse
 from pathlib import Path
 
+from tiramisu_brats import io
 from tiramisu_brats.data import labelled_cases, split_cases
 
 SEED = 20261202
@@ -24,7 +25,10 @@ parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("data_root", nargs="?", type=Path, default=Path("../shared/data"),
                     help="the folder holding brats-labeled and brats-labeled-extra")
 root = parser.parse_args().data_root
-ids = list(labelled_cases(root))
+try:
+    ids = list(labelled_cases(root))
+except io.InputError as err:  # e.g. no such data root
+    parser.error(str(err))
 seen = set(FOLD0_TRAINED_ON)
 unseen = [i for i in ids if i not in seen]
 _, val = split_cases(unseen, val_fraction=N_VAL / len(unseen), seed=SEED)

@@ -896,3 +896,24 @@ def test_segment_case_checks_its_arguments_before_the_network_runs(tmp_path, tin
     monkeypatch.undo()
     summary = segmenter.segment_case(folder, tmp_path / "c.nii.gz")  # a folder will do
     assert summary["case"] == "c"
+
+
+def test_grid_info_records_what_the_network_saw_and_warns_only_of_voxels_unlike_its_training(
+        caplog):
+    from tiramisu_brats.preprocess import network_grid
+
+    def grid(spacing, shape, resample=True):
+        return network_grid(np.diag([-spacing[0], -spacing[1], spacing[2], 1.0]), shape,
+                            resample)
+
+    with caplog.at_level("INFO", logger="tiramisu_brats.api"):
+        kept = api.grid_info(grid((1.5, 1.5, 1.0), (160, 160, 155)), "kept")
+        thick = api.grid_info(grid((1.0, 1.0, 3.0), (240, 240, 52)), "thick")
+    assert kept["network_spacing_mm"] == [1.5, 1.5, 1.0] and not kept["resampled_to_1mm"]
+    assert thick["resampled_to_1mm"] and thick["network_spacing_mm"][:2] == [1.0, 1.0]
+    assert "thick: voxels of 1x1x3 mm resampled to 1x1x0.987 mm for the network" in caplog.text
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    with caplog.at_level("WARNING", logger="tiramisu_brats.api"):
+        api.grid_info(grid((0.5, 0.5, 1.0), (480, 480, 155), resample=False), "fine")
+    assert ("fine: the network sees voxels of 0.5x0.5x1 mm (the input's 0.5x0.5x1 mm; trained "
+            "on 1 mm images)") in caplog.text

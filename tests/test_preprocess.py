@@ -333,6 +333,13 @@ def test_in_plane_voxels_up_to_1_5_mm_are_kept_and_the_others_brought_to_1_mm():
     kept = grid((1.5, 1.2, 1.0), (160, 200, 155))
     assert not kept.resampled and kept.network_spacing() == pytest.approx((1.5, 1.2, 1.0))
     assert not kept.unlike_training()
+    # within the tolerance of 1 mm an axis is kept whatever the others (1.02 mm slices were
+    # resampled, and the case ran every slice, as soon as an in-plane axis was 1.5 mm)
+    for spacing, shape in (((1.5, 1.5, 1.02), (160, 160, 155)),
+                           ((1.5, 0.97, 1.0), (160, 240, 155))):
+        assert not grid(spacing, shape).resampled
+    single = grid((1.5, 1.5, 3.0), (160, 160, 1))  # one slice: its own thickness
+    assert single.network_spacing() == pytest.approx((1.5, 1.5, 3.0))
     as_is = pp.network_grid(np.diag([-0.5, -0.5, 1.0, 1.0]), (480, 480, 155), resample=False)
     assert as_is.unlike_training()  # half-millimetre voxels the network never saw
     # the slice axis and in-plane axes outside 1-1.5 mm are resampled, the others kept

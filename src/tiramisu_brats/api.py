@@ -133,8 +133,9 @@ class Segmentation:
 class PreparedCase:
     """A case with the network's input made from it: ``image`` (4, X', Y', Z'), the case's dtype (a
     file's integer type, or float32), on the network's ``grid`` (``preprocess.network_grid``: the
-    trained orientation, 1 mm unless ``resample`` was off), and its axial ``slices`` (Z', 4, H, W)
-    float32 with their ``geometry``, as ``preprocess.preprocess(image, crop)``."""
+    trained orientation, resampled as ``network_grid`` says unless ``resample`` was off), and its
+    axial ``slices`` (Z', 4, H, W) float32 with their ``geometry``, as
+    ``preprocess.preprocess(image, crop)``."""
 
     case: io.Case
     image: np.ndarray
@@ -355,7 +356,7 @@ class Segmenter:
         """Segment one case: ``image`` (4, X, Y, Z) → labels (X, Y, Z) uint8 in 0/1/2/4.
 
         ``affine`` (4, 4), the image's voxel-to-world matrix: the image is brought to the
-        orientation the model was trained in (and to 1 mm, unless ``resample`` is off) and
+        orientation the model was trained in (and resampled, unless ``resample`` is off) and
         the labels back onto its grid. Without it the image is taken as it is (BraTS
         orientation, 1 mm). ``all_slices``: run every brain slice even with ``tumor_slices``
         (a complete ``raw``). NaN and Inf voxels count as 0 (with a warning), as when read

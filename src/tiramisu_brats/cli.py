@@ -246,7 +246,7 @@ def segment(
             "every view or the first view's tumor slices, then those near the tumor it found. "
             "Default: tumor slices, "
             "every slice with --no-postprocess; --save-raw runs every slice, and so does fast "
-            "mode on voxels resampled to 1 mm."))] = None,
+            "mode on resampled voxels."))] = None,
     save_raw: Annotated[bool, typer.Option(help=(
         "Also write `<name>_raw.nii.gz`, before postprocessing."))] = False,
     uncertainty: Annotated[bool, typer.Option(help=(

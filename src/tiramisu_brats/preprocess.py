@@ -141,8 +141,7 @@ class Grid:
         """Whether the network sees voxels of a size it was not meant to: an axis kept as it
         is (not resampled) that is not 1 mm, nor an in-plane one of up to
         ``KEEP_IN_PLANE_MM`` (``network_grid(resample=False)``)."""
-        return any(n == m and abs(z - 1) > SPACING_TOLERANCE
-                   and not (axis < 2 and 1 <= z <= KEEP_IN_PLANE_MM + SPACING_TOLERANCE)
+        return any(n == m and not _kept(axis, z)
                    for axis, (n, m, z) in enumerate(zip(self._oriented_shape(),
                                                          self.network_shape,
                                                          self.oriented_spacing(), strict=True)))
@@ -150,16 +149,24 @@ class Grid:
     def network_spacing(self) -> tuple[float, float, float]:
         """The voxel size in mm the network sees along X, Y, Z (the corner voxels of both grids
         on each other)."""
-        return tuple(z * (n - 1) / (m - 1) if m > 1 else z for z, n, m in zip(
+        return tuple(z * (n - 1) / (m - 1) if m > 1 and n > 1 else z for z, n, m in zip(
             self.oriented_spacing(), self._oriented_shape(), self.network_shape,
             strict=True))  # type: ignore[return-value]
+
+
+def _kept(axis: int, spacing: float) -> bool:
+    """Whether ``network_grid`` keeps the voxels along the network's ``axis`` (0, 1, 2: X, Y,
+    Z) as they are: within ``SPACING_TOLERANCE`` of 1 mm, or in-plane of 1 to
+    ``KEEP_IN_PLANE_MM`` mm."""
+    return (abs(spacing - 1) <= SPACING_TOLERANCE
+            or (axis < 2 and 1 <= spacing <= KEEP_IN_PLANE_MM + SPACING_TOLERANCE))
 
 
 def network_grid(affine: np.ndarray, shape: tuple[int, int, int], resample: bool = True
                  ) -> Grid:
     """The ``Grid`` of an input of spatial ``shape`` with voxel-to-world ``affine`` (4, 4).
 
-    Voxels not within ``SPACING_TOLERANCE`` of 1 mm are resampled to 1 mm along each axis,
+    Along each axis, voxels not within ``SPACING_TOLERANCE`` of 1 mm are resampled to 1 mm,
     but for in-plane axes (X, Y) of 1 to ``KEEP_IN_PLANE_MM`` mm, which are kept.
     ``resample=False`` keeps the input's voxels whatever their size (orientation only).
     """
@@ -182,9 +189,8 @@ def network_grid(affine: np.ndarray, shape: tuple[int, int, int], resample: bool
     grid = Grid(tuple(int(n) for n in shape), tuple((int(a), int(f)) for a, f in transform),
                 axes, round(oblique, 2), tuple(float(z) for z in spacing), (0, 0, 0))
     oriented = grid._oriented_shape()
-    if resample and not np.allclose(spacing, 1.0, atol=SPACING_TOLERANCE):
-        target = tuple(n if axis < 2 and 1 <= z <= KEEP_IN_PLANE_MM + SPACING_TOLERANCE
-                       else max(1, round(n * z))
+    if resample:  # axis by axis
+        target = tuple(n if _kept(axis, z) else max(1, round(n * z))
                        for axis, (n, z) in enumerate(zip(oriented, grid.oriented_spacing(),
                                                          strict=True)))
     else:
