@@ -591,7 +591,7 @@ class Segmenter:
             raise ValueError(f"{output}: a label map must end in .nii.gz or .nii")
         _, sidecar, raw_path, spread_path = _case_outputs(output, True, True)
         if uncertainty:
-            _check_uncertainty(self.mode, len(self.views))
+            _check_uncertainty(self.mode)
         inputs = {Path(p).resolve() for p in (*files.images, files.seg) if p is not None}
         for target in (output, sidecar, raw_path, spread_path):
             if target.resolve() in inputs:
@@ -636,7 +636,7 @@ class Segmenter:
             # run's label map, named like them
             for stale, written in ((raw_path, save_raw), (spread_path, uncertainty)):
                 if (not written and stale.exists()
-                        and not stale.with_name(label_stem(stale) + ".json").exists()):
+                        and not summary_path(stale).exists()):
                     stale.unlink()
                     log.info("%s: removed (an earlier run's, not made this time)", stale)
         enhancing = 3 if convention == "brats2023" else 4
@@ -791,6 +791,11 @@ def label_stem(path: PathLike) -> str:
     return io.nifti_stem(name) or name
 
 
+def summary_path(label_map: PathLike) -> Path:
+    """The JSON summary ``segment`` writes beside ``label_map`` (``<stem>.json``)."""
+    return Path(label_map).with_name(label_stem(label_map) + ".json")
+
+
 def one_line(err: BaseException) -> str:
     """An error as one line naming the file: ``OSError``s as ``<file>: <problem>``; an error
     other than ``ValueError`` and ``OSError`` (unexpected) with its type's name."""
@@ -871,8 +876,7 @@ def segment_cohort(
     if overwrite and skip_existing:
         raise ValueError("replacing existing outputs and skipping them were both asked for")
     if uncertainty:  # checked before any case, as each case would fail alike
-        _check_uncertainty(*((segmenter.mode, len(segmenter.views)) if segmenter
-                             else (mode, len(MODES.get(mode, ())))))  # unknown: Segmenter says
+        _check_uncertainty(segmenter.mode if segmenter else mode)
     output = Path(output)
     jobs, cohort = _cohort_jobs(input, output, (t1, t1ce, t2, flair), shard)
     emit = on_event or (lambda kind, case_id, value: None)
@@ -972,7 +976,7 @@ def _earlier_summary(files: io.CaseFiles, target: Path) -> dict:
         return {**summary, "case": files.case_id}
     except (OSError, ValueError) as err:
         return {"case": files.case_id, "volumes_ml": {},
-                "qc": {"review": True, "why": f"done before; {label_stem(target)}.json "
+                "qc": {"review": True, "why": f"done before; {summary_path(target).name} "
                                               f"unreadable: {one_line(err)}"}}
 
 
@@ -1078,14 +1082,16 @@ def _plan_cases(jobs: list, output: Path, overwrite: bool, skip_existing: bool,
 def _case_outputs(target: Path, save_raw: bool, uncertainty: bool = False) -> list[Path]:
     """What ``Segmenter.segment_case`` writes for the label map ``target``."""
     stem = label_stem(target)
-    return [target, target.with_name(stem + ".json"),
+    return [target, summary_path(target),
             *([target.with_name(stem + "_raw.nii.gz")] if save_raw else []),
             *([target.with_name(stem + "_uncertainty.nii.gz")] if uncertainty else [])]
 
 
-def _check_uncertainty(mode: str, views: int) -> None:
-    """An uncertainty map is the views' disagreement: refused for a mode of one view."""
-    if views == 1:
+def _check_uncertainty(mode: str) -> None:
+    """An uncertainty map is the views' disagreement: refused for a mode of one view (a
+    partner model's views replace the flips, as many); an unknown mode is left to
+    ``Segmenter`` to refuse."""
+    if len(MODES.get(mode, ())) == 1:
         raise ValueError(f"an uncertainty map needs several views; mode {mode!r} has one "
                          "(mode 'accurate' has six)")
 
@@ -1272,7 +1278,7 @@ def _view_command(case: Path, labels: Path) -> str:
 def _read_summary(label_map: Path) -> dict:
     """The JSON summary ``segment`` wrote beside ``label_map``; ``OSError`` where there is
     none, ``ValueError`` where the file is not JSON of an object."""
-    summary = json.loads(label_map.with_name(label_stem(label_map) + ".json").read_text())
+    summary = json.loads(summary_path(label_map).read_text())
     if not isinstance(summary, dict):
         raise ValueError("not the summary segment writes")
     return summary

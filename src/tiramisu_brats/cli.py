@@ -355,7 +355,7 @@ def demo(
     """The whole job on an embedded default: a synthetic case in, labels and report out.
     The case is segmented exactly as ``segment`` does it."""
     from tiramisu_brats.api import evaluate as run_evaluate
-    from tiramisu_brats.api import label_stem, segment_cohort
+    from tiramisu_brats.api import segment_cohort, summary_path
     from tiramisu_brats.synthetic import make_case, write_case
 
     start = time.perf_counter()
@@ -392,8 +392,8 @@ def demo(
             row = rows[0]
             out.print(f"Dice against the known tumor: WT {row['dice_WT']:.3f}, "
                       f"TC {row['dice_TC']:.3f}, ET {row['dice_ET']:.3f}", highlight=False)
-    out.print(f"label map: {label_path}\nsummary:   "
-              f"{label_path.with_name(label_stem(label_path) + '.json')}", highlight=False)
+    out.print(f"label map: {label_path}\nsummary:   {summary_path(label_path)}",
+              highlight=False)
     if files.seg is not None:
         out.print(f"report:    {output / 'report'} (metrics.csv, summary.json, boxplots.png, "
                   f"overlay_*.png)", highlight=False)

@@ -89,7 +89,7 @@ def _any_nonzero(array: np.ndarray, axis: int) -> np.ndarray:
 # The orientation the model was trained in, the BraTS one: array axes X, Y, Z run towards
 # left, posterior and superior (nibabel's axis codes name where each axis points).
 TRAINED_AXES = ("L", "P", "S")
-SPACING_TOLERANCE = 0.05  # mm: within this of 1 mm on every axis, no resampling
+SPACING_TOLERANCE = 0.05  # mm: an axis within this of 1 mm is not resampled
 # In-plane voxels (X and Y of the axial slices) coarser than 1 mm up to this size are kept as
 # they are: brought to 1 mm they are smoother than any slice the network trained on, and on the
 # validation cases at 1.5 x 1.5 x 1 mm it did far better on them as they are (mean Dice fast
