@@ -643,10 +643,9 @@ class Segmenter:
         if picture is not None:
             from tiramisu_brats.report import planes_png
 
-            view = network_grid(case.affine, case.shape, resample=False)  # flips only
-            image = to_network(case.image, view)
-            planes_png(image[3], image[1], to_network(labels, view), picture, case.case_id,
-                       view.oriented_spacing(), enhancing=enhancing)
+            image, (shown,), spacing = _as_shown(case, labels)
+            planes_png(image[3], image[1], shown, picture, case.case_id, spacing,
+                       enhancing=enhancing)
         t3 = time.perf_counter()
         timings = {"load": t1 - t0, **seg.timings, "save": t3 - t2}
         timings["total"] = sum(timings.values())
@@ -1249,13 +1248,12 @@ def evaluate(
         if r.images is None:
             continue
         try:
-            case = io.read_case(r.images)
-            view = network_grid(case.affine, case.shape, resample=False)  # flips only
-            image = to_network(case.image, view)
-            ref_labels = to_network(io.read_label_map(r.path)[0], view)
-            report.overlay_png(image[3], image[1], to_network(io.read_label_map(p.path)[0], view),
-                               ref_labels, report_dir / f"overlay_{io.safe_case_id(case_id)}.png",
-                               case_id, view.oriented_spacing())
+            image, (pred_labels, ref_labels), spacing = _as_shown(
+                io.read_case(r.images), io.read_label_map(p.path)[0],
+                io.read_label_map(r.path)[0])
+            report.overlay_png(image[3], image[1], pred_labels, ref_labels,
+                               report_dir / f"overlay_{io.safe_case_id(case_id)}.png", case_id,
+                               spacing)
         except ValueError as err:  # the metrics stand without the picture
             log.warning("%s: no overlay: %s", case_id, err)
     written = report.write_report(report_dir, rows, raw_rows=raw_rows or None,
@@ -1267,6 +1265,15 @@ def evaluate(
                             f"tiramisu-brats evaluate: {Path(pred).name} against "
                             f"{Path(ref).name}", files=[p.name for p in written])
     return rows
+
+
+def _as_shown(case: io.Case, *maps: np.ndarray
+              ) -> tuple[np.ndarray, list[np.ndarray], tuple[float, float, float]]:
+    """``case``'s image (4, X, Y, Z) and label ``maps`` (X, Y, Z) flipped and permuted to the
+    BraTS orientation the pictures show (``report``), no resampling, and their voxel size."""
+    view = network_grid(case.affine, case.shape, resample=False)
+    return (to_network(case.image, view), [to_network(m, view) for m in maps],
+            view.oriented_spacing())
 
 
 def _view_command(case: Path, labels: Path) -> str:
