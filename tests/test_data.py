@@ -198,6 +198,33 @@ def test_gamma_augmentation_is_one_power_curve_per_sample_and_modality():
     assert torch.equal(g1.get_state(), g2.get_state())
 
 
+def test_low_resolution_blurs_chosen_samples_only_and_keeps_background():
+    # A checkerboard of single pixels: a coarser grid along either axis averages it out.
+    x = torch.zeros(200, 4, 32, 32)
+    i = torch.arange(16)
+    x[:, :, 8:24, 8:24] = torch.where((i[:, None] + i[None]) % 2 == 0, 1.0, -1.0)
+    out = data.simulate_low_resolution(x, torch.Generator().manual_seed(0), 0.5)
+    inside = out[:, :, 9:23, 9:23]
+    blurred = (inside.abs().amax((1, 2, 3)) < 0.999)
+    assert 70 < int(blurred.sum()) < 130  # about half the samples
+    assert torch.equal(out[~blurred], x[~blurred])  # the others untouched
+    assert (out[:, :, :8] == 0).all() and (out[:, :, 24:] == 0).all()  # background stays 0
+    # the coarse grid's mean signal: stripes become a smoother profile near their mean
+    assert inside[blurred].mean().abs() < 0.1 and inside[blurred].std() < x[0, 0, 9:23, 9:23].std()
+    # 0 draws nothing: the stream, and the batch, are those without the option.
+    y = torch.zeros(200, 32, 32, dtype=torch.long)
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    torch.testing.assert_close(data.augment(x, y, g1)[0], data.augment(x, y, g2, low_res=0)[0])
+    assert torch.equal(g1.get_state(), g2.get_state())
+    # the classes stay as they were: only images are blurred
+    y[:, 12:20, 12:20] = 3
+    plain = dict(rotate_deg=0, scale=0, intensity=0)
+    gen = torch.Generator().manual_seed(2)
+    _, ya = data.augment(x, y, gen, low_res=1.0, **plain)
+    assert torch.equal(ya.float().sum(), y.float().sum())
+
+
+
 def test_augmentation_matrices_are_scaled_rotations_or_flipped_ones():
     theta = data.augment_matrices(4096, torch.Generator().manual_seed(0), rotate_deg=10,
                                   scale=0.1)

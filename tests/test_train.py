@@ -150,11 +150,12 @@ def test_augmentation_strength_reaches_augment(cache, tmp_path, monkeypatch):
 
     monkeypatch.setattr(ttrain, "augment", recording)
     config = _config(epochs=1, steps_per_epoch=2, rotate_deg=30, zoom=0.25, intensity=0.2,
-                     gamma=0.5)
+                     gamma=0.5, low_res=0.25)
     train(cache[:2], [], tmp_path, config, device=torch.device("cpu"))
-    assert seen == [dict(rotate_deg=30, scale=0.25, intensity=0.2, gamma=0.5)] * 2
+    assert seen == [dict(rotate_deg=30, scale=0.25, intensity=0.2, gamma=0.5, low_res=0.25)] * 2
     assert TrainConfig.from_json((tmp_path / "train_config.json").read_text()) == config
-    for bad in (dict(rotate_deg=200), dict(zoom=0.6), dict(intensity=-0.1), dict(gamma=3)):
+    for bad in (dict(rotate_deg=200), dict(zoom=0.6), dict(intensity=-0.1), dict(gamma=3),
+                dict(low_res=1.5)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             _config(**bad)
 
@@ -163,8 +164,9 @@ def test_config_of_runs_before_planes_still_reads():
     old = _config().to_json().replace('"planes": ["axial"], ', "")
     old = old.replace('"rotate_deg": 10.0, ', "").replace(', "zoom": 0.1}', "}")
     old = old.replace('"intensity": 0.1, ', "").replace('"gamma": 0.0, ', "")
+    old = old.replace('"low_res": 0.0, ', "")
     assert '"rotate_deg"' not in old and '"zoom"' not in old and '"intensity"' not in old
-    assert '"gamma"' not in old
+    assert '"gamma"' not in old and '"low_res"' not in old
     old = old.replace('"init": "", "init_sha256": "", ', "").replace('"cache": "", ', "")
     assert '"planes"' not in old and '"init"' not in old and '"cache"' not in old
     old = old[:-1] + ', "extra": {}}'

@@ -512,6 +512,9 @@ def train(
     gamma: Annotated[float, typer.Option(min=0, max=2, help=(
         "Augmentation: per-modality gamma curve, exponent within [1/(1+G), 1+G]; 0: none."
     ))] = 0.0,
+    low_res: Annotated[float, typer.Option(min=0, max=1, help=(
+        "Augmentation: the share of slices seen at a lower resolution (voxels up to 2x "
+        "larger per axis, interpolated back); 0: none."))] = 0.0,
     lr: Annotated[float, typer.Option(min=0)] = 1e-3,
     weight_decay: Annotated[float, typer.Option(min=0)] = 1e-4,
     loss: Annotated[str, typer.Option(
@@ -562,7 +565,8 @@ def train(
                 model=TiramisuConfig(growth_rate=growth_rate), epochs=epochs,
                 steps_per_epoch=steps_per_epoch, batch_size=batch_size, patch=patch,
                 tumor_share=tumor_share, rotate_deg=rotate_deg, zoom=zoom, intensity=intensity,
-                gamma=gamma, lr=lr, weight_decay=weight_decay, loss=loss, schedule=schedule,
+                gamma=gamma, low_res=low_res, lr=lr, weight_decay=weight_decay, loss=loss,
+                schedule=schedule,
                 minutes=minutes, seed=seed, compile=compile, micro_batches=micro_batches,
                 planes=[p.strip() for p in planes.split(",")],
                 teachers=[str(t) for t in teacher or ()],

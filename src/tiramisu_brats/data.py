@@ -324,7 +324,7 @@ def augment_matrices(n: int, generator, device=None, *, rotate_deg: float = 10.0
 
 
 def augment(images, classes, generator, *, rotate_deg: float = 10.0, scale: float = 0.1,
-            intensity: float = 0.1, gamma: float = 0.0):
+            intensity: float = 0.1, gamma: float = 0.0, low_res: float = 0.0):
     """Augment a batch on its own device, with PyTorch.
 
     ``images`` (N, C, H, W) float z-scores, ``classes`` (N, H, W) int64. Random left-right and
@@ -335,7 +335,10 @@ def augment(images, classes, generator, *, rotate_deg: float = 10.0, scale: floa
     log-uniformly in [1 / (1 + gamma), 1 + gamma]) over the slice's brain range, which keeps
     that range but changes the contrast inside it (nnU-Net's gamma augmentation). With
     ``gamma`` 0 no number is drawn for it: the random stream is that of runs before it.
-    Returns new tensors.
+    Last, each sample with probability ``low_res`` is seen at a lower resolution
+    (``simulate_low_resolution``; the classes stay sharp), as an image acquired with coarser
+    voxels and interpolated to 1 mm is (nnU-Net's SimulateLowResolution); with ``low_res`` 0
+    nothing is drawn for it either. Returns new tensors.
     """
     import math
 
@@ -362,4 +365,31 @@ def augment(images, classes, generator, *, rotate_deg: float = 10.0, scale: floa
                            align_corners=False)
     classes = F.grid_sample(classes[:, None].to(images.dtype), grid, mode="nearest",
                             padding_mode="zeros", align_corners=False)[:, 0].round().long()
+    if low_res > 0:
+        images = simulate_low_resolution(images, generator, low_res)
     return images, classes
+
+
+def simulate_low_resolution(images, generator, p: float, *, coarsest: float = 0.5):
+    """Each sample of ``images`` (N, C, H, W) float, with probability ``p``, averaged down to
+    a grid of ``f_h * H`` x ``f_w * W`` pixels (``f_h``, ``f_w`` drawn apart, uniformly in
+    [``coarsest``, 1]: voxels up to 1 / ``coarsest`` times larger along each axis) and
+    interpolated back linearly, all modalities alike; the background stays 0. Returns a new
+    tensor. Why: a 1.5 mm image brought to the network's 1 mm grid is smoother than any
+    training slice, and the network reads such slices badly (docs/model-card.md, "Resampled
+    inputs")."""
+    import torch
+    import torch.nn.functional as F
+
+    n, _, h, w = images.shape
+    dev = images.device
+    chosen = torch.rand(n, generator=generator, device=dev) < p
+    factors = coarsest + torch.rand(n, 2, generator=generator, device=dev) * (1 - coarsest)
+    out = images.clone()
+    for i in torch.nonzero(chosen).flatten().tolist():
+        size = (max(1, round(h * factors[i, 0].item())), max(1, round(w * factors[i, 1].item())))
+        x = images[i : i + 1]
+        low = F.interpolate(x, size=size, mode="area")  # the coarse voxels' mean signal
+        out[i] = F.interpolate(low, size=(h, w), mode="bilinear", align_corners=False)[0]
+        out[i] *= (x[0] != 0).any(dim=0)
+    return out

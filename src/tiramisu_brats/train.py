@@ -70,11 +70,14 @@ class TrainConfig:
     tumor_share: float = 0.8
     # Augmentation (data.augment): rotation within ±rotate_deg degrees, zoom within ±zoom,
     # per-modality intensity gain and shift within ±intensity, a gamma curve with exponent
-    # within [1 / (1 + gamma), 1 + gamma] (0: none, the reference); flips always.
+    # within [1 / (1 + gamma), 1 + gamma] (0: none, the reference), each sample seen at up to
+    # half the resolution per axis with probability low_res (0: none, the reference); flips
+    # always.
     rotate_deg: float = 10.0
     zoom: float = 0.1
     intensity: float = 0.1
     gamma: float = 0.0
+    low_res: float = 0.0
     lr: float = 1e-3
     weight_decay: float = 1e-4
     # "ce" (the reference), "dice_ce" (+ soft Dice of the tumor classes) or "region_dice_ce"
@@ -133,7 +136,7 @@ class TrainConfig:
                 raise ValueError(f"{name}={value!r} must be an integer >= {int(name != 'seed')}")
         for name, lo, hi in (("tumor_share", 0, 1), ("lr", 0, 10), ("weight_decay", 0, 1),
                              ("rotate_deg", 0, 180), ("zoom", 0, 0.5), ("intensity", 0, 1),
-                             ("gamma", 0, 2)):
+                             ("gamma", 0, 2), ("low_res", 0, 1)):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not lo <= value <= hi:
                 raise ValueError(f"{name}={value!r} must be a number in [{lo}, {hi}]")
@@ -809,7 +812,7 @@ def _step(run: _Run) -> float:
     y = _to_device(classes, device).long()
     # All of the batch, then this process's share: the generator stays shared.
     x, y = augment(x, y, run.gen, rotate_deg=config.rotate_deg, scale=config.zoom,
-                   intensity=config.intensity, gamma=config.gamma)
+                   intensity=config.intensity, gamma=config.gamma, low_res=config.low_res)
     x, y = x[run.share], y[run.share]
     if run.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
