@@ -359,6 +359,43 @@ def test_evaluate_says_in_metrics_csv_whether_the_affines_match(tmp_path, caplog
         assert [r["affine_matches"] for r in csv.DictReader(f)] == ["True", "False"]
 
 
+def test_evaluate_overwrite_replaces_the_reports_overlays_and_raw_table(tmp_path):
+    import nibabel as nib
+
+    from tiramisu_brats.synthetic import write_case
+
+    refs = tmp_path / "cases"
+    preds = tmp_path / "preds"
+    preds.mkdir()
+    for i, name in enumerate(("c0", "c1")):
+        case = make_case(i, shape=(24, 24, 24), case_id=name)
+        folder = write_case(case, refs)
+        affine = nib.load(next(folder.glob("*_seg.nii.gz"))).affine
+        for stem in (name, f"{name}_raw"):
+            nib.save(nib.Nifti1Image(case.labels, affine), preds / f"{stem}.nii.gz")
+    report = tmp_path / "report"
+    api.evaluate(preds, refs, report)
+    first = sorted(p.name for p in report.iterdir())
+    assert {"overlay_c0.png", "overlay_c1.png", "metrics_raw.csv"} <= set(first)
+    assert 'src="overlay_c0.png"' in (report / "index.html").read_text()
+    # Again without the maps before postprocessing and without pictures, over the first.
+    for name in ("c0", "c1"):
+        (preds / f"{name}_raw.nii.gz").unlink()
+    with pytest.raises(FileExistsError, match="not empty"):
+        api.evaluate(preds, refs, report, overlays=False)
+    api.evaluate(preds, refs, report, overlays=False, overwrite=True)
+    left = sorted(p.name for p in report.iterdir())
+    assert left == ["boxplots.png", "index.html", "metrics.csv", "summary.json"]
+    page = (report / "index.html").read_text()
+    assert "overlay_" not in page and "metrics_raw" not in page
+    summary = json.loads((report / "summary.json").read_text())
+    assert summary["predictions"] == str(preds.absolute()) and "metrics_raw" not in summary
+    # Files that are not a report's stay.
+    (report / "notes.txt").write_text("mine")
+    api.evaluate(preds, refs, report, overwrite=True)
+    assert (report / "notes.txt").read_text() == "mine" and (report / "overlay_c1.png").is_file()
+
+
 def test_evaluate_pairs_a_file_with_a_case_and_warns_of_mismatches(tmp_path, caplog):
     import logging
 

@@ -262,6 +262,10 @@ def test_an_evaluation_page_lists_the_worst_dice_first_under_the_means(tmp_path)
     assert "<td>mean</td><td>0.833</td><td>0.800</td><td>0.567</td>" in means
     assert "<td>median</td><td>0.900</td><td>0.800</td><td>0.700</td>" in means
     assert '<a href="metrics.csv">metrics.csv</a>' in page and '<img src="boxplots.png"' in page
+    assert "3 cases;" in page
+    # beside the expert's Dice, the volumes are said to be the prediction's
+    one = report.write_index_html(tmp_path, [{**rows[0], "WT_ml": 4.0}], "One").read_text()
+    assert "1 case;" in one and "predicted WT ml" in one
 
 
 def test_index_html_lists_every_case_review_first_and_needs_no_network(tmp_path):
@@ -275,5 +279,6 @@ def test_index_html_lists_every_case_review_first_and_needs_no_network(tmp_path)
     order = ["failed", "bad &lt;1&gt;", "mid", "good"]  # no score to review first, then scores
     assert [body.index(case) for case in order] == sorted(body.index(case) for case in order)
     assert page.count("<tr>") == 5 and "Dice WT" not in page and "40.2" in page
+    assert ">WT ml<" in page and "predicted" not in page
     assert "http" not in page.replace("http-equiv", "")  # nothing to fetch
     assert '<img src="a.png"' in page and "2 to review" in page

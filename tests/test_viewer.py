@@ -219,7 +219,9 @@ def test_a_segmented_folder_is_served_with_its_report_and_a_viewer_per_case(tmp_
         assert _get(server.url + "view/c1/flair.nii.gz")[1] == files.images[3].read_bytes()
         assert _get(server.url + "view/c1/labels.nii.gz")[1] == (out / "c1.nii.gz").read_bytes()
         assert _get(server.url + "view/c1/niivue.umd.js")[0] == 200
-        assert _get(server.url + "c0.json")[0] == 404  # only the report's files
+        # the report's pictures and tables (evaluate's page links metrics.csv, summary.json)
+        assert _get(server.url + "c0.json")[1] == (out / "c0.json").read_bytes()
+        assert _get(server.url + "c0.nii.gz")[0] == 404  # not the volumes
         if CHROMIUM is not None:  # the link opens the case in NiiVue
             dom, console = browser(server.url + "view/c1/", "--dump-dom")
             assert 'data-ready="1"' in dom, console

@@ -1243,6 +1243,7 @@ def evaluate(
         return rows
     # Every input was read and checked above: only now is anything written.
     report_dir.mkdir(parents=True, exist_ok=True)
+    pictures: dict[str, str] = {}  # case -> its overlay's file name, this run's only
     for case_id in common if overlays else ():
         p, r = preds[case_id], refs[case_id]
         if r.images is None:
@@ -1251,19 +1252,28 @@ def evaluate(
             image, (pred_labels, ref_labels), spacing = _as_shown(
                 io.read_case(r.images), io.read_label_map(p.path)[0],
                 io.read_label_map(r.path)[0])
-            report.overlay_png(image[3], image[1], pred_labels, ref_labels,
-                               report_dir / f"overlay_{io.safe_case_id(case_id)}.png", case_id,
-                               spacing)
+            pictures[case_id] = report.overlay_png(
+                image[3], image[1], pred_labels, ref_labels,
+                report_dir / f"overlay_{io.safe_case_id(case_id)}.png", case_id, spacing).name
         except ValueError as err:  # the metrics stand without the picture
             log.warning("%s: no overlay: %s", case_id, err)
-    written = report.write_report(report_dir, rows, raw_rows=raw_rows or None,
-                                  extra_summary={"predictions": str(pred), "references": str(ref)})
+    written = report.write_report(
+        report_dir, rows, raw_rows=raw_rows or None,
+        extra_summary={"predictions": str(Path(pred).absolute()),
+                       "references": str(Path(ref).absolute())})
     report.write_index_html(report_dir, [_report_row(row, preds[row["case"]],
-                                                     refs[row["case"]], report_dir,
+                                                     refs[row["case"]], pictures.get(row["case"]),
                                                      summaries[row["case"]])
                                          for row in rows],
                             f"tiramisu-brats evaluate: {Path(pred).name} against "
                             f"{Path(ref).name}", files=[p.name for p in written])
+    # A replaced report's overlays and table before postprocessing that this run did not make
+    # would read as this run's.
+    made = {p.name for p in written} | set(pictures.values())
+    for stale in [*report_dir.glob("overlay_*.png"), report_dir / "metrics_raw.csv"]:
+        if stale.name not in made and stale.is_file():
+            stale.unlink()
+            log.info("%s: removed, from the report this one replaces", stale)
     return rows
 
 
@@ -1299,15 +1309,15 @@ def _summary_beside(label_map: Path) -> dict:
         return {}
 
 
-def _report_row(row: dict, pred: LabelSource, ref: LabelSource, report_dir: Path,
+def _report_row(row: dict, pred: LabelSource, ref: LabelSource, overlay: str | None,
                 summary: dict) -> dict:
     """A row of evaluate's index.html: the metrics, the prediction's QC (from ``summary``,
-    the JSON ``segment`` wrote beside it, if any), the overlay and how to view the case."""
+    the JSON ``segment`` wrote beside it, if any), the ``overlay`` (its file name, where this
+    run made one) and how to view the case."""
     out = {**row, **{f"{r}_ml": row[f"volume_pred_{r}_ml"] for r in ("WT", "TC", "ET")}}
     qc = summary.get("qc") if isinstance(summary.get("qc"), dict) else {}
     out.update({"review": qc.get("review"), "qc_score": qc.get("score"), "qc_why": qc.get("why")})
-    overlay = f"overlay_{io.safe_case_id(row['case'])}.png"
-    if (report_dir / overlay).exists():
+    if overlay is not None:
         out["image"] = overlay
     if ref.images is not None:
         out["command"] = _view_command(ref.images.images[0].parent, pred.path)

@@ -561,6 +561,8 @@ def write_index_html(
     folder = Path(folder)
     columns = [(k, name) for k, name in _HTML_COLUMNS if any(k in r for r in rows)]
     dice = [k for k, _ in columns if k.startswith("dice_")]
+    if dice:  # beside the expert's Dice, say whose volumes these are
+        columns = [(k, f"predicted {name}" if k.endswith("_ml") else name) for k, name in columns]
 
     def order(row: Mapping[str, Any]) -> tuple:
         if dice:  # the truth is known: the worst cases first
@@ -642,7 +644,7 @@ code {{ overflow-wrap: anywhere; }}
 #dice {{ margin-bottom: 1em; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
-<p id="summary">{len(rows)} cases; {order_text}. Click a column's header
+<p id="summary">{len(rows)} case{"s" * (len(rows) != 1)}; {order_text}. Click a column's header
 to sort by it. Research use only; not for clinical decisions.</p>
 {chr(10).join(top)}
 <table id="cases"><thead><tr>{header}<th>pictures</th></tr></thead>

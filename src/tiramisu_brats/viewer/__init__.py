@@ -71,8 +71,9 @@ class _Handler(BaseHTTPRequestHandler):
         elif isinstance(route, bytes):
             self._send(route, "text/html; charset=utf-8")
         elif isinstance(route, Path):
-            kind = {".png": "image/png", ".html": "text/html; charset=utf-8"}.get(
-                route.suffix, "application/octet-stream")
+            kind = {".png": "image/png", ".html": "text/html; charset=utf-8",
+                    ".csv": "text/csv; charset=utf-8",
+                    ".json": "application/json"}.get(route.suffix, "application/octet-stream")
             self._send(route.read_bytes(), kind)
         else:
             self.send_error(404)
@@ -129,9 +130,10 @@ def serve(case: io.CaseFiles, labels: str | os.PathLike[str], port: int = 0) -> 
 
 def serve_folder(folder: str | os.PathLike[str], port: int = 0) -> ViewServer:
     """A ``ViewServer`` for the output folder of ``segment`` on a folder of cases: its
-    ``index.html`` (or, from sharded jobs, a page linking each shard's) and pictures at ``/``, and
-    each case in the viewer at ``/view/<case>/`` (the report's links), from the JSON ``segment``
-    wrote beside each label map."""
+    ``index.html`` (or, from sharded jobs, a page linking each shard's), pictures and tables
+    (PNG, CSV, JSON: evaluate's report links them) at ``/``, and each case in the viewer at
+    ``/view/<case>/`` (the report's links), from the JSON ``segment`` wrote beside each label
+    map."""
     folder = Path(folder)
     index = folder / "index.html"
     shards = sorted((int(m[2]), int(m[1]), p.name) for p in folder.glob("index-shard-*-of-*.html")
@@ -157,7 +159,7 @@ def serve_folder(folder: str | os.PathLike[str], port: int = 0) -> ViewServer:
         raise io.InputError(f"{folder}: no index.html (not the output of segment on a folder "
                             "of cases)")
     for path in sorted(folder.iterdir()):
-        if path.suffix in (".png", ".html") and not path.name.startswith("."):
+        if path.suffix in (".png", ".html", ".csv", ".json") and not path.name.startswith("."):
             routes["/" + path.name] = path
         if path.suffix != ".json":
             continue
