@@ -411,7 +411,11 @@ TRAIN_SMALL = ("--steps-per-epoch", 1, "--batch-size", 2, "--patch", 32, 32, "--
 def test_train_refuses_a_bad_model_or_patch_in_one_line_before_writing(small_cases, tmp_path):
     for options, message in ((("--growth-rate", 0), "error: invalid model config: "),
                              (("--patch", -32, 64), "error: patch (-32, 64) must be positive "
-                                                    "multiples of 32")):
+                                                    "multiples of 32"),
+                             (("--distill", 0.5), "error: --distill weighs the teachers' softmax"),
+                             (("--fold", "0/3", "--val-fraction", 0.3),
+                              "error: the validation split is given 2 ways (a fold, a "
+                              "validation fraction)")):
         result = run("train", small_cases, "-o", tmp_path / "run", *TRAIN_SMALL, *options)
         assert result.exit_code == 2 and message in result.output, result.output
         assert result.output.count("\n") == 1 and not (tmp_path / "run").exists()

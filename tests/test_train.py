@@ -68,6 +68,13 @@ def test_resume_continues_at_the_right_epoch_with_the_same_optimizer_state(cache
     a = load_model(tmp_path / "a" / "model_last.safetensors").state_dict()
     b = load_model(tmp_path / "b" / "model_last.safetensors").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # A kill between the checkpoint and the log left the log an epoch short: a resume, with
+    # nothing left to train, writes it whole again.
+    log_csv = tmp_path / "b" / "log.csv"
+    log_csv.write_text("".join(log_csv.read_text().splitlines(keepends=True)[:3]))
+    train(cache[:2], cache[2:], tmp_path / "b", _config(), resume=True,
+          device=torch.device("cpu"))
+    assert [r["epoch"] for r in csv.DictReader(open(log_csv))] == ["1", "2", "3"]
 
 
 def test_a_resumed_run_may_be_lengthened_but_keeps_its_recipe():
@@ -92,6 +99,11 @@ def test_a_resumed_run_may_be_lengthened_but_keeps_its_recipe():
 def test_a_run_folder_is_not_overwritten_without_resume(cache, tmp_path):
     train(cache[:2], [], tmp_path, _config(epochs=1, steps_per_epoch=1), device=torch.device("cpu"))
     with pytest.raises(FileExistsError, match="holds a run already"):
+        train(cache[:2], [], tmp_path, _config(epochs=1), device=torch.device("cpu"))
+    # Its results without the checkpoint (deleted, or a copy): still not overwritten.
+    (tmp_path / "checkpoint.safetensors").unlink()
+    with pytest.raises(FileExistsError, match=r"holds an earlier run's results \(model_best."
+                                              r"safetensors, model_last.safetensors, log.csv\)"):
         train(cache[:2], [], tmp_path, _config(epochs=1), device=torch.device("cpu"))
 
 
@@ -301,6 +313,9 @@ def test_a_refused_run_is_refused_before_caching_and_writes_nothing(small_cases,
         (dict(init=not_weights), ValueError, "notes.safetensors: not a tiramisu-brats weights"),
         (dict(init=tiny_weights, model=dataclasses.replace(TINY, growth_rate=2)), ValueError,
          "tiny.safetensors: a model of another configuration"),
+        (dict(fold=(0, 3), val_cases=["syn-0"]), ValueError,
+         r"^the validation split is given 2 ways \(a fold, validation cases\); one of them "),
+        (dict(resume=True), ValueError, r"run\d+: nothing to resume: no run there"),
     ]
     for k, (arguments, error, message) in enumerate(refused):
         run = tmp_path / f"run{k}"
@@ -442,6 +457,17 @@ def test_resuming_a_run_that_completed_no_epoch_is_refused_before_caching(small_
                                                 r"run was completed \(no checkpoint"):
         run_from_folders(small_cases, run, resume=True, on_start=started.append)
     assert [p.name for p in run.iterdir()] == ["train_config.json"] and not started
+
+
+def test_a_cache_folder_given_as_data_is_not_cached_again_elsewhere(small_cases, tmp_path):
+    from tiramisu_brats.train import run_from_folders
+
+    data.build_cache(small_cases, tmp_path / "cache")
+    with pytest.raises(ValueError, match=r"cache is a slice cache: the cases are read from it, "
+                                         r"not cached again into .*other"):
+        run_from_folders(tmp_path / "cache", tmp_path / "run", cache=tmp_path / "other",
+                         model=TINY, patch=(32, 32))
+    assert not (tmp_path / "run").exists() and not (tmp_path / "other").exists()
 
 
 def _package(monkeypatch, capsys, *args) -> tuple[int, str]:

@@ -349,7 +349,9 @@ def demo(
     save_raw: Annotated[bool, typer.Option(help=(
         "Also write the map before postprocessing, for box plots before and after it in the "
         "report (runs the network on every slice: slower than segment)."))] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing demo folder.")] = False,
+    overwrite: Annotated[bool, typer.Option(help=(
+        "Write into a folder that is not empty: this run's label map, JSON and report "
+        "replace those there; other files stay."))] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """The whole job on an embedded default: a synthetic case in, labels and report out.
@@ -395,8 +397,9 @@ def demo(
     out.print(f"label map: {label_path}\nsummary:   {summary_path(label_path)}",
               highlight=False)
     if files.seg is not None:
-        out.print(f"report:    {output / 'report'} (metrics.csv, summary.json, boxplots.png, "
-                  f"overlay_*.png)", highlight=False)
+        raw = ", metrics_raw.csv" if save_raw else ""
+        out.print(f"report:    {output / 'report'} (index.html, metrics.csv{raw}, summary.json, "
+                  f"boxplots.png, overlay_*.png)", highlight=False)
     console.print(f"done in {time.perf_counter() - start:.1f} s", highlight=False)
 
 
@@ -470,7 +473,7 @@ class TrainProgress:
                       + (f"; {world.size} processes" if world.size > 1 else ""),
                       highlight=False)
         self.epochs = config.epochs
-        self.task = self.bar.add_task("epoch 1", total=config.steps_per_epoch)
+        self.task = self.bar.add_task("starting", total=config.steps_per_epoch)
 
     def step(self, epoch: int, step: int, value: float) -> None:
         """Step ``step`` (0-based) of ``epoch`` is done, with loss ``value``."""
@@ -558,6 +561,8 @@ def train(
             raise
         raise fail("train needs PyTorch: pip install 'tiramisu-brats[train]'") from None
 
+    if _given(ctx, "distill") and not teacher and not resume:
+        raise fail("--distill weighs the teachers' softmax in the loss: give --teacher too")
     exists = "pass --resume to continue it, or another output folder"
     try:
         with user_errors(exists), progress_bar(progress) as bar:
@@ -591,9 +596,10 @@ def train(
         return
     if run.rows:
         last = run.rows[-1]
-        out.print(f"epoch {last['epoch']}: loss {last['train_loss']:.4f}, validation Dice WT "
-                  f"{last['val_dice_WT']:.3f} TC {last['val_dice_TC']:.3f} ET "
-                  f"{last['val_dice_ET']:.3f}", highlight=False)
+        scores = (f"validation Dice WT {last['val_dice_WT']:.3f} TC {last['val_dice_TC']:.3f} "
+                  f"ET {last['val_dice_ET']:.3f}" if run.val_set else "no validation cases")
+        out.print(f"epoch {last['epoch']}: loss {last['train_loss']:.4f}, {scores}",
+                  highlight=False)
     out.print(f"run folder: {output} (log.csv, curves.png, model_best.safetensors)",
               highlight=False)
 

@@ -300,10 +300,11 @@ class PatchSampler:
 
 def augment_matrices(n: int, generator, device=None, *, rotate_deg: float = 10.0,
                      scale: float = 0.1):
-    """``n`` random affine matrices ``(n, 2, 3)`` for ``affine_grid``: a left-right and a
-    front-back flip (each with probability 1/2), then a rotation within ±``rotate_deg`` and a
-    zoom within ±``scale``: ``R(angle) @ diag(flip_x, flip_y) / zoom``, a scaled orthogonal
-    matrix (never a shear)."""
+    """``n`` random affine matrices ``(n, 2, 3)`` for ``affine_grid``: a flip of each of the
+    slice's two axes (each with probability 1/2: left-right and front-back on axial slices;
+    on coronal and sagittal slices one of them is up-down), then a rotation within
+    ±``rotate_deg`` and a zoom within ±``scale``: ``R(angle) @ diag(flip_x, flip_y) / zoom``,
+    a scaled orthogonal matrix (never a shear)."""
     import math
 
     import torch
@@ -327,8 +328,8 @@ def augment(images, classes, generator, *, rotate_deg: float = 10.0, scale: floa
             intensity: float = 0.1, gamma: float = 0.0, low_res: float = 0.0):
     """Augment a batch on its own device, with PyTorch.
 
-    ``images`` (N, C, H, W) float z-scores, ``classes`` (N, H, W) int64. Random left-right and
-    front-back flips, rotation within ±``rotate_deg`` and scaling within ±``scale``
+    ``images`` (N, C, H, W) float z-scores, ``classes`` (N, H, W) int64. Random flips of the
+    slice's two axes, rotation within ±``rotate_deg`` and scaling within ±``scale``
     (``augment_matrices``; bilinear for images, nearest for classes), per-sample,
     per-modality intensity scale and shift within ±``intensity`` (inside the brain only),
     then, where ``gamma`` > 0, a per-sample, per-modality gamma curve (exponent drawn

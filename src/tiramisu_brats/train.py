@@ -84,7 +84,9 @@ class TrainConfig:
     # (+ soft Dice of the regions WT, TC, ET, which are what is scored)
     loss: str = "ce"
     schedule: str = "constant"  # "constant" (the reference) or "cosine"
-    minutes: float | None = None  # stop after the epoch that passes this budget
+    # Stop when this budget is spent, within an epoch: that epoch ends there (validated and
+    # saved), so a run lengthened past it is not step for step one asked for the longer budget.
+    minutes: float | None = None
     seed: int = 0
     val_cases: tuple[str, ...] = ()
     train_cases: tuple[str, ...] = ()
@@ -622,6 +624,9 @@ def _open_run(run_dir: Path, config: TrainConfig, resume: bool, model, optimizer
                                      gen, rank)
         if rank == 0:
             log.info("resumed %s at epoch %d", run_dir, len(rows))
+            # A kill between the checkpoint and the log leaves the log an epoch short.
+            _write_log(run_dir, rows)
+            plot_curves(rows, run_dir / "curves.png")
         return rows, best
     _check_new_run_dir(run_dir)
     return [], -1.0
@@ -649,10 +654,16 @@ def _check_resumable(run_dir: Path, config: TrainConfig) -> None:
 
 
 def _check_new_run_dir(run_dir: Path) -> None:
-    """Refuse to start a new run in a folder that holds one."""
+    """Refuse to start a new run in a folder that holds one, or an earlier run's results (a
+    run killed before its first epoch ended leaves none: it may start anew)."""
     if (run_dir / "checkpoint.safetensors").exists():
         raise FileExistsError(
             f"{run_dir} holds a run already (and resuming it was not asked for)")
+    results = [name for name in ("model_best.safetensors", "model_last.safetensors", "log.csv")
+               if (run_dir / name).exists()]
+    if results:
+        raise FileExistsError(f"{run_dir} holds an earlier run's results ({', '.join(results)})"
+                              ", without a checkpoint to resume it from")
 
 
 @dataclass
@@ -965,6 +976,11 @@ def run_from_folders(
                    if k in set_here or k not in {f.name for f in dataclasses.fields(TrainConfig)})
     if wrong:
         raise TypeError(f"not recipe fields of TrainConfig: {', '.join(wrong)}")
+    ways = [name for name, value in (("a fold", fold), ("validation cases", val_cases),
+                                     ("a validation fraction", val_fraction)) if value]
+    if len(ways) > 1:
+        raise io.InputError(f"the validation split is given {len(ways)} ways ("
+                            f"{', '.join(ways)}); one of them decides it")
     dirs = ([Path(data)] if isinstance(data, (str, os.PathLike))
             else [Path(d) for d in data])
     output = Path(output)
@@ -977,6 +993,9 @@ def run_from_folders(
             except ValueError as err:
                 raise io.InputError(f"{output}: {err}") from None
         cached = len(dirs) == 1 and tdata.is_cache(dirs[0])
+        if cached and cache is not None and Path(cache).absolute() != dirs[0].absolute():
+            raise io.InputError(f"{dirs[0]} is a slice cache: the cases are read from it, "
+                                f"not cached again into {cache}")
         cases = tdata.open_cache(dirs[0]) if cached else []
         ids = (sorted({c.case_id for c in cases}) if cached
                else list(tdata.find_training_cases(dirs)))  # names only: no image read
@@ -1022,6 +1041,8 @@ def _default_cache(output: Path, stored: str, world: World) -> Path:
 def _stored_config(run_dir: Path) -> TrainConfig:
     """The config of the run in ``run_dir`` (untrusted JSON: refused when not valid)."""
     path = run_dir / "train_config.json"
+    if not path.is_file():
+        raise io.InputError(f"{run_dir}: nothing to resume: no run there (no {path.name})")
     try:
         return TrainConfig.from_json(path.read_text())
     except (ValueError, TypeError, KeyError) as err:
@@ -1034,12 +1055,13 @@ def resumed_config(stored: TrainConfig, recipe: dict, *, fold: tuple[int, int] |
     """The config a resumed run goes on with: ``stored``, lengthened where ``recipe`` (fields
     of ``TrainConfig``) asks for more ``epochs`` or ``minutes``.
 
-    With the constant schedule the lengthened run is the run that had asked for that length
-    from the start (the random states go on from the checkpoint). A cosine schedule is laid
-    over the run's length, so lengthening it would change the learning rates of the epochs
-    already run: refused, as is any other field of ``recipe`` that differs from ``stored``,
-    and a split (``fold``, ``val_cases``, ``val_fraction``: see ``run_from_folders``) or
-    ``init`` given that is not the run's.
+    With the constant schedule a run lengthened in ``epochs`` is the run that had asked for
+    that length from the start (the random states go on from the checkpoint); a time budget
+    ends its last epoch early, and the lengthened run goes on with a new epoch. A cosine
+    schedule is laid over the run's length, so lengthening it would change the learning rates
+    of the epochs already run: refused, as is any other field of ``recipe`` that differs from
+    ``stored``, and a split (``fold``, ``val_cases``, ``val_fraction``: see
+    ``run_from_folders``) or ``init`` given that is not the run's.
     """
     def as_stored(value):  # lists (JSON, CLI) as the config holds them
         return tuple(value) if isinstance(value, list) else value
