@@ -616,7 +616,9 @@ def make_case(
         seed: random seed; the same seed and shape give identical arrays.
         shape: grid ``(X, Y, Z)``, each at least 24; (240, 240, 155) is the BraTS grid
             (1 mm voxels); a smaller grid holds the same anatomy, scaled down (tumor
-            compartments are kept at least a voxel or two thick).
+            compartments are kept at least a voxel or two thick), still with 1 mm voxels (a
+            small brain: the network sees it as it is, unresampled), so its volumes in ml and
+            distances in mm are those of a small head, not of the BraTS grid's.
         case_id: name stored in the case (file names of ``write_case``).
 
     Returns:
