@@ -138,10 +138,16 @@ def test_case_ids_that_urls_encode_are_served_and_unusable_ones_skipped(tmp_path
 @needs_browser
 @pytest.mark.slow
 def test_the_viewer_draws_the_labels_in_a_real_browser(served, tmp_path):
-    server, _ = served
+    server, files = served
     dom, console = browser(server.url, "--dump-dom")
     assert 'data-ready="1"' in dom and "data-error" not in dom, console
     assert not re.search(r"Uncaught|ERROR:CONSOLE|error:", console), console
+    # It opens at the tumor's centre (world mm of the labelled voxels' mean index).
+    labels, affine, _ = io.read_label_map(files.seg)
+    centre = affine @ [*np.argwhere(labels > 0).mean(0), 1]
+    focus = re.search(r'data-focus="([^"]+)"', dom)
+    assert focus, dom[:500]
+    assert np.allclose([float(v) for v in focus[1].split(",")], centre[:3], atol=0.06)
     shot = tmp_path / "shot.png"
     browser(server.url, f"--screenshot={shot}", "--window-size=1200,800")
     pixels = imread(shot)[80:, :, :3]  # below the tool bar and its legend: the canvas
