@@ -113,7 +113,8 @@ def test_the_segmenter_quantizes_on_synthetic_slices_only_where_no_int8_model_ex
     shutil.copy(export.sidecar(tiny.with_suffix(".onnx")), export.sidecar(tmp_path / "tiny.onnx"))
     slices = np.random.default_rng(0).standard_normal((4, 4, 64, 64)).astype(np.float32)
     monkeypatch.setattr(synthetic, "calibration_slices", lambda: slices)  # the real: seconds
-    Segmenter(weights, precision="int8")
+    made_now = Segmenter(weights, precision="int8").backend
+    assert "quantized on synthetic slices, its labels not checked" in made_now.why
     assert export.recorded(tmp_path / "tiny.int8.xml") == {
         "weights_sha256": export.file_sha256(weights),
         "calibration": synthetic.SYNTHETIC_CALIBRATION}
@@ -126,7 +127,8 @@ def test_the_segmenter_quantizes_on_synthetic_slices_only_where_no_int8_model_ex
     export.quantize(tmp_path / "tiny.onnx", tmp_path / "tiny.int8.xml", slices[:2])
     made = export.recorded(tmp_path / "tiny.int8.xml")["calibration"]
     assert made.startswith("slices:(2, 4, 64, 64):")
-    assert Segmenter(weights, precision="int8").backend.precision == "int8"
+    found = Segmenter(weights, precision="int8").backend
+    assert (found.precision, found.why) == ("int8", "asked for")
     assert export.recorded(tmp_path / "tiny.int8.xml")["calibration"] == made
 
 
@@ -191,6 +193,35 @@ def test_an_int8_models_check_goes_into_its_record_and_names_it_the_one_that_kee
         export.model_file(weights, "int8", calibration_id="other")
     export.record_check(path, {**check, "kept": False})
     assert export.int8_that_keeps_labels(weights) is None
+
+
+def test_another_calibration_never_replaces_a_checked_int8_model_beside_the_weights(
+        tmp_path, tiny, monkeypatch):
+    weights = shutil.copy(tiny, tmp_path / "tiny.safetensors")
+    path = tmp_path / "tiny.int8.xml"
+    path.write_text("<net/>")
+    check = {"kept": True, "cases": 3, "largest_change": 0.002, "tolerance": 0.01}
+    export.sidecar(path).write_text(json.dumps({
+        "weights_sha256": export.file_sha256(weights), "calibration": "mine",
+        "labels_check": check}))
+    made = []
+    monkeypatch.setattr(export, "require_nncf", lambda source: None)
+    monkeypatch.setattr(export, "quantize", lambda source, target, *a: made.append(target)
+                        or target)
+    monkeypatch.setenv("TIRAMISU_BRATS_CACHE", "")  # the weights' folder is writable
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    other = export.model_file(weights, "int8", calibration=np.zeros((2, 4, 8, 8), np.float32))
+    assert made == [other] and other.parent == tmp_path / "xdg" / "tiramisu-brats"
+    assert path.read_text() == "<net/>" and export.int8_that_keeps_labels(weights) == (path,
+                                                                                      check)
+
+
+def test_a_corrupt_partner_or_weights_header_is_a_clear_error(tmp_path, tiny):
+    weights = shutil.copy(tiny, tmp_path / "m.safetensors")
+    (tmp_path / "m.partner.safetensors").write_bytes(b"\x01" * 1000)
+    with pytest.raises(ValueError, match=r"m\.partner\.safetensors: not a tiramisu-brats "
+                                         r"weights file"):
+        export.partner(weights)
 
 
 def test_the_shipped_int8_model_belongs_to_the_shipped_weights_and_kept_their_labels():

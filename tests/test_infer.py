@@ -104,6 +104,7 @@ class _Threshold(infer.Backend):
     slice's index)."""
 
     batch_size = 3
+    channels, divisor = 2, 8  # its slices: (N, 2, 8, 8)
 
     def __init__(self) -> None:
         self.seen: list[int] = []
@@ -196,6 +197,33 @@ def test_unknown_backend_and_precision(tiny, tmp_path):
         infer.load_backend("onnxruntime", tiny, precision="bf16")
     with pytest.raises(FileNotFoundError):
         infer.load_backend("openvino", tmp_path / "missing.safetensors")
+
+
+@pytest.mark.parametrize("field", [dict(num_classes=5), dict(num_classes=3),
+                                   dict(in_channels=3)])
+def test_weights_of_a_network_segmenting_cannot_use_are_refused_before_any_export(
+        tmp_path, field):
+    from tiramisu_brats.model import Tiramisu, TiramisuConfig, save_weights
+
+    config = TiramisuConfig(first_conv=8, down_blocks=(2, 2), bottleneck=2, up_blocks=(2, 2),
+                            growth_rate=4, **field)
+    weights = save_weights(Tiramisu(config).eval(), tmp_path / "odd.safetensors")
+    for name in infer.BACKENDS:
+        with pytest.raises(ValueError, match=r"odd\.safetensors: a network of \d input channels "
+                                             r"and \d classes; segmenting needs 4"):
+            infer.load_backend(name, weights)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["odd.safetensors"]  # no export
+
+
+def test_slices_the_network_cannot_take_are_refused_before_any_runs(tiny):
+    backend = infer.load_backend("onnxruntime", tiny)
+    assert backend.divisor == 4
+    for shape in [(3, 4, 50, 70), (2, 3, 64, 64), (2, 4, 64)]:
+        with pytest.raises(ValueError, match=r"expected slices \(N, 4, H, W\) with H and W "
+                                             r"multiples of 4, got shape"):
+            infer.predict_labels(backend, np.zeros(shape, np.float32))
+        with pytest.raises(ValueError, match="expected slices"):
+            infer.predict_probabilities(backend, np.zeros(shape, np.float32))
 
 
 def test_segmenter_records_backend_and_precision(tiny):
@@ -367,6 +395,7 @@ def test_openvino_asked_for_bf16_computes_fp32_where_the_cpu_has_none(tiny, monk
     monkeypatch.setattr(infer, "has_bf16", lambda: False)
     backend = infer.load_backend("openvino", tiny, precision="bf16")
     assert backend.precision == "fp32"
+    assert backend.why == "bf16 asked for; this CPU computes the network in fp32"
 
 
 @pytest.mark.parametrize("module, backend, extra", [

@@ -107,6 +107,16 @@ def test_a_file_that_is_not_our_weights_is_refused(tmp_path):
         load_model(bogus)
 
 
+def test_weights_that_are_not_finite_are_refused(tmp_path):
+    model = Tiramisu(TiramisuConfig(first_conv=8, down_blocks=(2,), bottleneck=2,
+                                    up_blocks=(2,), growth_rate=4))
+    with torch.no_grad():
+        next(iter(model.parameters())).view(-1)[0] = float("nan")
+    path = save_weights(model, tmp_path / "nan.safetensors")
+    with pytest.raises(ValueError, match=r"nan\.safetensors: .* holds values that are not finite"):
+        load_model(path)
+
+
 def test_recompute_batchnorm_takes_the_plain_mean_over_the_batches_with_dropout_off():
     torch.manual_seed(0)
     norm = torch.nn.BatchNorm2d(3)

@@ -249,8 +249,13 @@ def _load_backend(name: str, weights: Path, options: dict):
     except CalibrationNeeded:
         from tiramisu_brats.synthetic import SYNTHETIC_CALIBRATION, calibration_slices
 
-        return load_backend(name, weights, **options, calibration=calibration_slices(),
-                            calibration_id=SYNTHETIC_CALIBRATION)
+        backend = load_backend(name, weights, **options, calibration=calibration_slices(),
+                               calibration_id=SYNTHETIC_CALIBRATION)
+        backend.why = ("int8 asked for, with no int8 model of these weights at hand: quantized "
+                       "on synthetic slices, its labels not checked against fp32's (quantizing "
+                       "on labelled cases checks them)")
+        log.warning("%s: %s", weights.name, backend.why)
+        return backend
 
 
 def grid_info(grid: Grid, case_id: str = "") -> dict:

@@ -61,11 +61,33 @@ DECISION_KEYS = ("region_threshold", "qc_spread_review", "qc_confidence_review")
 
 
 def _header(weights: Path, key: str) -> str | None:
-    """The metadata entry ``key`` of a safetensors file's header, None where absent."""
+    """The metadata entry ``key`` of a safetensors file's header, None where absent;
+    ``ValueError`` where the file is not one."""
     from safetensors import safe_open
 
-    with safe_open(str(weights), framework="numpy") as f:
-        return (f.metadata() or {}).get(key)
+    try:
+        with safe_open(str(weights), framework="numpy") as f:
+            return (f.metadata() or {}).get(key)
+    except Exception as err:  # safetensors raises several types for a corrupt header
+        raise ValueError(f"{weights}: not a tiramisu-brats weights file ({err})") from None
+
+
+def network_shape(weights: Path) -> tuple[int, int, int]:
+    """The network's input channels, classes and the multiple its slices' sides must be, from
+    the weights' header (without PyTorch); ``ValueError`` where the network does not take the
+    four modalities and give the four classes that segmenting reads and writes."""
+    try:
+        config = json.loads(_header(weights, "config") or "null")
+        inputs, classes = config.get("in_channels", 4), config.get("num_classes", 4)
+        divisor = 2 ** len(config["down_blocks"])
+    except (json.JSONDecodeError, AttributeError, KeyError, TypeError) as err:
+        raise ValueError(f"{weights}: no model config in the header ({err})") from None
+    if (inputs, classes) != (len(io.MODALITIES), len(io.CLASS_TO_LABEL)):
+        raise ValueError(f"{weights}: a network of {inputs} input channels and {classes} "
+                         f"classes; segmenting needs {len(io.MODALITIES)} (T1, T1ce, T2, FLAIR) "
+                         f"and {len(io.CLASS_TO_LABEL)} (background, necrosis, edema, "
+                         "enhancing)")
+    return inputs, classes, divisor
 
 
 def decision(weights: Path) -> dict[str, float]:
@@ -145,6 +167,15 @@ def _matches(path: Path, expected: dict[str, object]) -> bool:
         log.warning("%s: unreadable record of a model file (%s); ignoring it", path, err)
         return False
     return isinstance(meta, dict) and all(meta.get(k) == v for k, v in expected.items())
+
+
+def _checked(path: Path) -> bool:
+    """Whether the model file ``path`` records a check of its labels against fp32's."""
+    try:
+        meta = recorded(path)
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and isinstance(meta.get("labels_check"), dict)
 
 
 def export_onnx(weights: Path, path: Path) -> Path:
@@ -314,6 +345,9 @@ def model_file(weights: Path, precision: str = "fp32", backend: str = "openvino"
                 "and quantizing to int8 needs calibration slices")
     target = made_file(weights, precision, backend, sha)
     if precision == "int8":
+        if target == beside and _checked(beside):
+            target = cached  # a checked int8 model (``api.quantize_int8``'s) is never replaced
+            target.parent.mkdir(parents=True, exist_ok=True)
         return quantize(model_file(weights), target, calibration, expected["calibration"])
     try:
         import torch  # noqa: F401

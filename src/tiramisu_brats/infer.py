@@ -6,9 +6,11 @@ A backend is a callable ``(N, C, H, W)`` float32 → logits ``(N, K, H, W)`` flo
 Backends: ``openvino`` (the default: fastest on CPU), ``onnxruntime`` and ``torch`` (eager; the
 one for CUDA). The first two run the model file ``export.model_file`` finds or makes for the
 weights (their ONNX export, or an int8 model). Precisions: ``fp32``; ``bf16`` (openvino,
-torch; faster on CPUs with AVX512-BF16 or AMX, and openvino's default: on other CPUs OpenVINO
+torch; faster on CPUs with AVX512-BF16 or AMX: openvino's default there; on other CPUs OpenVINO
 computes in fp32 and the backend says so); ``int8`` (openvino, onnxruntime), quantized on
-calibration slices. With the model files at hand, neither ONNX backend imports PyTorch.
+calibration slices (openvino's default on CPUs with int8 instructions but no bf16, where an
+int8 model of the weights kept the labels: ``choose_precision``). With the model files at
+hand, neither ONNX backend imports PyTorch.
 
 Every import of torch, openvino and onnxruntime happens inside functions.
 """
@@ -30,6 +32,7 @@ from tiramisu_brats.export import (
     default_weights,
     int8_that_keeps_labels,
     model_file,
+    network_shape,
 )
 
 log = logging.getLogger(__name__)
@@ -142,6 +145,8 @@ class Backend:
     precision = "fp32"
     why = "asked for"
     batch_size = 8
+    channels = 4  # the slices' channels: T1, T1ce, T2, FLAIR
+    divisor = 32  # the slices' sides are multiples of it (the network's pooling)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -227,6 +232,10 @@ class OnnxRuntimeBackend(Backend):
             providers.insert(0, "CUDAExecutionProvider")
         self.precision = precision
         self.session = ort.InferenceSession(str(model), options, providers=providers)
+        if self.session.get_providers()[0] == "CPUExecutionProvider" and self.device != "cpu":
+            log.warning("ONNX Runtime has no %s here (its GPU build is not installed): it runs "
+                        "on the CPU", self.device)
+            self.device = "cpu"  # what the JSON reports is where it ran
         self._input = self.session.get_inputs()[0].name
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
@@ -336,6 +345,7 @@ def load_backend(name: str = DEFAULT_BACKEND, weights: Path | None = None, *,
                          f"(choose one of {', '.join(SUPPORTED[name])})")
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: model weights not found")
+    _, _, divisor = network_shape(weights)  # before any export: a network segment can use
     asked, why, model = precision, "asked for", None
     if precision is None:
         precision, why, model = choose_precision(name, weights, device)
@@ -346,7 +356,10 @@ def load_backend(name: str = DEFAULT_BACKEND, weights: Path | None = None, *,
                                     calibration, calibration_id)
         cls = OpenVINOBackend if name == "openvino" else OnnxRuntimeBackend
         backend = cls(model, device=device, threads=threads, precision=precision)
-    backend.why = why
+    if asked is not None and backend.precision != asked:  # bf16 on a CPU without it
+        why = f"{asked} asked for; this CPU computes the network in {backend.precision}"
+        log.warning("%s", why)
+    backend.why, backend.divisor = why, divisor
     return backend
 
 
@@ -378,8 +391,7 @@ def predict_labels(
 
     ``stats``, if given, gets ``run``: how many slices went through the network.
     """
-    if windows is not None and len(windows) != len(slices):
-        raise ValueError(f"{len(windows)} windows for {len(slices)} slices")
+    _check_slices(backend, slices, windows)
     out = np.zeros((slices.shape[0], *slices.shape[2:]), np.uint8)
     _passes(len(slices), tumor_slices, on_batch, {} if stats is None else stats,
             lambda todo: _run(backend, slices, todo, windows, out, batch_size, on_batch,
@@ -421,8 +433,7 @@ def predict_probabilities(
     rest is background with probability 1. ``tumor_slices``, ``stats``: as in
     ``predict_labels``, tumor by ``region_labels(threshold)``; the slices not run are
     background with probability 1."""
-    if windows is not None and len(windows) != len(slices):
-        raise ValueError(f"{len(windows)} windows for {len(slices)} slices")
+    _check_slices(backend, slices, windows)
     out = np.zeros((slices.shape[0], len(io.CLASS_TO_LABEL), *slices.shape[2:]), np.float32)
     out[:, 0] = 1
     _passes(len(slices), tumor_slices, on_batch, {} if stats is None else stats,
@@ -430,6 +441,19 @@ def predict_probabilities(
                               softmax=True),
             lambda k: region_labels(out[k], threshold).any())
     return out
+
+
+def _check_slices(backend: Backend, slices: np.ndarray,
+                  windows: Sequence[tuple[slice, slice] | None] | None) -> None:
+    """Refuse slices the network cannot take, before any runs (the ONNX backends would fail
+    deep inside the graph)."""
+    d, channels = backend.divisor, backend.channels
+    if np.ndim(slices) != 4 or slices.shape[1] != channels or slices.shape[2] % d or \
+            slices.shape[3] % d:
+        raise ValueError(f"expected slices (N, {channels}, H, W) with H and W multiples of {d}, "
+                         f"got shape {np.shape(slices)}")
+    if windows is not None and len(windows) != len(slices):
+        raise ValueError(f"{len(windows)} windows for {len(slices)} slices")
 
 
 def region_labels(probs: np.ndarray, threshold: float | None = None, axis: int = 0

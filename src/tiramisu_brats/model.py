@@ -279,5 +279,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Tiramisu
         if t.shape != expected[name].shape:
             raise ValueError(f"{path}: {name} has shape {tuple(t.shape)}, expected "
                              f"{tuple(expected[name].shape)}")
+        if t.is_floating_point() and not torch.isfinite(t).all():  # a diverged run's weights
+            raise ValueError(f"{path}: {name} holds values that are not finite (NaN or inf)")
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
     return model.to(device).eval()
