@@ -313,7 +313,9 @@ def evaluate(
         "Expert label map, or a folder (of label maps or of case folders with _seg)."))],
     output: Annotated[Path, typer.Option("--output", "-o", help="Report folder.")] = ...,
     overlays: Annotated[bool, typer.Option(help="Overlay PNGs (when images are found).")] = True,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing report.")] = False,
+    overwrite: Annotated[bool, typer.Option(help=(
+        "Replace an existing report (its overlays and metrics_raw.csv that this run does not "
+        "make are removed; other files stay)."))] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Score predictions against expert segmentations: Dice, sensitivity, specificity, HD95."""

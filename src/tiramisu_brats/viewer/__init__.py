@@ -1,6 +1,7 @@
 """The interactive view of a case and its label map: NiiVue in the browser, from a small local
 server bound to 127.0.0.1 that serves the page, NiiVue's built file (vendored in this folder,
-never fetched) and the case's NIfTI files, nothing else.
+never fetched) and the case's NIfTI files, and for a folder (``serve_folder``) its report's
+pages, pictures and tables; nothing else.
 
 >>> server = serve(io.find_case_files("BraTS2021_00006/"), "out.nii.gz")
 >>> server.url      # 'http://127.0.0.1:PORT/'
