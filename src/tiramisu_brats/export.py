@@ -75,13 +75,19 @@ def _header(weights: Path, key: str) -> str | None:
 def network_shape(weights: Path) -> tuple[int, int, int]:
     """The network's input channels, classes and the multiple its slices' sides must be, from
     the weights' header (without PyTorch); ``ValueError`` where the network does not take the
-    four modalities and give the four classes that segmenting reads and writes."""
+    four modalities and give the four classes that segmenting reads and writes. A config that
+    is not valid at all is left to ``model.read_config`` (which says what is wrong with it):
+    the defaults are returned for it."""
     try:
         config = json.loads(_header(weights, "config") or "null")
-        inputs, classes = config.get("in_channels", 4), config.get("num_classes", 4)
-        divisor = 2 ** len(config["down_blocks"])
-    except (json.JSONDecodeError, AttributeError, KeyError, TypeError) as err:
-        raise ValueError(f"{weights}: no model config in the header ({err})") from None
+    except json.JSONDecodeError:
+        config = None
+    config = config if isinstance(config, dict) else {}
+    inputs, classes = config.get("in_channels", 4), config.get("num_classes", 4)
+    blocks = config.get("down_blocks")
+    divisor = 2 ** len(blocks) if isinstance(blocks, list) and 0 < len(blocks) < 10 else 32
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (inputs, classes)):
+        return len(io.MODALITIES), len(io.CLASS_TO_LABEL), divisor
     if (inputs, classes) != (len(io.MODALITIES), len(io.CLASS_TO_LABEL)):
         raise ValueError(f"{weights}: a network of {inputs} input channels and {classes} "
                          f"classes; segmenting needs {len(io.MODALITIES)} (T1, T1ce, T2, FLAIR) "
