@@ -43,6 +43,11 @@ def resampled(image, seg, affine, spacing):
     return img, lab, new
 
 
+def labelled(probs: np.ndarray) -> np.ndarray:
+    """Fast mode's labels (argmax, postprocessed) from class probabilities (4, X, Y, Z)."""
+    return postprocess(io.CLASS_TO_LABEL[probs.argmax(0)])
+
+
 @contextmanager
 def every_axis_to_1mm() -> Iterator[None]:
     """``network_grid`` resamples every axis to 1 mm meanwhile (the rule before in-plane axes
@@ -84,7 +89,7 @@ def main() -> None:
         case = io.read_case(files)
         ref = io.read_label_map(files.seg)[0]
         if args.mode == "fast":
-            base = postprocess(io.CLASS_TO_LABEL[seg.view_probabilities(case.image).argmax(0)])
+            base = labelled(seg.view_probabilities(case.image))
         else:
             base = seg.segment(case.image).labels
         at_1mm = list(metrics.region_dice(base, ref).values())
@@ -94,17 +99,16 @@ def main() -> None:
                 with every_axis_to_1mm():
                     grid = network_grid(affine, image.shape[1:])
                 probs = seg.view_probabilities(to_network(image, grid))
-                preds = [to_input(postprocess(io.CLASS_TO_LABEL[probs.argmax(0)]), grid),
-                         postprocess(io.CLASS_TO_LABEL[
-                             to_input(probs, grid, linear=True).argmax(0)])]
+                preds = [to_input(labelled(probs), grid),
+                         labelled(to_input(probs, grid, linear=True))]
                 ours = network_grid(affine, image.shape[1:])
-                probs = seg.view_probabilities(to_network(image, ours))
-                preds.append(postprocess(io.CLASS_TO_LABEL[
-                    to_input(probs, ours, linear=True).argmax(0)]))
+                if ours != grid:  # else the same network input as above
+                    probs = seg.view_probabilities(to_network(image, ours))
+                preds.append(labelled(to_input(probs, ours, linear=True)))
                 # the network on the input's voxels (flips to the trained orientation only)
                 same = network_grid(affine, image.shape[1:], resample=False)
-                preds.append(to_input(postprocess(io.CLASS_TO_LABEL[
-                    seg.view_probabilities(to_network(image, same)).argmax(0)]), same))
+                preds.append(to_input(labelled(
+                    seg.view_probabilities(to_network(image, same))), same))
             else:
                 with every_axis_to_1mm():
                     preds = [seg.segment(image, affine=affine).labels]

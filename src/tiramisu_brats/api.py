@@ -767,6 +767,7 @@ def quantize_int8(
     reference = Segmenter(weights, "openvino", precision="fp32")
     quantized = copy.copy(reference)  # the same settings, this int8 model (not another found)
     quantized.backend = OpenVINOBackend(path, precision="int8")
+    quantized.backend.divisor = reference.backend.divisor  # the same network's
     rows = []
     for f in files:
         if on_case is not None:

@@ -377,8 +377,9 @@ def simulate_low_resolution(images, generator, p: float, *, coarsest: float = 0.
     [``coarsest``, 1]: voxels up to 1 / ``coarsest`` times larger along each axis) and
     interpolated back linearly, all modalities alike; the background stays 0. Returns a new
     tensor. Why: a 1.5 mm image brought to the network's 1 mm grid is smoother than any
-    training slice, and the network reads such slices badly (docs/model-card.md, "Resampled
-    inputs")."""
+    training slice, and the shipped weights read such slices badly; measured, it gained
+    nothing (a run without it read them as well: docs/model-card.md, "Training on slices seen
+    at a lower resolution")."""
     import torch
     import torch.nn.functional as F
 

@@ -72,12 +72,11 @@ def _header(weights: Path, key: str) -> str | None:
         raise ValueError(f"{weights}: not a tiramisu-brats weights file ({err})") from None
 
 
-def network_shape(weights: Path) -> tuple[int, int, int]:
-    """The network's input channels, classes and the multiple its slices' sides must be, from
-    the weights' header (without PyTorch); ``ValueError`` where the network does not take the
-    four modalities and give the four classes that segmenting reads and writes. A config that
-    is not valid at all is left to ``model.read_config`` (which says what is wrong with it):
-    the defaults are returned for it."""
+def slice_divisor(weights: Path) -> int:
+    """The multiple the network's slices' sides must be (its pooling), from the weights'
+    header (without PyTorch); ``ValueError`` where the network does not take the four
+    modalities and give the four classes that segmenting reads and writes. A config that is
+    not valid at all is left to ``model.read_config`` (which says what is wrong with it)."""
     try:
         config = json.loads(_header(weights, "config") or "null")
     except json.JSONDecodeError:
@@ -86,14 +85,13 @@ def network_shape(weights: Path) -> tuple[int, int, int]:
     inputs, classes = config.get("in_channels", 4), config.get("num_classes", 4)
     blocks = config.get("down_blocks")
     divisor = 2 ** len(blocks) if isinstance(blocks, list) and 0 < len(blocks) < 10 else 32
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (inputs, classes)):
-        return len(io.MODALITIES), len(io.CLASS_TO_LABEL), divisor
-    if (inputs, classes) != (len(io.MODALITIES), len(io.CLASS_TO_LABEL)):
+    known = all(isinstance(v, int) and not isinstance(v, bool) for v in (inputs, classes))
+    if known and (inputs, classes) != (len(io.MODALITIES), len(io.CLASS_TO_LABEL)):
         raise ValueError(f"{weights}: a network of {inputs} input channels and {classes} "
                          f"classes; segmenting needs {len(io.MODALITIES)} (T1, T1ce, T2, FLAIR) "
                          f"and {len(io.CLASS_TO_LABEL)} (background, necrosis, edema, "
                          "enhancing)")
-    return inputs, classes, divisor
+    return divisor
 
 
 def decision(weights: Path) -> dict[str, float]:

@@ -32,7 +32,7 @@ from tiramisu_brats.export import (
     default_weights,
     int8_that_keeps_labels,
     model_file,
-    network_shape,
+    slice_divisor,
 )
 
 log = logging.getLogger(__name__)
@@ -345,7 +345,7 @@ def load_backend(name: str = DEFAULT_BACKEND, weights: Path | None = None, *,
                          f"(choose one of {', '.join(SUPPORTED[name])})")
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: model weights not found")
-    _, _, divisor = network_shape(weights)  # before any export: a network segment can use
+    divisor = slice_divisor(weights)  # before any export: a network segment can use
     asked, why, model = precision, "asked for", None
     if precision is None:
         precision, why, model = choose_precision(name, weights, device)

@@ -59,6 +59,11 @@ class ViewServer(ThreadingHTTPServer):
         return f"http://{host}:{port}/"
 
 
+# The files of an output or report folder that ``serve_folder`` serves, by content type.
+_FOLDER_FILES = {".png": "image/png", ".html": "text/html; charset=utf-8",
+                 ".csv": "text/csv; charset=utf-8", ".json": "application/json"}
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: ViewServer
 
@@ -72,10 +77,8 @@ class _Handler(BaseHTTPRequestHandler):
         elif isinstance(route, bytes):
             self._send(route, "text/html; charset=utf-8")
         elif isinstance(route, Path):
-            kind = {".png": "image/png", ".html": "text/html; charset=utf-8",
-                    ".csv": "text/csv; charset=utf-8",
-                    ".json": "application/json"}.get(route.suffix, "application/octet-stream")
-            self._send(route.read_bytes(), kind)
+            self._send(route.read_bytes(), _FOLDER_FILES.get(route.suffix,
+                                                             "application/octet-stream"))
         else:
             self.send_error(404)
 
@@ -160,7 +163,7 @@ def serve_folder(folder: str | os.PathLike[str], port: int = 0) -> ViewServer:
         raise io.InputError(f"{folder}: no index.html (not the output of segment on a folder "
                             "of cases)")
     for path in sorted(folder.iterdir()):
-        if path.suffix in (".png", ".html", ".csv", ".json") and not path.name.startswith("."):
+        if path.suffix in _FOLDER_FILES and not path.name.startswith("."):
             routes["/" + path.name] = path
         if path.suffix != ".json":
             continue
