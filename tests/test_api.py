@@ -904,7 +904,7 @@ def test_the_api_takes_what_an_image_can_be_and_says_what_it_cannot(tiny_weights
     zeroed = np.where(np.isfinite(nan), nan, 0)
     with caplog.at_level(logging.WARNING, logger="tiramisu_brats"):
         assert np.array_equal(segmenter.segment(nan).labels, segmenter.segment(zeroed).labels)
-    assert "2 NaN/Inf voxels set to 0" in caplog.text
+    assert "2 NaN/Inf voxels (or beyond float32's range) set to 0" in caplog.text
     with pytest.raises(ValueError, match=r"expected a real-valued image .* got dtype complex64"):
         segmenter.segment(case.image.astype(np.complex64))
     with pytest.raises(ValueError, match=r"a \(4, 4\) voxel-to-world matrix, got shape \(3, 3\)"):

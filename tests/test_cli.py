@@ -1,6 +1,7 @@
 """The command line, end to end: exit codes, files written, numbers in them."""
 
 import csv
+import dataclasses
 import json
 import os
 import subprocess
@@ -305,6 +306,20 @@ def test_missing_modality_is_a_one_line_error(small_cases, tiny_weights, tmp_pat
     result = run("segment", case, "-o", tmp_path / "o.nii.gz", "--model", tiny_weights,
                  "--no-progress")
     assert result.exit_code == 2 and "flair" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "o.nii.gz").exists()
+
+
+def test_an_implausible_voxel_size_is_a_one_line_error_naming_the_file(tmp_path, tiny_weights):
+    from tiramisu_brats.synthetic import make_case, write_case
+
+    case = make_case(0, shape=(48, 40, 32), case_id="big")
+    folder = write_case(dataclasses.replace(case, affine=case.affine * [[20], [20], [20], [1]]),
+                        tmp_path)
+    result = run("segment", folder, "-o", tmp_path / "o.nii.gz", "--model", tiny_weights,
+                 "--no-progress")
+    t1 = io.find_case_files(folder).images[0]
+    assert result.exit_code == 2, result.output
+    assert f"{t1}: voxels of 20x20x20 mm (from the affine)" in " ".join(result.output.split())
     assert "Traceback" not in result.output and not (tmp_path / "o.nii.gz").exists()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import logging
 import os
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -132,6 +133,20 @@ def test_case_files_from_paths(tmp_path: Path) -> None:
     assert io.case_files_from_paths(*paths23).case_id == "BraTS-GLI-00001-000"
     with pytest.raises(InputError, match="no such file"):
         io.case_files_from_paths(tmp_path / "nope.nii.gz", *paths[1:])
+    link = tmp_path / "link_t2.nii.gz"
+    link.symlink_to(paths[0])  # the same file under another name is still the same file
+    with pytest.raises(InputError, match=rf"^{link}: the same file as the t1 image, given as "
+                       "the t2 image"):
+        io.case_files_from_paths(paths[0], paths[1], link, paths[3])
+
+
+def test_a_broken_link_is_named_as_such(tmp_path: Path) -> None:
+    paths = make_case(tmp_path, seg=False)
+    paths[2].unlink()
+    paths[2].symlink_to(tmp_path / "gone.nii.gz")
+    with pytest.raises(InputError, match=rf"^{paths[2]}: a broken link \(to "
+                       rf"{tmp_path / 'gone.nii.gz'}, which does not exist\)"):
+        io.find_case_files(tmp_path)
 
 
 def test_find_cases(tmp_path: Path) -> None:
@@ -299,11 +314,44 @@ def test_a_modality_in_two_namings_is_an_error_naming_both(tmp_path: Path) -> No
         io.find_case_files(tmp_path)
 
 
-def test_trailing_singleton_axis_accepted(tmp_path: Path) -> None:
+@pytest.mark.parametrize("extra", [(1,), (1, 1)])
+def test_trailing_singleton_axes_accepted_and_kept_in_the_output(tmp_path: Path,
+                                                                 extra: tuple) -> None:
     paths = make_case(tmp_path, seg=False)
-    save(paths[1], (volume(1) + 1000)[..., None])
+    save(paths[0], volume(0).reshape(*SHAPE, *extra))
+    save(paths[1], (volume(1) + 1000).reshape(*SHAPE, *extra))
     case = io.read_case(io.find_case_files(tmp_path))
     np.testing.assert_array_equal(case.image[1], volume(1) + 1000)
+    labels = np.zeros(SHAPE, np.uint8)
+    out = io.write_label_map(tmp_path / "out.nii.gz", labels, case.header, case.affine)
+    assert nib.load(out).shape == (*SHAPE, *extra)  # the input's shape, as promised
+
+
+def test_spacing_is_the_affine_s_when_the_zooms_disagree(tmp_path: Path) -> None:
+    # nibabel (and so resampling) takes the grid from the sform; the zooms said 1 mm.
+    sform = np.diag([1.5, 1.5, 3.0, 1.0])
+    paths = []
+    for i, m in enumerate(io.MODALITIES):
+        img = nib.Nifti1Image(volume(i), sform)
+        img.header.set_qform(np.eye(4), code=1)  # the zooms too
+        img.header.set_sform(sform, code=1)
+        nib.save(img, tmp_path / f"c_{m}.nii.gz")
+        paths.append(tmp_path / f"c_{m}.nii.gz")
+    case = io.read_case(io.case_files_from_paths(*paths))
+    assert case.header.get_zooms()[:3] == (1.0, 1.0, 1.0)
+    assert case.spacing == (1.5, 1.5, 3.0)
+
+
+def test_a_header_without_orientation_is_read_with_a_warning(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    paths = []
+    for i, m in enumerate(io.MODALITIES):
+        nib.save(nib.Nifti1Image(volume(i), None), tmp_path / f"c_{m}.nii.gz")
+        paths.append(tmp_path / f"c_{m}.nii.gz")
+    with caplog.at_level(logging.WARNING):
+        io.read_case(io.case_files_from_paths(*paths))
+    assert (f"{paths[0]}: the header records no orientation (qform and sform codes 0): taken "
+            "as LAS, which may be wrong") in caplog.text
 
 
 def test_nan_and_inf_become_zero(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -392,7 +440,9 @@ def test_absurd_header_size_refused_before_reading(
         raise AssertionError("voxel data must not be read or allocated")
 
     monkeypatch.setattr(io.np, "empty", no_allocation)
-    with pytest.raises(InputError, match=rf"^{paths[2]}: header claims an implausible"):
+    with pytest.raises(InputError, match="^" + re.escape(
+            f"{paths[2]}: image of shape {shape} is larger than this tool reads (at most 1024 "
+            "voxels per axis and 268,435,456 in all)")):
         io.read_case(io.find_case_files(tmp_path))
 
 

@@ -236,8 +236,9 @@ def test_segment_absurd_header_size_refused_before_reading(
     monkeypatch.setattr(io, "_read_voxels", no_reading)
     out = tmp_path / "seg.nii.gz"
     result = segment(tiny_model, folder, "-o", out)
-    assert_error_line(result, rf"{re.escape(str(forged))}: header claims an implausible image "
-                              r"size \(30000, 30000, 30000\)")
+    assert_error_line(result, rf"{re.escape(str(forged))}: image of shape \(30000, 30000, "
+                              r"30000\) is larger than this tool reads \(at most 1024 voxels "
+                              r"per axis and 268,435,456 in all\)")
     assert not out.exists()
 
 
@@ -307,7 +308,7 @@ def _nan_inf(folder: Path) -> str:
     inside = np.argwhere(data > 0)
     data[tuple(inside[0])], data[tuple(inside[1])], data[tuple(inside[2])] = np.nan, np.inf, -np.inf
     rewrite(path, data)
-    return rf"{re.escape(str(path))}: 3 NaN/Inf voxels set to 0"
+    return rf"{re.escape(str(path))}: 3 NaN/Inf voxels \(or beyond float32's range\) set to 0"
 
 
 def _anisotropic(folder: Path) -> str:

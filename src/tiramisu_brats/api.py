@@ -150,9 +150,12 @@ def prepare_case(case: io.Case, crop: tuple[int, int] = CROP, resample: bool = T
                  ) -> PreparedCase:
     """Bring a case onto the network's grid and preprocess it (e.g. in a reading thread, see
     ``segment_case``). ``resample=False`` keeps voxels that are not 1 mm as they are."""
-    grid = network_grid(case.affine, case.shape, resample)
-    image = to_network(case.image, grid)
-    slices, geometry = preprocess(image, crop)
+    try:
+        grid = network_grid(case.affine, case.shape, resample)
+        image = to_network(case.image, grid)
+        slices, geometry = preprocess(image, crop)
+    except ValueError as err:  # the case's grid or content: name its file (the T1's affine)
+        raise io.InputError(f"{case.files.images[0]}: {err}") from err
     return PreparedCase(case, image, grid, slices, geometry, crop, resample)
 
 

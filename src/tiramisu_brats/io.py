@@ -9,6 +9,7 @@ numbering (0/1/2/3) exists only on disk: ``read_label_map`` and ``write_label_ma
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import mmap
 import os
@@ -87,7 +88,8 @@ class Case:
 
     @property
     def spacing(self) -> tuple[float, float, float]:
-        """Voxel size in mm along X, Y, Z (from the header zooms)."""
+        """Voxel size in mm along X, Y, Z (from the affine, as ``preprocess.network_grid``
+        resamples by it)."""
         return header_spacing(self.header)
 
     @property
@@ -101,8 +103,11 @@ class Case:
 
 
 def header_spacing(header: nib.Nifti1Header) -> tuple[float, float, float]:
-    """Voxel size in mm along the first three axes, from a NIfTI header's zooms."""
-    return tuple(float(z) for z in header.get_zooms()[:3])  # type: ignore[return-value]
+    """Voxel size in mm along the first three axes, from the header's best affine (the sform,
+    else the qform, else the zooms): where a header's zooms disagree with its sform, the sform
+    is the grid that nibabel, and so the segmentation, uses."""
+    linear = header.get_best_affine()[:3, :3]
+    return tuple(float(z) for z in np.sqrt((linear**2).sum(axis=0)))  # type: ignore[return-value]
 
 
 def nifti_stem(name: str) -> str | None:
@@ -128,10 +133,11 @@ def find_case_files(folder: str | os.PathLike[str]) -> CaseFiles:
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"{folder}: not a folder")
-    stems = {
+    stems = {  # broken links too: the error names them rather than a missing modality
         p: stem.lower()
         for p in sorted(folder.iterdir())
-        if not p.name.startswith(".") and (stem := nifti_stem(p.name)) and p.is_file()
+        if not p.name.startswith(".") and (stem := nifti_stem(p.name))
+        and (p.is_file() or (p.is_symlink() and not p.exists()))
     }
     if not stems:
         raise InputError(f"{folder}: no NIfTI files (.nii or .nii.gz)")
@@ -170,6 +176,10 @@ def find_case_files(folder: str | os.PathLike[str]) -> CaseFiles:
     segs = [p for p, stem in stems.items() if stem in seg_stems]
     if len(segs) > 1:
         raise InputError(f"{folder}: several segmentations: {', '.join(p.name for p in segs)}")
+    for path in (*images, *segs):
+        if not path.exists():
+            raise InputError(f"{path}: a broken link (to {os.readlink(path)}, which does not "
+                             "exist)")
     return CaseFiles(case_id, tuple(images), segs[0] if segs else None)  # type: ignore[arg-type]
 
 
@@ -188,6 +198,10 @@ def case_files_from_paths(
             raise InputError(f"{path}: no such file")
         if nifti_stem(path.name) is None:
             raise InputError(f"{path}: not a NIfTI file name (expected .nii or .nii.gz)")
+    for (i, a), (j, b) in itertools.combinations(enumerate(paths), 2):
+        if a.resolve() == b.resolve():
+            raise InputError(f"{b}: the same file as the {MODALITIES[i]} image, given as the "
+                             f"{MODALITIES[j]} image")
     if case_id is None:
         case_id = nifti_stem(paths[0].name) or paths[0].name
         for suffixes, _ in _LAYOUTS.values():
@@ -259,7 +273,7 @@ def safe_case_id(case_id: str) -> str:
 def _open_volume(path: Path) -> tuple[nib.Nifti1Image, tuple[int, int, int]]:
     """Open a NIfTI file (header only) and check that it holds one plausible 3D volume.
 
-    Returns the image and its 3D shape (a trailing singleton 4th axis is dropped).
+    Returns the image and its 3D shape (trailing singleton axes dropped).
     """
     try:
         img = nib.load(path)
@@ -270,13 +284,16 @@ def _open_volume(path: Path) -> tuple[nib.Nifti1Image, tuple[int, int, int]]:
     if not isinstance(img, nib.Nifti1Pair):  # NIfTI-1 and NIfTI-2, single file or pair
         raise InputError(f"{path}: not a NIfTI file ({type(img).__name__})")
     shape = tuple(int(n) for n in img.shape)
-    if len(shape) == 4 and shape[3] == 1:
+    if len(shape) > 3 and all(n == 1 for n in shape[3:]):
         shape = shape[:3]
     if len(shape) != 3:
         extra = f" with {shape[3]} volumes" if len(shape) == 4 else ""
         raise InputError(f"{path}: {len(shape)}D image{extra} of shape {img.shape}, expected 3D")
-    if max(shape) > _MAX_AXIS or np.prod(shape, dtype=np.int64) > _MAX_VOXELS or min(shape) < 1:
-        raise InputError(f"{path}: header claims an implausible image size {shape}")
+    if min(shape) < 1:
+        raise InputError(f"{path}: header claims an empty image of shape {shape}")
+    if max(shape) > _MAX_AXIS or np.prod(shape, dtype=np.int64) > _MAX_VOXELS:
+        raise InputError(f"{path}: image of shape {shape} is larger than this tool reads (at "
+                         f"most {_MAX_AXIS} voxels per axis and {_MAX_VOXELS:,} in all)")
     dtype = img.get_data_dtype()
     if dtype.kind not in "biuf":
         raise InputError(f"{path}: unsupported voxel type {dtype}")
@@ -388,7 +405,8 @@ def zero_nonfinite(values: np.ndarray, what: object) -> np.ndarray:
     if values.dtype.kind == "f":
         bad = ~np.isfinite(values)
         if bad.any():
-            logger.warning("%s: %d NaN/Inf voxels set to 0", what, np.count_nonzero(bad))
+            logger.warning("%s: %d NaN/Inf voxels (or beyond float32's range) set to 0", what,
+                           np.count_nonzero(bad))
             values[bad] = 0
     return values
 
@@ -413,6 +431,10 @@ def read_case(files: CaseFiles, *, keep_dtype: bool = False) -> Case:
         if not np.allclose(img.affine, affine, atol=AFFINE_ATOL):
             diff = np.abs(img.affine - affine).max()
             raise InputError(f"{path}: affine differs from t1's (by up to {diff:.4g})")
+    if int(ref.header["qform_code"]) == 0 == int(ref.header["sform_code"]):
+        logger.warning("%s: the header records no orientation (qform and sform codes 0): "
+                       "taken as %s, which may be wrong", files.images[0],
+                       "".join(nib.aff2axcodes(affine)))
     dtype = np.dtype(np.float32)
     stored = {img.get_data_dtype().newbyteorder("=") for img, _ in opened}
     if keep_dtype and len(stored) == 1 and not any(_scaled(img) for img, _ in opened):
@@ -706,5 +728,6 @@ def _write_on_grid(path: str | os.PathLike[str], data: np.ndarray,
     header["cal_min"], header["cal_max"] = 0, 0
     klass = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
     # The reference's own best affine leaves the header's qform/sform and codes untouched.
-    img = klass(data, ref_affine, header, dtype=dtype)
+    # The reference's shape, trailing singleton axes included (X, Y, Z, 1 in, X, Y, Z, 1 out).
+    img = klass(data.reshape(ref_shape), ref_affine, header, dtype=dtype)
     return atomic_write(path, lambda tmp: nib.save(img, tmp), overwrite=overwrite)

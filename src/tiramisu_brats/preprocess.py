@@ -57,6 +57,7 @@ class Geometry:
 
     @property
     def n_slices(self) -> int:
+        """How many slices were kept (``z1 - z0``)."""
         return self.z1 - self.z0
 
 
@@ -96,6 +97,10 @@ SPACING_TOLERANCE = 0.05  # mm: an axis within this of 1 mm is not resampled
 # 0.700 against 0.628, accurate 0.750 against 0.687; at 2 mm in-plane and along a 3 mm slice
 # axis both ways alike, at 0.5 mm resampling far better: docs/model-card.md, "Resampled inputs").
 KEEP_IN_PLANE_MM = 1.5
+# Voxel sizes no MRI of a head has: a header in other units, or a wrong affine (resampling to
+# 1 mm would make a grid of a few voxels, or one too large for memory).
+MIN_VOXEL_MM = 0.05
+MAX_AXIS_MM = 512
 # Beyond this angle between the image axes and the closest scanner axes, the slices the
 # network sees are tilted more than its training's in-plane rotations (±10°) covered.
 OBLIQUE_WARNING_DEG = 10.0
@@ -170,7 +175,7 @@ def network_grid(affine: np.ndarray, shape: tuple[int, int, int], resample: bool
     but for in-plane axes (X, Y) of 1 to ``KEEP_IN_PLANE_MM`` mm, which are kept.
     ``resample=False`` keeps the input's voxels whatever their size (orientation only).
     """
-    import nibabel.orientations as nio
+    import nibabel.orientations as nio  # here: the slicing functions need NumPy alone
 
     affine = np.asarray(affine, dtype=np.float64)
     if affine.shape != (4, 4):
@@ -190,16 +195,25 @@ def network_grid(affine: np.ndarray, shape: tuple[int, int, int], resample: bool
                 axes, round(oblique, 2), tuple(float(z) for z in spacing), (0, 0, 0))
     oriented = grid._oriented_shape()
     if resample:  # axis by axis
+        sizes = "x".join(f"{z:.4g}" for z in spacing)
+        if spacing.min() < MIN_VOXEL_MM:
+            raise ValueError(f"voxels of {sizes} mm (from the affine) are implausibly small "
+                             f"for an MRI (under {MIN_VOXEL_MM} mm)")
         target = tuple(n if _kept(axis, z) else max(1, round(n * z))
                        for axis, (n, z) in enumerate(zip(oriented, grid.oriented_spacing(),
                                                          strict=True)))
+        if max(target) > MAX_AXIS_MM:
+            raise ValueError(f"voxels of {sizes} mm (from the affine) on a {grid.shape} grid "
+                             f"span {'x'.join(f'{n * z:.0f}' for n, z in zip(grid.shape, spacing))}"
+                             f" mm, implausibly large for a head (at most {MAX_AXIS_MM} mm per "
+                             "axis at 1 mm)")
     else:
         target = oriented
     return Grid(grid.shape, grid.transform, axes, grid.oblique_deg, grid.spacing, target)
 
 
 def _apply(volume: np.ndarray, transform) -> np.ndarray:
-    import nibabel.orientations as nio
+    import nibabel.orientations as nio  # as in network_grid
 
     spatial = np.moveaxis(volume, (-3, -2, -1), (0, 1, 2))
     return np.moveaxis(nio.apply_orientation(spatial, np.asarray(transform, float)),
@@ -234,25 +248,25 @@ def _zoom(volume: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
     return out.reshape(*volume.shape[:-3], *shape)
 
 
-def to_input(labels: np.ndarray, grid: Grid, linear: bool = False) -> np.ndarray:
+def to_input(values: np.ndarray, grid: Grid, linear: bool = False) -> np.ndarray:
     """The inverse of ``to_network`` for a map ``(..., X', Y', Z')`` on the network's grid:
     back on the input grid ``(..., X, Y, Z)``, each input voxel taking the value of the
     nearest network voxel (exact for flips and permutations), or with ``linear`` (for
     probabilities) linearly interpolated, as float32."""
-    if labels.shape[-3:] != grid.network_shape:
-        raise ValueError(f"map shape {labels.shape[-3:]} does not match the network grid's "
+    if values.shape[-3:] != grid.network_shape:
+        raise ValueError(f"map shape {values.shape[-3:]} does not match the network grid's "
                          f"{grid.network_shape}")
     if grid.resampled and linear:
-        labels = _zoom(labels, grid._oriented_shape())
+        values = _zoom(values, grid._oriented_shape())
     elif grid.resampled:
         oriented = grid._oriented_shape()
         index = [np.clip(np.rint(np.arange(n) * ((m - 1) / (n - 1) if n > 1 else 0)), 0, m - 1)
                  .astype(np.intp) for n, m in zip(oriented, grid.network_shape, strict=True)]
-        labels = labels[(..., *np.ix_(*index))]
+        values = values[(..., *np.ix_(*index))]
     back = [(0, 0)] * 3
     for axis, (new, flip) in enumerate(grid.transform):
         back[new] = (axis, flip)
-    return np.ascontiguousarray(_apply(labels, back))
+    return np.ascontiguousarray(_apply(values, back))
 
 
 def _plane_axes(plane: str) -> tuple[int, int, int]:
@@ -279,11 +293,6 @@ def box_slices(geometry: Geometry, box: tuple[slice, slice, slice]) -> slice:
     """Which of ``geometry``'s slices (indices into ``Z'``) lie in the Z range of ``box``."""
     lo = min(max(box[2].start, geometry.z0), geometry.z1)
     return slice(lo - geometry.z0, max(min(box[2].stop, geometry.z1), lo) - geometry.z0)
-
-
-def plane_normal(plane: str) -> int:
-    """The volume axis (0 X, 1 Y, 2 Z) along which ``plane``'s slices are taken."""
-    return _plane_axes(plane)[2]
 
 
 def from_plane(volume: np.ndarray, plane: str) -> np.ndarray:
