@@ -20,6 +20,35 @@ def real_data() -> Path:
 
 
 @pytest.fixture(scope="session")
+def real_case(real_data):
+    """``real_case("brats-labeled/BraTS2021_00005")``: that path in the real data, else skip
+    (a data folder that holds other cases)."""
+
+    def find(relative: str) -> Path:
+        path = real_data / relative
+        if not path.exists():
+            pytest.skip(f"{relative} not in the real BraTS data at {real_data}")
+        return path
+
+    return find
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_user_cache(tmp_path_factory):
+    """No test writes into the user's ~/.cache (compiled models, int8 models): the cache lies in
+    this session's temporary folder; ``user_cache`` gives a test a fresh one of its own."""
+    saved = {k: os.environ.get(k) for k in ("TIRAMISU_BRATS_CACHE", "XDG_CACHE_HOME")}
+    os.environ.pop("TIRAMISU_BRATS_CACHE", None)
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-session"))
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
 def random_weights():
     """``random_weights(folder, seed=0)`` writes tiny random weights to
     ``folder/tiny.safetensors``, BatchNorm statistics away from 0/1 so that they matter."""

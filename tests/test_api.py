@@ -197,8 +197,8 @@ def test_unknown_mode_is_refused(tiny_weights):
 
 @pytest.mark.real
 @pytest.mark.slow
-def test_the_readme_example_runs(real_data, tmp_path, monkeypatch):
-    monkeypatch.chdir(real_data / "brats-labeled")
+def test_the_readme_example_runs(real_case, tmp_path, monkeypatch):
+    monkeypatch.chdir(real_case("brats-labeled/BraTS2021_00006").parent)
     case = api.read_case("BraTS2021_00006/")
     assert case.image.shape == (4, 240, 240, 155) and case.image.dtype == np.float32
     seg = api.segment(case.image)
@@ -262,10 +262,10 @@ def test_any_of_the_48_orientations_gives_the_same_label_map(tmp_path, tiny_weig
 
 @pytest.mark.real
 @pytest.mark.slow
-def test_a_real_case_in_other_orientations_gives_the_same_label_map(real_data, tmp_path):
+def test_a_real_case_in_other_orientations_gives_the_same_label_map(real_case, tmp_path):
     import nibabel as nib
 
-    files = io.find_case_files(real_data / "brats-labeled" / "BraTS2021_00005")
+    files = io.find_case_files(real_case("brats-labeled/BraTS2021_00005"))
     case = io.read_case(files, keep_dtype=True)
     seg = io.read_label_map(files.seg)[0]
     segmenter = api.Segmenter()
@@ -306,8 +306,8 @@ def _resampled(image, seg, affine, spacing):
 @pytest.mark.real
 @pytest.mark.slow
 @pytest.mark.parametrize("spacing", [(0.5, 0.5, 1.0), (1.0, 1.0, 3.0)])
-def test_a_real_case_at_another_voxel_size_scores_as_at_1mm(real_data, tmp_path, spacing):
-    files = io.find_case_files(real_data / "brats-labeled" / "BraTS2021_00005")
+def test_a_real_case_at_another_voxel_size_scores_as_at_1mm(real_case, tmp_path, spacing):
+    files = io.find_case_files(real_case("brats-labeled/BraTS2021_00005"))
     case = io.read_case(files, keep_dtype=True)
     seg = io.read_label_map(files.seg)[0]
     segmenter = api.Segmenter()
@@ -396,6 +396,27 @@ def test_evaluate_overwrite_replaces_the_reports_overlays_and_raw_table(tmp_path
     assert (report / "notes.txt").read_text() == "mine" and (report / "overlay_c1.png").is_file()
 
 
+def test_evaluate_says_what_it_cannot_find_in_one_line(tmp_path):
+    import nibabel as nib
+
+    from tiramisu_brats.synthetic import write_case
+
+    case = make_case(3, shape=(24, 24, 24), case_id="c0")
+    folder = write_case(case, tmp_path / "cases")
+    with pytest.raises(io.InputError, match=rf"^{tmp_path / 'nope'}: no such file or folder$"):
+        api.evaluate(tmp_path / "nope", folder)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(io.InputError, match=rf"^{tmp_path / 'empty'}: no label maps found"):
+        api.evaluate(tmp_path / "empty", folder)
+    preds = tmp_path / "preds"  # the user's most likely slip: predictions named otherwise
+    preds.mkdir()
+    nib.save(nib.Nifti1Image(case.labels, np.eye(4)), preds / "other.nii.gz")
+    with pytest.raises(io.InputError, match=rf"^{preds}: no case matches a reference in "
+                       rf"{folder} \(predictions: \['other'\], references: \['c0'\]\)$"):
+        api.evaluate(preds, folder, tmp_path / "report")
+    assert not (tmp_path / "report").exists()
+
+
 def test_evaluate_pairs_a_file_with_a_case_and_warns_of_mismatches(tmp_path, caplog):
     import logging
 
@@ -474,7 +495,8 @@ def test_accurate_mode_writes_qc_and_an_uncertainty_map(tmp_path, tiny_weights):
     assert img.get_data_dtype() == np.float32 and img.shape == labels.shape
     values = np.asarray(img.dataobj)
     assert values.min() >= 0 and values.max() <= 0.5  # a standard deviation of probabilities
-    if qc["spread"] is not None:
+    assert (qc["spread"] is None) == (not (labels > 0).any())  # no tumor: no spread to give
+    if (labels > 0).any():
         assert values[labels > 0].mean() == pytest.approx(qc["spread"], abs=1e-3)
     fast = api.Segmenter(tiny_weights, "torch", crop=(64, 64))
     with pytest.raises(ValueError, match="needs several views"):
@@ -948,7 +970,9 @@ def test_grid_info_records_what_the_network_saw_and_warns_only_of_voxels_unlike_
         thick = api.grid_info(grid((1.0, 1.0, 3.0), (240, 240, 52)), "thick")
     assert kept["network_spacing_mm"] == [1.5, 1.5, 1.0] and not kept["resampled_to_1mm"]
     assert thick["resampled_to_1mm"] and thick["network_spacing_mm"][:2] == [1.0, 1.0]
-    assert "thick: voxels of 1x1x3 mm resampled to 1x1x0.987 mm for the network" in caplog.text
+    # 52 slices 3 mm apart span 153 mm, on the network's 156 slices 153 / 155 mm apart
+    assert f"thick: voxels of 1x1x3 mm resampled to 1x1x{51 * 3 / 155:.3g} mm for the network" \
+        in caplog.text
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
     with caplog.at_level("WARNING", logger="tiramisu_brats.api"):
         api.grid_info(grid((0.5, 0.5, 1.0), (480, 480, 155), resample=False), "fine")

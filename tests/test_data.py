@@ -30,6 +30,17 @@ def test_cache_is_built_once_and_reused(small_cases, tmp_path):
     assert data.is_cache(tmp_path) and len(data.open_cache(tmp_path)) == 9
 
 
+def test_a_cache_of_another_version_is_refused_with_what_to_do(small_cases, tmp_path):
+    import json
+
+    data.build_cache(small_cases, tmp_path, crop=(64, 64))
+    meta = tmp_path / "syn-0.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "version": -1}))
+    with pytest.raises(io.InputError, match=rf"^{tmp_path}: cache of version -1, this is "
+                       rf"version {data.CACHE_VERSION}: build it anew$"):
+        data.load_cached(tmp_path, "syn-0")
+
+
 def test_each_plane_holds_the_same_tumor_voxels(small_cases, tmp_path):
     cases = data.build_cache(small_cases, tmp_path, crop=(64, 64))
     syn0 = [c for c in cases if c.case_id == "syn-0"]

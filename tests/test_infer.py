@@ -335,13 +335,13 @@ def test_int8_agrees_with_fp32(tmp_path, tiny, name, synthetic_slices, monkeypat
 
 @pytest.mark.slow
 @pytest.mark.real
-def test_real_case_labels_match_torch(real_data, tmp_path, monkeypatch):
+def test_real_case_labels_match_torch(real_case, tmp_path, monkeypatch):
     """Every backend against PyTorch on a real case (the shipped model, else random weights)."""
     monkeypatch.setenv("TIRAMISU_BRATS_CACHE", str(tmp_path / "cache"))  # not into the package
     weights = export.default_weights()
     if not weights.is_file():
         weights = save_weights(Tiramisu(REFERENCE), tmp_path / "reference.safetensors")
-    image = io.read_case(io.find_case_files(real_data / REAL_CASE)).image
+    image = io.read_case(io.find_case_files(real_case(REAL_CASE))).image
     slices = preprocess(image)[0][::4]
     ref = infer.load_backend("torch", weights).predict(slices)
     for name in ONNX_BACKENDS:

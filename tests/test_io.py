@@ -666,8 +666,8 @@ def test_atomic_write_bad_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         ("brats2023-unlabeled/BraTS-GLI-00001-000", "BraTS-GLI-00001-000"),
     ],
 )
-def test_read_real_case(real_data: Path, folder: str, case_id: str) -> None:
-    files = io.find_case_files(real_data / folder)
+def test_read_real_case(real_case, folder: str, case_id: str) -> None:
+    files = io.find_case_files(real_case(folder))
     assert files.case_id == case_id
     case = io.read_case(files)
     assert case.image.shape == (4, 240, 240, 155)
@@ -677,14 +677,16 @@ def test_read_real_case(real_data: Path, folder: str, case_id: str) -> None:
 
 
 @pytest.mark.real
-def test_read_real_segs(real_data: Path) -> None:
-    cases = io.find_cases(real_data / "brats-labeled")
-    assert len(cases) == 17
-    labels, _, _ = io.read_label_map(io.find_case_files(cases[0]).seg)  # BraTS-GLI-00012-000
+def test_read_real_segs(real_case) -> None:
+    # Counts of the shared data's files (its README); another data folder skips.
+    folder = real_case("brats-labeled/BraTS-GLI-00012-000")
+    cases = io.find_cases(folder.parent)  # every case folder of brats-labeled, none left out
+    assert cases == sorted(p for p in folder.parent.iterdir() if p.is_dir())
+    labels, _, _ = io.read_label_map(io.find_case_files(folder).seg)  # BraTS 2023 numbering
     assert set(np.unique(labels)) <= {0, 1, 2, 4}
     assert np.count_nonzero(labels == 4) == 224
     labels, _, _ = io.read_label_map(
-        real_data / "brats-labeled/BraTS2021_00006/BraTS2021_00006_seg.nii.gz"
+        real_case("brats-labeled/BraTS2021_00006") / "BraTS2021_00006_seg.nii.gz"
     )
     assert [np.count_nonzero(np.isin(labels, r)) for r in ([1, 2, 4], [1, 4], [4])] == [
         137911,

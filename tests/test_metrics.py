@@ -109,8 +109,9 @@ def test_empty_rules():
     assert fn_only.dice == 0.0
     assert fn_only.sensitivity == 0.0
     assert fn_only.specificity == 1.0
-    assert hd95(some, empty, (1, 1, 1)) == HD95_EMPTY == 373.13
-    assert hd95(empty, some, (1, 1, 1)) == 373.13
+    diagonal = round(float(np.linalg.norm([240, 240, 155])), 2)  # of the BraTS volume, in mm
+    assert hd95(some, empty, (1, 1, 1)) == HD95_EMPTY == diagonal == 373.13
+    assert hd95(empty, some, (1, 1, 1)) == diagonal
 
 
 def test_specificity_without_negatives():

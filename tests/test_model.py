@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -105,6 +106,24 @@ def test_a_file_that_is_not_our_weights_is_refused(tmp_path):
     bogus.write_bytes(b"\x80\x04not safetensors at all")
     with pytest.raises(ValueError, match="not a tiramisu-brats weights file"):
         load_model(bogus)
+
+
+def test_weights_with_other_tensors_than_their_config_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from tiramisu_brats.model import read_config
+
+    model = Tiramisu(TiramisuConfig(first_conv=8, down_blocks=(2,), bottleneck=2,
+                                    up_blocks=(2,), growth_rate=4))
+    path = save_weights(model, tmp_path / "w.safetensors")
+    _, header = read_config(path)
+    state = load_file(str(path))
+    first = sorted(state)[0]
+    state["extra.weight"] = state.pop(first)
+    save_file(state, str(path), metadata=header)
+    with pytest.raises(ValueError, match=rf"w\.safetensors: weights do not match the config "
+                       rf"\(missing \['{re.escape(first)}'\], unexpected \['extra\.weight'\]\)"):
+        load_model(path)
 
 
 def test_weights_that_are_not_finite_are_refused(tmp_path):

@@ -140,7 +140,7 @@ def test_write_summary_json(tmp_path):
 # --------------------------------------------------------------------------- figures
 
 
-def test_box_plots_two_stages_and_one(tmp_path):
+def test_box_plots_two_stages_and_one(tmp_path, monkeypatch):
     raw, post = _rows(5, seed=1), _rows(5, seed=2)
     p = box_plots({"raw": raw, "postprocessed": post}, tmp_path / "b.png")
     _check_png(p)
@@ -148,6 +148,22 @@ def test_box_plots_two_stages_and_one(tmp_path):
     _check_png(p1)
     with pytest.raises(ValueError):
         box_plots({}, tmp_path / "b2.png")
+    # What the picture shows: one box per stage and region, its median the rows' median, the
+    # stages side by side around each region's tick (0.8 wide in all).
+    figures = []
+    monkeypatch.setattr(report, "_save_figure", lambda fig, path, overwrite: figures.append(fig))
+    box_plots({"raw": raw, "postprocessed": post}, tmp_path / "b.png")
+    for ax, metric in zip(figures[0].axes, ("dice", "sensitivity"), strict=True):
+        medians = sorted((float(np.mean(line.get_xdata())), float(line.get_ydata()[0]))
+                         for line in ax.lines if line.get_color() == "black")
+        expected = sorted((g + (s - 0.5) * 0.4, float(np.median([r[f"{metric}_{region}"]
+                                                                   for r in rows])))
+                          for s, rows in enumerate((raw, post))
+                          for g, region in enumerate(report.REGIONS))
+        assert len(medians) == 2 * len(report.REGIONS)
+        np.testing.assert_allclose(medians, expected)
+    legend = [t.get_text() for t in figures[0].axes[1].get_legend().get_texts()]
+    assert legend == ["raw (n=5)", "postprocessed (n=5)"]
 
 
 def test_overlay_png_with_and_without_reference(tmp_path):

@@ -423,6 +423,16 @@ def test_a_run_is_not_resumed_shorter_than_it_ran(cache, tmp_path):
     assert (tmp_path / "checkpoint.safetensors").read_bytes() == before
 
 
+def test_a_corrupt_checkpoint_is_named_on_resume(cache, tmp_path):
+    train(cache[:2], [], tmp_path, _config(epochs=1, steps_per_epoch=1),
+          device=torch.device("cpu"))
+    ckpt = tmp_path / "checkpoint.safetensors"
+    ckpt.write_bytes(ckpt.read_bytes()[:100])  # a disk that filled up while it was written
+    with pytest.raises(ValueError, match=rf"^{ckpt}: not a tiramisu-brats training checkpoint"):
+        train(cache[:2], [], tmp_path, _config(epochs=2, steps_per_epoch=1), resume=True,
+              device=torch.device("cpu"))
+
+
 def test_a_resume_reuses_the_cache_the_run_used(small_cases, tmp_path, caplog):
     import shutil
 
