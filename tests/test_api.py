@@ -613,6 +613,22 @@ def test_segment_cohort_returns_results_and_failures_and_reports_progress(
         assert slices == summary["slices"]["brain"] > 0
 
 
+def test_segment_cohort_does_not_replace_a_picture_it_did_not_make(cohort, tmp_path,
+                                                                   small_segmenter):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "c1_planes.png").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"out: 1 of the 2 cases already have outputs "
+                                              r"there \(c1\), .*nothing was written"):
+        api.segment_cohort(cohort, out, segmenter=small_segmenter)
+    assert [p.name for p in out.iterdir()] == ["c1_planes.png"]
+    assert (out / "c1_planes.png").read_text() == "mine"
+    with pytest.raises(FileExistsError, match=r"c1_planes\.png: exists"):  # one case alike
+        small_segmenter.segment_case(io.find_case_files(cohort / "c1"), out / "c1.nii.gz",
+                                     picture=out / "c1_planes.png")
+    assert not (out / "c1.nii.gz").exists()
+
+
 def test_segment_cohort_leaves_out_its_output_folder_among_the_cases(cohort, small_segmenter):
     out = cohort / "predictions"  # inside the folder of cases
     for skip in (False, True):

@@ -149,6 +149,70 @@ def test_segment_refuses_to_overwrite_without_the_flag(small_cases, tiny_weights
     assert nib.load(out).shape == (48, 40, 32)
 
 
+def test_segment_output_of_the_wrong_kind_is_refused_before_the_model_loads(
+        small_cases, tiny_weights, tmp_path, monkeypatch):
+    from tiramisu_brats import api
+
+    common = ("--model", tiny_weights, "--backend", "torch", "--no-progress")
+    monkeypatch.setattr(api, "Segmenter", None)  # loading a model would fail the test
+    result = run("segment", small_cases, "-o", tmp_path / "all.nii.gz", *common)
+    assert result.exit_code == 2 and result.output == (
+        f"error: {tmp_path / 'all.nii.gz'}: named like a label map, but the output for a folder "
+        f"of cases is a folder ({small_cases} holds no case itself)\n")
+    assert not (tmp_path / "all.nii.gz").exists()
+    (tmp_path / "dir.nii.gz").mkdir()
+    result = run("segment", small_cases / "syn-0", "-o", tmp_path / "dir.nii.gz", "--overwrite",
+                 *common)
+    assert result.exit_code == 2 and result.output == (
+        f"error: {tmp_path / 'dir.nii.gz'}: a folder; the output of one case is a label map "
+        "file\n")
+    # A folder the user may not write into (root may write anywhere: os.access is asked).
+    (tmp_path / "ro").mkdir()
+    monkeypatch.setattr(api.os, "access", lambda path, mode: Path(path) != tmp_path / "ro")
+    for output, said in ((tmp_path / "ro", f"{tmp_path / 'ro'}: output folder is not writable"),
+                         (tmp_path / "ro" / "new", f"{tmp_path / 'ro' / 'new'}: "
+                                                   f"{tmp_path / 'ro'} is not writable")):
+        with pytest.raises(io.InputError, match=f"^{said}$"):
+            api.segment_cohort(small_cases, output, model=tiny_weights, backend="torch")
+
+
+def test_segment_interrupted_says_what_was_finished_and_how_to_go_on(small_cases, tmp_path,
+                                                                     monkeypatch):
+    from tiramisu_brats import api
+
+    def interrupted(input, output, *, on_event, **options):
+        on_event("cases", "", 3)
+        on_event("case", "syn-0", output / "syn-0.nii.gz")
+        on_event("wrote", "syn-0", output / "syn-0.nii.gz")
+        on_event("case", "syn-1", output / "syn-1.nii.gz")
+        raise KeyboardInterrupt  # as Ctrl-C does, in the second case
+
+    monkeypatch.setattr(api, "segment_cohort", interrupted)
+    result = run("segment", small_cases, "-o", tmp_path / "all", "--no-progress")
+    assert result.exit_code == 130
+    assert result.output.splitlines()[-1] == (
+        f"interrupted: 1 case(s) finished in {tmp_path / 'all'}; --skip-existing goes on with "
+        "the others (a case without its JSON summary is done again)")
+
+
+def test_messages_are_not_cut_at_the_terminal_width(small_cases, tiny_weights, tmp_path):
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    (cases / "syn-0").symlink_to(small_cases / "syn-0")
+    broken = cases / "incomplete-case-with-a-long-name"
+    broken.mkdir()
+    for f in (small_cases / "syn-1").iterdir():
+        if "flair" not in f.name:
+            (broken / f.name).symlink_to(f)
+    result = run("segment", cases, "-o", tmp_path / "out", "--model", tiny_weights,
+                 "--backend", "torch", "--no-progress")
+    assert result.exit_code == 1, result.output
+    failed = [line for line in result.output.splitlines() if line.startswith("failed incomplete")]
+    assert failed == [f"failed incomplete-case-with-a-long-name: {broken}: no flair image "
+                      "(expected <case>_flair.nii.gz, BraTS 2017-2021 naming)"]  # one line
+    assert len(failed[0]) > 80
+
+
 def test_segment_skips_finished_cases_and_says_so(small_cases, tiny_weights, tmp_path):
     common = ("--model", tiny_weights, "--backend", "torch", "--no-progress")
     out = tmp_path / "one.nii.gz"
@@ -279,6 +343,8 @@ def test_demo_refuses_a_folder_of_cases_or_a_file_for_output_before_writing(
     said = " ".join(result.output.split())
     assert result.exit_code == 2 and f"{small_cases}: a folder of cases" in said
     assert not out.exists()  # nothing left behind
+    result = run("demo", "-o", out, "--seed", -1, "--no-progress")  # before any folder is made
+    assert result.exit_code == 2 and "--seed" in result.output and not out.exists()
     result = run("demo", "-o", out, "--case", tmp_path / "nowhere", "--no-progress")
     assert result.exit_code == 2 and not out.exists()
     assert result.output == f"error: {tmp_path / 'nowhere'}: not a folder\n"
@@ -473,6 +539,14 @@ def test_train_resume_keeps_the_run_its_split_and_its_cache(small_cases, tiny_we
     assert not (run_dir / "cache").exists()
     with open(run_dir / "log.csv", newline="") as f:
         assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2", "3"]
+    # Resumed as it is, a finished run says so rather than print its last epoch as new.
+    done = (run_dir / "checkpoint.safetensors").read_bytes()
+    result = run("train", small_cases, "-o", run_dir, "--resume", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert (f"{run_dir}: the run had completed its 3 epochs already; nothing was trained "
+            "(--epochs or --minutes given with --resume lengthen it)") in result.output
+    assert "epoch 3:" not in result.output
+    assert (run_dir / "checkpoint.safetensors").read_bytes() == done
 
 
 def test_train_interrupted_says_how_to_go_on(small_cases, tmp_path, monkeypatch):

@@ -104,6 +104,22 @@ def test_a_case_folder_without_a_label_map_says_that_one_is_needed(tmp_path):
         viewer.serve_folder(folder)
 
 
+def test_a_missing_folder_and_a_taken_port_are_named(tmp_path):
+    import socket
+
+    with pytest.raises(io.InputError, match=rf"^{tmp_path / 'nope'}: no such folder$"):
+        viewer.serve_folder(tmp_path / "nope")
+    folder = write_case(make_case(1, shape=(48, 40, 24), case_id="w"), tmp_path)
+    labels = tmp_path / "w.nii.gz"
+    labels.write_bytes((folder / "w_seg.nii.gz").read_bytes())
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError, match=rf"^127\.0\.0\.1 port {port}: Address already in use"):
+            viewer.serve(io.find_case_files(folder), labels, port)
+
+
 def test_case_ids_that_urls_encode_are_served_and_unusable_ones_skipped(tmp_path, caplog):
     import json
     import urllib.parse

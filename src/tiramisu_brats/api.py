@@ -611,7 +611,8 @@ class Segmenter:
             raise io.InputError(f"{output}: output folder {output.parent} is not writable")
         if not overwrite:
             for target in (output, sidecar, *((raw_path,) if save_raw else ()),
-                           *((spread_path,) if uncertainty else ())):
+                           *((spread_path,) if uncertainty else ()),
+                           *((Path(picture),) if picture is not None else ())):
                 if target.exists():
                     raise FileExistsError(f"{target}: exists (and overwriting was not asked "
                                           "for)")
@@ -922,8 +923,7 @@ def segment_cohort(
                     files, target, convention=convention, overwrite=replace, save_raw=save_raw,
                     uncertainty=uncertainty, read=reader.read,
                     on_batch=lambda n, case_id=files.case_id: emit("slices", case_id, n),
-                    picture=target.with_name(label_stem(target) + "_planes.png")
-                    if cohort else None))
+                    picture=_planes_picture(target) if cohort else None))
                 sources[files.case_id] = (files, target)
             except Exception as err:  # in a folder of cases, any failure of one is reported
                 if not cohort:
@@ -954,7 +954,8 @@ def _refuse_existing(output: Path, plan: list, save_raw: bool, uncertainty: bool
     """Raise ``FileExistsError`` if a folder of cases would replace what an earlier run wrote
     there (a case's outputs, the folder's index or list of failures)."""
     done = [files.case_id for _, files, target, _ in plan
-            if any(p.exists() for p in _case_outputs(target, save_raw, uncertainty))]
+            if any(p.exists() for p in (*_case_outputs(target, save_raw, uncertainty),
+                                        _planes_picture(target)))]
     kept = [name for name in (_shard_file("index.html", shard), _shard_file("failures.csv", shard))
             if (output / name).exists()]
     if done or kept:
@@ -963,6 +964,11 @@ def _refuse_existing(output: Path, plan: list, save_raw: bool, uncertainty: bool
                 if done else f"an earlier run's {' and '.join(kept)} is there")
         raise FileExistsError(f"{output}: {what}, and neither replacing nor skipping them "
                               "was asked for; nothing was written")
+
+
+def _planes_picture(target: Path) -> Path:
+    """The picture of a case's three planes that a folder of cases gets beside its label map."""
+    return target.with_name(label_stem(target) + "_planes.png")
 
 
 def _shard_file(name: str, shard: tuple[int, int] | None) -> str:
@@ -1003,7 +1009,7 @@ def _cohort_index(output: Path, results: list[dict], failures: list,
             "case": summary["case"], "review": qc.get("review"), "qc_score": qc.get("score"),
             "qc_why": qc.get("why"),
             **{f"{r}_ml": volumes.get(f"{r}_ml") for r in ("WT", "TC", "ET")},
-            "image": label_stem(target) + "_planes.png",
+            "image": _planes_picture(target).name,
             "link": f"view/{io.safe_case_id(summary['case'])}/",
             "command": _view_command(files.images[0].parent, target)})
     rows += [{"case": name, "review": True, "qc_why": f"failed: {reason}"}
@@ -1040,6 +1046,14 @@ def _cohort_jobs(
             if output.exists() and not output.is_dir():
                 raise io.InputError(f"{output}: not a folder (the output for a folder of "
                                     "cases is a folder)")
+            existing = next(p for p in (output, *output.absolute().parents) if p.exists())
+            if existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):
+                raise io.InputError(f"{output}: {existing} is not writable" if existing != output
+                                    else f"{output}: output folder is not writable")
+            if not output.exists() and io.nifti_stem(output.name) is not None:
+                raise io.InputError(f"{output}: named like a label map, but the output for a "
+                                    f"folder of cases is a folder ({input} holds no case "
+                                    "itself)")
         else:
             jobs = [(io.find_case_files(input), output)]
     if not cohort and shard is not None:
@@ -1047,6 +1061,8 @@ def _cohort_jobs(
                          f"{input if input is not None else 'the four files'} is one case")
     if not cohort and io.nifti_stem(output.name) is None:
         raise ValueError(f"{output}: the output of one case must end in .nii.gz or .nii")
+    if not cohort and output.is_dir():
+        raise io.InputError(f"{output}: a folder; the output of one case is a label map file")
     if not cohort and output.parent != Path() and not output.parent.is_dir():
         problem = "not a folder" if output.parent.exists() else "output folder does not exist"
         raise io.InputError(f"{output.parent}: {problem}")

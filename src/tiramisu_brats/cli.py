@@ -39,8 +39,10 @@ if TYPE_CHECKING:
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode="markdown",
                   help="Brain tumor segmentation in multi-modal MRI with a 2D FC-DenseNet.")
-console = Console(stderr=True)
-out = Console()
+# Long lines are not cut at the terminal's width: a log file or a pipe gets each message whole
+# (grep "failed" finds the case and its reason on one line).
+console = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
 
 STAGES = ("load", "preprocess", "infer", "postprocess", "save")
 INPUT_HELP = (
@@ -52,7 +54,7 @@ INPUT_HELP = (
 
 def fail(message: str, code: int = 2) -> typer.Exit:
     """Print ``message`` as an error and return the exit (status ``code``) to raise."""
-    console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    console.print(f"[red]error:[/red] {escape(message)}", highlight=False)
     return typer.Exit(code)
 
 
@@ -162,6 +164,7 @@ class SegmentProgress:
         self.bar = bar
         self.cases: TaskID | None = None
         self.slices: TaskID | None = None
+        self.written = 0
 
     def __call__(self, kind: str, case_id: str, value: Any) -> None:
         """One event of ``api.COHORT_EVENTS``."""
@@ -175,6 +178,7 @@ class SegmentProgress:
             self.bar.advance(self.slices, value)
         elif kind in ("wrote", "failed"):
             if kind == "wrote":
+                self.written += 1
                 console.print(f"wrote {value}", highlight=False)
             else:
                 console.print(f"[red]failed[/red] {escape(case_id)}: {escape(value)}",
@@ -270,16 +274,27 @@ def segment(
     """Segment a case (or a folder of cases) into a tumor label map NIfTI."""
     from tiramisu_brats import api
 
-    with user_errors("pass --overwrite to replace, or --skip-existing to leave finished cases "
-                     "as they are"), progress_bar(progress) as bar:
-        run = api.segment_cohort(
-            input, output, t1=t1, t1ce=t1ce, t2=t2, flair=flair, model=model, backend=backend,
-            precision=precision, mode=mode, resample=resample, postprocess=postprocess,
-            whole_slices=whole_slices, tumor_slices=None if all_slices is None else not all_slices,
-            batch_size=batch_size, threads=threads, convention=label_convention,
-            save_raw=save_raw, uncertainty=uncertainty, overwrite=overwrite,
-            skip_existing=skip_existing, shard=parse_shard(shard),
-            on_event=SegmentProgress(bar))
+    events = None
+    try:
+        with user_errors("pass --overwrite to replace, or --skip-existing to leave finished "
+                         "cases as they are"), progress_bar(progress) as bar:
+            events = SegmentProgress(bar)
+            run = api.segment_cohort(
+                input, output, t1=t1, t1ce=t1ce, t2=t2, flair=flair, model=model,
+                backend=backend, precision=precision, mode=mode, resample=resample,
+                postprocess=postprocess, whole_slices=whole_slices,
+                tumor_slices=None if all_slices is None else not all_slices,
+                batch_size=batch_size, threads=threads, convention=label_convention,
+                save_raw=save_raw, uncertainty=uncertainty, overwrite=overwrite,
+                skip_existing=skip_existing, shard=parse_shard(shard), on_event=events)
+    except KeyboardInterrupt:
+        if events is not None and events.cases is not None:  # a folder of cases was begun
+            console.print(f"interrupted: {events.written} case(s) finished in {output}; "
+                          "--skip-existing goes on with the others (a case without its JSON "
+                          "summary is done again)", highlight=False)
+        else:
+            console.print(f"interrupted: {output} not finished", highlight=False)
+        raise typer.Exit(130) from None
     if run.results:
         console.print(_timing_table(run.results))
     # cases finished by an earlier run count as that run judged them
@@ -345,7 +360,7 @@ def demo(
         "tiramisu-demo"),
     case: Annotated[Path | None, typer.Option(help=(
         "Run on this real case folder instead of the synthetic one."))] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the synthetic case.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the synthetic case.")] = 0,
     model: Annotated[Path | None, typer.Option(help="Weights; default: shipped.")] = None,
     backend: Annotated[str, typer.Option(help="Inference backend.")] = "openvino",
     save_raw: Annotated[bool, typer.Option(help=(
@@ -463,6 +478,7 @@ class TrainProgress:
         self.bar = bar
         self.task: TaskID | None = None
         self.epochs = 0
+        self.steps = 0  # taken in this command
 
     def start(self, run: FolderRun) -> None:
         """Training begins: say on what, and start the bar of steps."""
@@ -479,6 +495,7 @@ class TrainProgress:
 
     def step(self, epoch: int, step: int, value: float) -> None:
         """Step ``step`` (0-based) of ``epoch`` is done, with loss ``value``."""
+        self.steps += 1
         if self.task is not None:
             self.bar.update(self.task, completed=step + 1,
                             description=f"epoch {epoch}/{self.epochs} loss {value:.3f}")
@@ -498,8 +515,11 @@ def train(
     output: Annotated[Path, typer.Option("--output", "-o", help="Run folder.")] = ...,
     cache: Annotated[Path | None, typer.Option(help=(
         "Cache of preprocessed slices (default: RUN/cache); reused across runs."))] = None,
-    epochs: Annotated[int, typer.Option(min=1)] = 50,
-    steps_per_epoch: Annotated[int, typer.Option(min=1)] = 100,
+    epochs: Annotated[int, typer.Option(min=1, help=(
+        "Epochs to train (with --resume: the run's length in all)."))] = 50,
+    steps_per_epoch: Annotated[int, typer.Option(min=1, help=(
+        "Optimizer steps per epoch (each a batch of random slices); validation after "
+        "each epoch."))] = 100,
     batch_size: Annotated[int, typer.Option(min=1, help=(
         "Global batch: of all processes together under torchrun."))] = 8,
     micro_batches: Annotated[int | None, typer.Option(min=1, help=(
@@ -507,7 +527,8 @@ def train(
         "summed); a multiple of the number of processes; default: one per process."))] = None,
     patch: Annotated[tuple[int, int], typer.Option(help="Patch H W (multiples of 32).")] = (
         128, 128),
-    tumor_share: Annotated[float, typer.Option(min=0, max=1)] = 0.8,
+    tumor_share: Annotated[float, typer.Option(min=0, max=1, help=(
+        "Share of the slices drawn from those holding tumor."))] = 0.8,
     rotate_deg: Annotated[float, typer.Option(min=0, max=180, help=(
         "Augmentation: rotation within ± this many degrees."))] = 10.0,
     zoom: Annotated[float, typer.Option(min=0, max=0.5, help=(
@@ -520,19 +541,24 @@ def train(
     low_res: Annotated[float, typer.Option(min=0, max=1, help=(
         "Augmentation: the share of slices seen at a lower resolution (voxels up to 2x "
         "larger per axis, interpolated back); 0: none."))] = 0.0,
-    lr: Annotated[float, typer.Option(min=0)] = 1e-3,
-    weight_decay: Annotated[float, typer.Option(min=0)] = 1e-4,
+    lr: Annotated[float, typer.Option(min=0, help="Learning rate (RMSprop).")] = 1e-3,
+    weight_decay: Annotated[float, typer.Option(min=0, help="Weight decay (L2).")] = 1e-4,
     loss: Annotated[str, typer.Option(
         help="ce (reference), dice_ce (+ Dice of the tumor classes) or region_dice_ce "
              "(+ Dice of the regions WT, TC, ET).")] = "ce",
     schedule: Annotated[str, typer.Option(help="constant (reference) or cosine.")] = "constant",
-    minutes: Annotated[float | None, typer.Option(help="Time budget.")] = None,
+    minutes: Annotated[float | None, typer.Option(help=(
+        "Time budget: the epoch running when it is spent ends early (and is validated and "
+        "checkpointed); no later epoch starts."))] = None,
     growth_rate: Annotated[int, typer.Option(help="8: reference; 16: FC-DenseNet103.")] = 8,
     val_cases: Annotated[str | None, typer.Option(help="Comma-separated case ids.")] = None,
-    val_fraction: Annotated[float, typer.Option(min=0, max=0.9)] = 0.0,
+    val_fraction: Annotated[float, typer.Option(min=0, max=0.9, help=(
+        "Share of the cases held out for validation, drawn with --seed (instead of "
+        "--val-cases or --fold)."))] = 0.0,
     fold: Annotated[str | None, typer.Option(help=(
         "I/K: validate on fold I of K, I counting from 0 (0 to K-1), e.g. 0/5."))] = None,
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int, typer.Option(help=(
+        "Seed of the weights' start, the slices drawn and their augmentation."))] = 0,
     planes: Annotated[str, typer.Option(help=(
         "Comma-separated planes the slices are drawn from: axial (the reference), coronal, "
         "sagittal."))] = "axial",
@@ -592,11 +618,15 @@ def train(
         # Under torchrun every process is interrupted: rank 0 alone says it.
         if (output / "checkpoint.safetensors").exists() and os.environ.get("RANK", "0") == "0":
             console.print(f"interrupted: {output} holds the last complete epoch; --resume "
-                          "continues the run from it", highlight=False, soft_wrap=True)
+                          "continues the run from it", highlight=False)
         raise typer.Exit(130) from None
     if not run.world.main:  # only rank 0 prints
         return
-    if run.rows:
+    if resume and run.rows and not steps.steps:
+        out.print(f"{output}: the run had completed its {len(run.rows)} epochs already; nothing "
+                  "was trained (--epochs or --minutes given with --resume lengthen it)",
+                  highlight=False)
+    elif run.rows:
         last = run.rows[-1]
         scores = (f"validation Dice WT {last['val_dice_WT']:.3f} TC {last['val_dice_TC']:.3f} "
                   f"ET {last['val_dice_ET']:.3f}" if run.val_set else "no validation cases")
@@ -629,7 +659,7 @@ def view(
         else:
             server = viewer.serve(io.find_case_files(case), labels, port)
     what = case if labels is None else f"{case} with {labels}"
-    out.print(f"viewing {what} at {server.url} (Ctrl-C stops)", highlight=False, soft_wrap=True)
+    out.print(f"viewing {what} at {server.url} (Ctrl-C stops)", highlight=False)
     if open_browser:
         import webbrowser
 

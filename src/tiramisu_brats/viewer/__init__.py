@@ -51,7 +51,10 @@ class ViewServer(ThreadingHTTPServer):
 
     def __init__(self, routes: dict[str, bytes | Path], port: int = 0) -> None:
         self.routes = routes
-        super().__init__(("127.0.0.1", port), _Handler)
+        try:
+            super().__init__(("127.0.0.1", port), _Handler)
+        except OSError as err:  # the port taken (or not ours to take): say which
+            raise OSError(f"127.0.0.1 port {port}: {err.strerror or err}") from err
 
     @property
     def url(self) -> str:
@@ -139,6 +142,10 @@ def serve_folder(folder: str | os.PathLike[str], port: int = 0) -> ViewServer:
     ``/view/<case>/`` (the report's links), from the JSON ``segment`` wrote beside each label
     map."""
     folder = Path(folder)
+    if not folder.is_dir():
+        raise io.InputError(f"{folder}: no such folder" if not folder.exists() else
+                            f"{folder}: not a folder (a case folder with a label map, or the "
+                            "output folder of segment on a folder of cases)")
     index = folder / "index.html"
     shards = sorted((int(m[2]), int(m[1]), p.name) for p in folder.glob("index-shard-*-of-*.html")
                     if (m := re.fullmatch(r"index-shard-(\d+)-of-(\d+)\.html", p.name)))
