@@ -137,6 +137,7 @@ def test_a_view_of_a_box_runs_the_slices_crossing_it_and_gives_the_box_alone(
     assert stats["run"] == np.count_nonzero(brain & crossing)
 
 
+@pytest.mark.slow
 def test_with_brain_windows_a_view_near_a_box_runs_one_window_around_it(
         case, tiny_weights, monkeypatch):
     seg = api.Segmenter(tiny_weights, "openvino", precision="fp32", mode="accurate",
@@ -479,6 +480,7 @@ def test_quality_score_from_the_spread_inside_the_tumor():
                      "why": "no tumor found: check that the case holds none"}
 
 
+@pytest.mark.slow
 def test_accurate_mode_writes_qc_and_an_uncertainty_map(tmp_path, tiny_weights):
     from tiramisu_brats.synthetic import write_case
 

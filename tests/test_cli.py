@@ -511,6 +511,7 @@ def test_train_refuses_a_bad_model_or_patch_in_one_line_before_writing(small_cas
         assert result.output.count("\n") == 1 and not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_train_resume_keeps_the_run_its_split_and_its_cache(small_cases, tiny_weights,
                                                             tmp_path):
     run_dir, shared = tmp_path / "run", tmp_path / "shared"

@@ -492,6 +492,7 @@ def _package(monkeypatch, capsys, *args) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_package_weights_checks_its_inputs_before_writing(cache, tmp_path, monkeypatch, capsys):
     from tiramisu_brats.export import decision
     from tiramisu_brats.model import read_config

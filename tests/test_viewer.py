@@ -218,6 +218,7 @@ def test_the_view_command_says_its_address_and_stops_on_ctrl_c(tmp_path):
     assert "stopped" in out
 
 
+@pytest.mark.slow
 def test_a_segmented_folder_is_served_with_its_report_and_a_viewer_per_case(tmp_path,
                                                                             tiny_weights):
     from tiramisu_brats import api
