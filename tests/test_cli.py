@@ -195,15 +195,20 @@ def test_segment_interrupted_says_what_was_finished_and_how_to_go_on(small_cases
         "the others (a case without its JSON summary is done again)")
 
 
+def _without_flair(case: Path, folder: Path) -> Path:
+    """``folder``: links to the files of ``case`` but its FLAIR (an incomplete case)."""
+    folder.mkdir()
+    for f in case.iterdir():
+        if "flair" not in f.name:
+            (folder / f.name).symlink_to(f)
+    return folder
+
+
 def test_messages_are_not_cut_at_the_terminal_width(small_cases, tiny_weights, tmp_path):
     cases = tmp_path / "cases"
     cases.mkdir()
     (cases / "syn-0").symlink_to(small_cases / "syn-0")
-    broken = cases / "incomplete-case-with-a-long-name"
-    broken.mkdir()
-    for f in (small_cases / "syn-1").iterdir():
-        if "flair" not in f.name:
-            (broken / f.name).symlink_to(f)
+    broken = _without_flair(small_cases / "syn-1", cases / "incomplete-case-with-a-long-name")
     result = run("segment", cases, "-o", tmp_path / "out", "--model", tiny_weights,
                  "--backend", "torch", "--no-progress")
     assert result.exit_code == 1, result.output
@@ -366,11 +371,7 @@ def test_demo_save_raw_adds_the_map_before_postprocessing(tiny_weights, tmp_path
 
 
 def test_missing_modality_is_a_one_line_error(small_cases, tiny_weights, tmp_path):
-    case = tmp_path / "broken"
-    case.mkdir()
-    for f in (small_cases / "syn-0").iterdir():
-        if "flair" not in f.name:
-            (case / f.name).symlink_to(f)
+    case = _without_flair(small_cases / "syn-0", tmp_path / "broken")
     result = run("segment", case, "-o", tmp_path / "o.nii.gz", "--model", tiny_weights,
                  "--no-progress")
     assert result.exit_code == 2, result.output
