@@ -305,9 +305,12 @@ def test_implausible_voxel_sizes_are_refused_before_resampling():
     # Kept as they are, such voxels cost nothing: left to the caller who asked for that.
     kept = pp.network_grid(np.diag([10.0, 10.0, 10.0, 1.0]), (100, 90, 40), resample=False)
     assert kept.network_shape == (100, 90, 40)
-    # The largest plausible grids pass: 0.5 mm over 512 mm, 5 mm slices over 200 mm.
+    # The largest plausible grids pass: 0.5 mm over 512 mm, 5 mm slices over 200 mm; and
+    # 1 mm axes of any size, kept as they are (a zero-padded image).
     assert pp.network_grid(np.diag([0.5, 0.5, 5.0, 1.0]), (1024, 1024, 40)).network_shape == (
         512, 512, 200)
+    assert pp.network_grid(np.diag([1.0, 1.0, 3.0, 1.0]), (700, 600, 40)).network_shape == (
+        700, 600, 120)
 
 
 def test_probabilities_come_back_to_a_resampled_input_grid_linearly():

@@ -98,7 +98,8 @@ SPACING_TOLERANCE = 0.05  # mm: an axis within this of 1 mm is not resampled
 # axis both ways alike, at 0.5 mm resampling far better: docs/model-card.md, "Resampled inputs").
 KEEP_IN_PLANE_MM = 1.5
 # Voxel sizes no MRI of a head has: a header in other units, or a wrong affine (resampling to
-# 1 mm would make a grid of a few voxels, or one too large for memory).
+# 1 mm would make a grid of a few voxels, or one too large for memory). Axes kept as they are
+# take no memory beyond the input's: only resampled axes are held to MAX_AXIS_MM.
 MIN_VOXEL_MM = 0.05
 MAX_AXIS_MM = 512
 # Beyond this angle between the image axes and the closest scanner axes, the slices the
@@ -202,7 +203,7 @@ def network_grid(affine: np.ndarray, shape: tuple[int, int, int], resample: bool
         target = tuple(n if _kept(axis, z) else max(1, round(n * z))
                        for axis, (n, z) in enumerate(zip(oriented, grid.oriented_spacing(),
                                                          strict=True)))
-        if max(target) > MAX_AXIS_MM:
+        if any(m > MAX_AXIS_MM and m != n for m, n in zip(target, oriented, strict=True)):
             raise ValueError(f"voxels of {sizes} mm (from the affine) on a {grid.shape} grid "
                              f"span {'x'.join(f'{n * z:.0f}' for n, z in zip(grid.shape, spacing))}"
                              f" mm, implausibly large for a head (at most {MAX_AXIS_MM} mm per "
