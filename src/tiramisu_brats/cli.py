@@ -236,7 +236,8 @@ def segment(
         "Resample images that are not 1 mm to 1 mm for the network, but for in-plane voxels "
         "of 1 to 1.5 mm, kept (the label map is written on the input's grid all the "
         "same)."))] = True,
-    postprocess: Annotated[bool, typer.Option(help="Closing + keep the main tumor.")] = True,
+    postprocess: Annotated[bool, typer.Option(help=(
+        "Closing, then tumor components under 10 % of the largest one dropped."))] = True,
     whole_slices: Annotated[bool | None, typer.Option(
         "--whole-slices/--brain-windows", show_default=False, help=(
             "Run the network on whole 192 x 160 slices, or on each slice's brain window "

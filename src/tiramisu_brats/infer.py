@@ -49,8 +49,8 @@ DEFAULT_PRECISION = {"openvino": "bf16", "onnxruntime": "fp32", "torch": "fp32"}
 # network: measured for avx2 and avx512_vnni (docs/benchmarks.md, "Speed" and "Speed as an
 # AVX2-only CPU").
 INT8_ISA = ("avx2", "avx512_vnni")
-# With AMX, OpenVINO's bf16 beat its int8 instead (3.25 s against 3.97 s per case end to end,
-# accurate mode 14.38 s against 16.87 s: docs/benchmarks.md, "Speed"): there bf16 is the default.
+# With AMX, OpenVINO's bf16 beat its int8 instead (3.59 s against 4.80 s per case end to end,
+# accurate mode 11.65 s against 12.86 s: docs/benchmarks.md, "Speed"): there bf16 is the default.
 BF16_ISA = "amx_bf16"
 _OV_TYPES = {"bf16": "bf16", "f32": "fp32", "f16": "fp16"}
 # Whether a backend runs whole slices by default rather than each slice's brain window. PyTorch
