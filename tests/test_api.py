@@ -11,7 +11,7 @@ import pytest
 from tiramisu_brats import api, export, infer, io, metrics
 from tiramisu_brats.postprocess import postprocess
 from tiramisu_brats.preprocess import preprocess as real_preprocess
-from tiramisu_brats.synthetic import make_case
+from tiramisu_brats.synthetic import make_case, write_case
 
 
 @pytest.fixture(scope="module")
@@ -629,6 +629,32 @@ def test_segment_cohort_does_not_replace_a_picture_it_did_not_make(cohort, tmp_p
         small_segmenter.segment_case(io.find_case_files(cohort / "c1"), out / "c1.nii.gz",
                                      picture=out / "c1_planes.png")
     assert not (out / "c1.nii.gz").exists()
+
+
+def test_skip_existing_redoes_a_case_whose_label_map_was_removed(cohort, tmp_path,
+                                                                 small_segmenter):
+    out = tmp_path / "out"
+    api.segment_cohort(cohort, out, segmenter=small_segmenter)
+    (out / "c1.nii.gz").unlink()  # to have it redone; its JSON and picture are still there
+    run = api.segment_cohort(cohort, out, segmenter=small_segmenter, skip_existing=True)
+    assert [r["case"] for r in run.results] == ["c1"]
+    assert [r["case"] for r in run.skipped] == ["c0"] and [c for c, _ in run.failures] == ["c2"]
+    assert (out / "c1.nii.gz").is_file()
+
+
+def test_a_case_id_found_twice_fails_in_whichever_shard_holds_the_second(tmp_path,
+                                                                         small_segmenter):
+    root = tmp_path / "cases"
+    root.mkdir()
+    for name in ("a", "b"):  # two folders of one case id
+        write_case(make_case(0, shape=(64, 64, 40), case_id="X"), tmp_path / name).rename(
+            root / name)
+    runs = [api.segment_cohort(root, tmp_path / "out", segmenter=small_segmenter, shard=(i, 2))
+            for i in range(2)]
+    assert [r["case"] for r in runs[0].results] == ["X"] and runs[0].failures == []
+    assert runs[1].results == []
+    assert runs[1].failures == [("b", f"{root / 'b'}: case id 'X' is also the one of "
+                                      f"{root / 'a'}")]
 
 
 def test_segment_cohort_leaves_out_its_output_folder_among_the_cases(cohort, small_segmenter):

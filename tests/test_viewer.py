@@ -125,25 +125,32 @@ def test_case_ids_that_urls_encode_are_served_and_unusable_ones_skipped(tmp_path
     import urllib.parse
 
     files = {}
-    for seed, case_id in enumerate(("case 1", "cas\u00e9", "../x")):
+    for seed, case_id in enumerate(("case 1", "cas\u00e9", "../x", "q#1?%")):
         folder = write_case(make_case(seed, shape=(32, 32, 24), case_id=f"c{seed}"), tmp_path)
         files[case_id] = io.find_case_files(folder)
         (tmp_path / f"c{seed}.json").write_text(json.dumps({
             "case": case_id, "label_map": files[case_id].seg.relative_to(tmp_path).as_posix(),
             "inputs": [str(p) for p in files[case_id].images]}))
-    report.write_index_html(tmp_path, [{"case": c, "link": f"view/{c}/"} for c in files], "t")
+    index = report.write_index_html(tmp_path, [{"case": c, "link": f"view/{c}/"} for c in files],
+                                    "t")
     with caplog.at_level("WARNING"):
         server = viewer.serve_folder(tmp_path)
     assert "c2.json: case '../x' is not usable in a URL path; not served" in caplog.text
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        for case_id in ("case 1", "cas\u00e9"):
+        for case_id in ("case 1", "cas\u00e9", "q#1?%"):
             url = server.url + "view/" + urllib.parse.quote(case_id) + "/"
             status, page = _get(url)
             assert status == 200 and f"{case_id} (".encode() in page
             assert _get(url + "labels.nii.gz?v=1") == (200, files[case_id].seg.read_bytes())
         assert sorted({k.split("/")[2] for k in server.routes if k.startswith("/view/")}) == [
-            "case 1", "cas\u00e9"]
+            "case 1", "cas\u00e9", "q#1?%"]
+        # The index's links, resolved as a browser resolves them (a "#" would cut the path)
+        links = re.findall(r'class="view" href="([^"]+)"', index.read_text())
+        assert len(links) == 4
+        for link in (k for k in links if urllib.parse.unquote(k) != "view/../x/"):  # not served
+            target = urllib.parse.urldefrag(urllib.parse.urljoin(server.url, link)).url
+            assert _get(target)[0] == 200, link
         for outside in ("view/case%201/..%2F..%2Fc0.json", "%2e%2e/%2e%2e/etc/passwd",
                         "view/..%2Fx/"):
             assert _get(server.url + outside)[0] == 404

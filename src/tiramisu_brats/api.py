@@ -11,6 +11,7 @@ The CLI is a thin layer over these.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io as _io
 import json
@@ -1020,14 +1021,16 @@ def _cohort_index(output: Path, results: list[dict], failures: list,
 
 def _cohort_jobs(
     input: PathLike | None, output: Path, explicit: tuple, shard: tuple[int, int] | None,
-) -> tuple[list[tuple[Path | io.CaseFiles, Path | None]], bool]:
+) -> tuple[list[tuple[Path | io.CaseFiles, Path | None, bool]], bool]:
     """What ``segment_cohort`` is to segment: ``(case folder or files, output or None for
-    one in the output folder)`` for each case, and whether it is a folder of cases."""
+    one in the output folder, whether it is this shard's)`` for each case (a shard's job
+    lists the other shards' folders too, so that a case id found twice is found across
+    shards), and whether it is a folder of cases."""
     if shard is not None and not 0 <= shard[0] < shard[1]:
         raise ValueError(f"shard {shard[0]} of {shard[1]}: expected i of n with 0 <= i < n")
     files = _explicit_files(input, explicit)
     if files is not None:
-        jobs: list = [(files, output)]
+        jobs: list = [(files, output, True)]
         cohort = False
     else:
         input = Path(input)
@@ -1040,9 +1043,9 @@ def _cohort_jobs(
             out = output.resolve()
             folders = [f for f in io.find_cases(input, incomplete=True)
                        if f.resolve() != out or io.is_case_folder(f)]
-            if shard is not None:  # sorted folders: the same split in every job
-                folders = folders[shard[0]::shard[1]]
-            jobs = [(f, None) for f in folders]
+            # sorted folders: the same split in every job
+            jobs = [(f, None, shard is None or k % shard[1] == shard[0])
+                    for k, f in enumerate(folders)]
             if output.exists() and not output.is_dir():
                 raise io.InputError(f"{output}: not a folder (the output for a folder of "
                                     "cases is a folder)")
@@ -1055,7 +1058,7 @@ def _cohort_jobs(
                                     f"folder of cases is a folder ({input} holds no case "
                                     "itself)")
         else:
-            jobs = [(io.find_case_files(input), output)]
+            jobs = [(io.find_case_files(input), output, True)]
     if not cohort and shard is not None:
         raise ValueError(f"a shard is a part of a folder of cases; "
                          f"{input if input is not None else 'the four files'} is one case")
@@ -1074,14 +1077,18 @@ def _plan_cases(jobs: list, output: Path, overwrite: bool, skip_existing: bool,
                 failed: Callable[[int, str, Exception], None] | None,
                 ) -> tuple[list[tuple[int, io.CaseFiles, Path, bool]],
                            list[tuple[io.CaseFiles, Path]]]:
-    """From file names only, what to do for each case: ``(job number, files, label map,
-    overwrite)``, and the cases skipped as finished ``(files, label map)``; a case that
-    cannot be done goes to ``failed`` (without it, is raised)."""
+    """From file names only, what to do for each of this shard's cases: ``(job number, files,
+    label map, overwrite)``, and the cases skipped as finished ``(files, label map)``; a case
+    that cannot be done goes to ``failed`` (without it, is raised)."""
     sources: dict[str, Path] = {}
     plan, skipped = [], []
-    for k, (job, target) in enumerate(jobs):
+    for k, (job, target, mine) in enumerate(jobs):
         name = job.name if isinstance(job, Path) else job.case_id
         try:
+            if not mine:  # another shard's: only its case id counts here
+                with contextlib.suppress(io.InputError):
+                    sources.setdefault(io.find_case_files(job).case_id, job)
+                continue
             files = io.find_case_files(job) if isinstance(job, Path) else job
             if target is None:
                 target = output / f"{io.safe_case_id(files.case_id)}.nii.gz"
@@ -1090,11 +1097,14 @@ def _plan_cases(jobs: list, output: Path, overwrite: bool, skip_existing: bool,
                                         f"of {sources[files.case_id]}")
                 sources[files.case_id] = job
             replace = overwrite
-            if skip_existing and target.exists():
+            if skip_existing:
                 if _finished(target, save_raw, uncertainty):
                     skipped.append((files, target))
                     continue
-                replace = True  # a run stopped while writing this case: redo it
+                # what a stopped run (or the user) left of the case, the label map among it
+                # or not: redone
+                replace = any(p.exists() for p in (*_case_outputs(target, True, True),
+                                                   _planes_picture(target)))
             plan.append((k, files, target, replace))
         except Exception as err:
             if failed is None:

@@ -537,6 +537,16 @@ _HTML_COLUMNS = (("case", "case"), ("review", "review"), ("qc_score", "QC score"
                  ("dice_WT", "Dice WT"), ("dice_TC", "Dice TC"), ("dice_ET", "Dice ET"))
 
 
+def _href(path: object) -> str:
+    """A relative link in a page: percent-encoded (a case id may hold ``#``, ``?`` or ``%``,
+    which a browser would otherwise take for a fragment, a query or an escape), then escaped
+    for HTML."""
+    import html
+    import urllib.parse
+
+    return html.escape(urllib.parse.quote(str(path)))
+
+
 def write_index_html(
     folder: str | Path, rows: Sequence[Mapping[str, Any]], title: str, *,
     overwrite: bool = True, name: str = "index.html", files: Sequence[str] = (),
@@ -597,11 +607,11 @@ def write_index_html(
         if row.get("qc_why"):
             extra.append(f'<div class="why">{html.escape(str(row["qc_why"]))}</div>')
         if row.get("image"):
-            src = html.escape(str(row["image"]))
+            src = _href(row["image"])
             extra.append(f'<a href="{src}"><img src="{src}" alt="{html.escape(str(row["case"]))}'
                          ' picture"></a>')
         if row.get("link"):
-            extra.append(f'<a class="view" href="{html.escape(str(row["link"]))}">open in the '
+            extra.append(f'<a class="view" href="{_href(row["link"])}">open in the '
                          "viewer</a> (with <code>tiramisu-brats view</code> of this folder)")
         if row.get("command"):
             extra.append(f'<div class="why">view: <code>{html.escape(str(row["command"]))}'
@@ -622,9 +632,9 @@ def write_index_html(
                    f'<tr><td>mean</td>{cells["mean"]}</tr>'
                    f'<tr><td>median</td>{cells["median"]}</tr></table>')
     for file in files:
-        src = html.escape(file)
-        top.append(f'<a href="{src}"><img src="{src}" alt="{src}"></a>'
-                   if file.endswith(".png") else f'<a href="{src}">{src}</a> ')
+        src, name = _href(file), html.escape(file)
+        top.append(f'<a href="{src}"><img src="{src}" alt="{name}"></a>'
+                   if file.endswith(".png") else f'<a href="{src}">{name}</a> ')
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <title>{html.escape(title)}</title>
