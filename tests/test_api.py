@@ -418,6 +418,19 @@ def test_evaluate_says_what_it_cannot_find_in_one_line(tmp_path):
     assert not (tmp_path / "report").exists()
 
 
+def test_a_case_found_twice_among_label_maps_is_named(tmp_path, caplog):
+    import nibabel as nib
+
+    labels = np.zeros((8, 8, 8), np.uint8)
+    for name in ("X.nii.gz", "X_seg.nii.gz"):  # one case id, as _seg is taken off
+        nib.save(nib.Nifti1Image(labels, np.eye(4)), tmp_path / name)
+    with caplog.at_level("WARNING", logger="tiramisu_brats"):
+        found = api.find_label_maps(tmp_path)
+    assert list(found) == ["X"] and found["X"].path == tmp_path / "X_seg.nii.gz"
+    assert (f"{tmp_path}: case X is also {tmp_path / 'X.nii.gz'}; "
+            f"{tmp_path / 'X_seg.nii.gz'} is used") in caplog.text
+
+
 def test_evaluate_pairs_a_file_with_a_case_and_warns_of_mismatches(tmp_path, caplog):
     import logging
 

@@ -1192,10 +1192,17 @@ def find_label_maps(root: PathLike) -> dict[str, LabelSource]:
     else:
         folders = [p for p in sorted(root.iterdir()) if p.is_dir() and io.is_case_folder(p)]
     found: dict[str, LabelSource] = {}
+
+    def add(source: LabelSource) -> None:  # a case id twice: the later (a file) is used
+        if source.case_id in found:
+            log.warning("%s: case %s is also %s; %s is used", root, source.case_id,
+                        found[source.case_id].path, source.path)
+        found[source.case_id] = source
+
     for folder in folders:
         files = io.find_case_files(folder)
         if files.seg is not None:
-            found[files.case_id] = LabelSource(files.case_id, files.seg, images=files)
+            add(LabelSource(files.case_id, files.seg, images=files))
     files = sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
     raws = {label_stem(p)[:-4]: p for p in files if label_stem(p).endswith("_raw")}
     for p in files:
@@ -1204,7 +1211,7 @@ def find_label_maps(root: PathLike) -> dict[str, LabelSource]:
         # disagreement
         companion = stem.endswith(("_raw", "_uncertainty"))
         if stem != p.name and not companion and not case_folder:
-            found[_label_id(p)] = LabelSource(_label_id(p), p, raw=raws.get(stem))
+            add(LabelSource(_label_id(p), p, raw=raws.get(stem)))
     if not found:
         raise io.InputError(f"{root}: no label maps found (.nii/.nii.gz or case folders)")
     return found

@@ -632,9 +632,9 @@ def write_index_html(
                    f'<tr><td>mean</td>{cells["mean"]}</tr>'
                    f'<tr><td>median</td>{cells["median"]}</tr></table>')
     for file in files:
-        src, name = _href(file), html.escape(file)
-        top.append(f'<a href="{src}"><img src="{src}" alt="{name}"></a>'
-                   if file.endswith(".png") else f'<a href="{src}">{name}</a> ')
+        src, shown = _href(file), html.escape(file)
+        top.append(f'<a href="{src}"><img src="{src}" alt="{shown}"></a>'
+                   if file.endswith(".png") else f'<a href="{src}">{shown}</a> ')
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <title>{html.escape(title)}</title>
