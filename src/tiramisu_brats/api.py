@@ -120,7 +120,8 @@ class Segmentation:
     ``qc``: the quality score, with several views (accurate mode) from how they
     disagree (``quality``), with one from the network's confidence (``confidence``); with
     several views ``uncertainty`` (X, Y, Z) float32, the standard deviation of the whole
-    tumor's probability across them."""
+    tumor's probability across them (with tumor slices, 0 outside the box around the tumor
+    the first view found: the other views ran only there)."""
 
     labels: np.ndarray
     raw: np.ndarray
@@ -132,9 +133,10 @@ class Segmentation:
 
 @dataclass(frozen=True)
 class PreparedCase:
-    """A case with the network's input made from it: ``image`` (4, X', Y', Z'), the case's dtype (a
-    file's integer type, or float32), on the network's ``grid`` (``preprocess.network_grid``: the
-    trained orientation, resampled as ``network_grid`` says unless ``resample`` was off), and its
+    """A case with the network's input made from it: ``image`` (4, X', Y', Z'), the case's
+    dtype (a file's integer type, or float32; float32 where resampled), on the network's
+    ``grid`` (``preprocess.network_grid``: the trained orientation, resampled as
+    ``network_grid`` says unless ``resample`` was off), and its
     axial ``slices`` (Z', 4, H, W) float32 with their ``geometry``, as
     ``preprocess.preprocess(image, crop)``."""
 
@@ -462,7 +464,8 @@ class Segmenter:
         axial: tuple[np.ndarray, Geometry] | None = None,
     ) -> Segmentation:
         """Every view of ``self.views``: the mean of their softmax
-        probabilities, labelled by ``region_labels`` with the weights' threshold. With tumor
+        probabilities, labelled by ``region_labels`` with ``self.threshold`` (the partner's
+        rule where the weights have one). With tumor
         slices (not ``all_slices``) the first view runs its tumor slices and the views after
         it near its tumor only (``VIEW_MARGIN``); where it found none, each later view runs its
         own tumor slices (a tumor-free case then costs the coarse passes). With ``back``,
@@ -583,7 +586,8 @@ class Segmenter:
         (volumes in ml, model, timings; the quality score ``qc``), with
         ``save_raw`` ``<output stem>_raw.nii.gz`` and with ``uncertainty`` (a mode of several
         views) ``<output stem>_uncertainty.nii.gz``: the spread of the whole tumor's
-        probability across the views, float32 on the input's grid. With ``overwrite`` over an
+        probability across the views, float32 on the input's grid (0 where the views were not
+        all run: with tumor slices, outside the first view's tumor box). With ``overwrite`` over an
         earlier run's ``output`` (its JSON there), that run's ``_raw`` or ``_uncertainty`` map
         which this run does not make is removed: it belongs to the labels replaced.
         ``read``: how the case is read (default ``io.read_case``, keeping the files' integer
@@ -1136,8 +1140,8 @@ def _finished(target: Path, save_raw: bool, uncertainty: bool) -> bool:
     return all(p.exists() for p in _case_outputs(target, save_raw, uncertainty))
 
 
-def _read_prepared(files: io.CaseFiles, crop: tuple[int, int] = CROP,
-                   resample: bool = True) -> PreparedCase:
+def _read_prepared(files: io.CaseFiles, crop: tuple[int, int], resample: bool
+                   ) -> PreparedCase:
     """Read a case and preprocess it: what ``segment_cohort`` does in its reading thread."""
     return prepare_case(io.read_case(files, keep_dtype=True), crop, resample)
 

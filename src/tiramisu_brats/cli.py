@@ -256,7 +256,9 @@ def segment(
         "Also write `<name>_raw.nii.gz`, before postprocessing."))] = False,
     uncertainty: Annotated[bool, typer.Option(help=(
         "Also write `<name>_uncertainty.nii.gz`: how much the views disagree on the whole "
-        "tumor, voxel by voxel (float32; needs --mode accurate)."))] = False,
+        "tumor, voxel by voxel (float32; needs --mode accurate; with tumor slices, 0 outside "
+        "the box around the tumor the first view found, where the other views did not run: "
+        "--all-slices compares every voxel)."))] = False,
     overwrite: Annotated[bool, typer.Option(help=(
         "Replace existing outputs (and remove the replaced run's `_raw` or `_uncertainty` "
         "map where this run makes none)."))] = False,
