@@ -121,7 +121,8 @@ class Segmentation:
     disagree (``quality``), with one from the network's confidence (``confidence``); with
     several views ``uncertainty`` (X, Y, Z) float32, the standard deviation of the whole
     tumor's probability across them (with tumor slices, 0 outside the box around the tumor
-    the first view found: the other views ran only there)."""
+    the first view found: the other views ran only there). ``tumor_slices``: whether the
+    network ran only slices near tumor (else every brain slice)."""
 
     labels: np.ndarray
     raw: np.ndarray
@@ -129,6 +130,7 @@ class Segmentation:
     slices: dict[str, int] = field(default_factory=dict)
     uncertainty: np.ndarray | None = None
     qc: dict | None = None
+    tumor_slices: bool = False
 
 
 @dataclass(frozen=True)
@@ -520,7 +522,8 @@ class Segmenter:
                                                    "run": stats["run"]},
                             uncertainty=spread if several else None,
                             qc=quality(spread, labels, self.qc_review) if several else
-                            confidence(1 - fused[0], labels, self.qc_confidence))
+                            confidence(1 - fused[0], labels, self.qc_confidence),
+                            tumor_slices=near)
 
     def _segment_grid(
         self, image: np.ndarray, grid: Grid, on_batch: Callable[[int], None] | None,
@@ -545,7 +548,8 @@ class Segmenter:
             return seg
         spread = None if seg.uncertainty is None else to_input(seg.uncertainty, grid)
         return Segmentation(to_input(seg.labels, grid), to_input(seg.raw, grid), seg.timings,
-                            seg.slices, uncertainty=spread, qc=seg.qc)
+                            seg.slices, uncertainty=spread, qc=seg.qc,
+                            tumor_slices=seg.tumor_slices)
 
     def _segment(
         self, slices: np.ndarray, geometry: Geometry, on_batch: Callable[[int], None] | None,
@@ -567,7 +571,8 @@ class Segmenter:
         t3 = time.perf_counter()
         return Segmentation(labels, raw, {"preprocess": preprocess_s, "infer": t2 - t1,
                                           "postprocess": t3 - t2},
-                            {"brain": len(slices), "run": stats["run"]}, qc=qc)
+                            {"brain": len(slices), "run": stats["run"]}, qc=qc,
+                            tumor_slices=tumor_slices)
 
     def segment_case(
         self, files: io.CaseFiles | PathLike, output: PathLike, *, convention: str = "brats",
@@ -675,9 +680,7 @@ class Segmenter:
             "spacing_mm": list(case.spacing),
             "grid": grid_info(grid, case.case_id),
             "mode": self.mode,
-            "model": {**self.model_info(),
-                      "tumor_slices": (self.tumor_slices and not save_raw
-                                       and (self.mode != "fast" or not grid.resampled))},
+            "model": {**self.model_info(), "tumor_slices": seg.tumor_slices},
             "slices": seg.slices,
             **({"qc": seg.qc} if seg.qc is not None else {}),
             "timings_s": timings,
