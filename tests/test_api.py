@@ -644,6 +644,28 @@ def test_segment_cohort_does_not_replace_a_picture_it_did_not_make(cohort, tmp_p
     assert not (out / "c1.nii.gz").exists()
 
 
+@pytest.mark.slow
+def test_the_json_says_whether_the_network_ran_tumor_slices_as_it_did(tmp_path, tiny_weights):
+    import dataclasses
+
+    case = make_case(3, shape=(64, 64, 40), case_id="t")
+    thick = dataclasses.replace(case, affine=case.affine @ np.diag([1.0, 1.0, 3.0, 1.0]))
+    one_mm, three_mm = (io.find_case_files(write_case(c, tmp_path / name))
+                        for c, name in ((case, "a"), (thick, "b")))
+    fast = api.Segmenter(tiny_weights, "torch", crop=(64, 64))
+    accurate = api.Segmenter(tiny_weights, "torch", crop=(64, 64), mode="accurate")
+    for segmenter, files, save_raw, expected in (
+            (fast, one_mm, False, True), (fast, one_mm, True, False),
+            (fast, three_mm, False, False),  # fast mode on resampled voxels: every slice
+            (accurate, three_mm, False, True), (accurate, one_mm, True, False)):
+        out = tmp_path / "o.nii.gz"
+        summary = segmenter.segment_case(files, out, save_raw=save_raw, overwrite=True)
+        ran = summary["slices"]
+        assert summary["model"]["tumor_slices"] is expected, (segmenter.mode, files, save_raw)
+        if not expected:  # every brain slice of every view ran
+            assert ran["run"] == ran["brain"]
+
+
 def test_skip_existing_redoes_a_case_whose_label_map_was_removed(cohort, tmp_path,
                                                                  small_segmenter):
     out = tmp_path / "out"
