@@ -70,6 +70,38 @@ def test_export_has_dynamic_shapes_and_a_record_of_its_weights(tiny):
         "weights_sha256": export.file_sha256(tiny)}
 
 
+def test_pytorch_without_the_dynamo_exporter_exports_the_same_network(tmp_path, tiny,
+                                                                       monkeypatch):
+    # PyTorch 2.2-2.4 (the extras allow them) have only the TorchScript exporter: as they
+    # would, call it without a dynamo argument.
+    import inspect
+
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    from tiramisu_brats.model import load_model
+
+    real = torch.onnx.export
+    assert "dynamo" in inspect.signature(real).parameters  # this PyTorch: the dynamo path
+
+    def torchscript_only(model, args, f, *, input_names, output_names, opset_version):
+        return real(model, args, f, input_names=input_names, output_names=output_names,
+                    opset_version=opset_version, dynamo=False)
+
+    monkeypatch.setattr(torch.onnx, "export", torchscript_only)
+    path = export.export_onnx(tiny, tmp_path / "legacy.onnx")
+    proto = onnx.load(str(path))
+    assert proto.opset_import[0].version == export.LEGACY_OPSET
+    dims = [d.dim_param or d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["n", 4, "h", "w"]
+    x = np.random.default_rng(0).standard_normal((2, 4, 96, 64)).astype(np.float32)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = load_model(tiny)(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(session.run(None, {"slices": x})[0], expected, atol=1e-4)
+
+
 def test_a_model_file_without_its_record_is_made_again(tmp_path, tiny):
     weights = shutil.copy(tiny, tmp_path / "tiny.safetensors")
     shutil.copy(tiny.with_suffix(".onnx"), tmp_path / "tiny.onnx")  # no sidecar: unknown

@@ -183,7 +183,8 @@ def _checked(path: Path) -> bool:
 
 
 def export_onnx(weights: Path, path: Path) -> Path:
-    """Export the weights to ONNX (opset 18; N, H and W dynamic), recording their sha256.
+    """Export the weights to ONNX (opset 18, or 17 with PyTorch before 2.5; N, H and W
+    dynamic), recording their sha256.
 
     Needs PyTorch. The network is fully convolutional, so a trace at one size with the input
     and output dims then made symbolic is exact for every size (and far faster to export than
@@ -202,10 +203,7 @@ def export_onnx(weights: Path, path: Path) -> Path:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(model, (sample,), input_names=["slices"],
-                                    output_names=["logits"], opset_version=OPSET, dynamo=True,
-                                    verbose=False)
-    proto = program.model_proto
+        proto = _onnx_proto(torch, model, sample)
     for value in (*proto.graph.input, *proto.graph.output):
         dims = value.type.tensor_type.shape.dim
         for axis, name in ((0, "n"), (2, "h"), (3, "w")):
@@ -214,6 +212,29 @@ def export_onnx(weights: Path, path: Path) -> Path:
     _forget(path)
     io.atomic_write_bytes(path, proto.SerializeToString(), overwrite=True)
     return _record(path, weights_sha256=file_sha256(weights))
+
+
+# PyTorch before 2.5 has no dynamo exporter: its TorchScript exporter goes up to opset 17.
+LEGACY_OPSET = 17
+
+
+def _onnx_proto(torch: ModuleType, model, sample):
+    """The ONNX ``ModelProto`` of ``model`` traced on ``sample``: by the dynamo exporter
+    (PyTorch >= 2.5), else by the TorchScript one (opset ``LEGACY_OPSET``)."""
+    import inspect
+
+    if "dynamo" in inspect.signature(torch.onnx.export).parameters:
+        return torch.onnx.export(model, (sample,), input_names=["slices"],
+                                 output_names=["logits"], opset_version=OPSET, dynamo=True,
+                                 verbose=False).model_proto
+    import io as _io
+
+    import onnx
+
+    buffer = _io.BytesIO()
+    torch.onnx.export(model, (sample,), buffer, input_names=["slices"],
+                      output_names=["logits"], opset_version=LEGACY_OPSET)
+    return onnx.load_from_string(buffer.getvalue())
 
 
 def _calibration_id(calibration: np.ndarray) -> str:
