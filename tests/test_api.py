@@ -666,6 +666,21 @@ def test_the_json_says_whether_the_network_ran_tumor_slices_as_it_did(tmp_path, 
             assert ran["run"] == ran["brain"]
 
 
+def test_an_overwrite_removes_the_raw_map_of_a_run_that_finished_while_it_ran(
+        cohort, tmp_path, small_segmenter):
+    files = io.find_case_files(cohort / "c0")
+    (tmp_path / "out").mkdir()
+    out = tmp_path / "out" / "x.nii.gz"
+
+    def read_while_another_run_finishes(f):
+        # another process segmenting the same output with --save-raw ends meanwhile
+        small_segmenter.segment_case(f, out, save_raw=True, overwrite=True)
+        return io.read_case(f)
+
+    small_segmenter.segment_case(files, out, overwrite=True, read=read_while_another_run_finishes)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["x.json", "x.nii.gz"]
+
+
 def test_skip_existing_redoes_a_case_whose_label_map_was_removed(cohort, tmp_path,
                                                                  small_segmenter):
     out = tmp_path / "out"

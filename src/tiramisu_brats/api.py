@@ -626,7 +626,6 @@ class Segmenter:
                 if target.exists():
                     raise FileExistsError(f"{target}: exists (and overwriting was not asked "
                                           "for)")
-        rerun = overwrite and sidecar.exists()  # this label map's earlier run, replaced
         t0 = time.perf_counter()
         case = read(files) if read else io.read_case(files, keep_dtype=True)
         t1 = time.perf_counter()
@@ -641,6 +640,9 @@ class Segmenter:
                                  (case.slices, case.geometry), prepared_s)
         case, labels, raw, spread = case.case, seg.labels, seg.raw, seg.uncertainty
         t2 = time.perf_counter()
+        # this label map's earlier run, replaced: asked now, not before the inference, so that
+        # a run that finished meanwhile (another process, the same output) counts
+        rerun = overwrite and sidecar.exists()
         io.write_label_map(output, labels, case.header, case.affine, convention=convention,
                            overwrite=overwrite)
         if save_raw:
