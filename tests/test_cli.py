@@ -454,6 +454,25 @@ def test_help_reflows_docstrings_and_shows_file_name_patterns():
         assert pattern in segment
 
 
+def test_the_examples_in_help_use_options_their_command_has():
+    import re
+
+    import typer.main
+
+    from tiramisu_brats import cli
+
+    group = typer.main.get_command(app)
+    for name, examples in (("segment", cli.SEGMENT_EXAMPLES), ("evaluate", cli.EVALUATE_EXAMPLES),
+                           ("train", cli.TRAIN_EXAMPLES), ("view", cli.VIEW_EXAMPLES)):
+        known = {o for p in group.commands[name].params for o in p.opts + p.secondary_opts}
+        used = set(re.findall(r"(?<![\w-])(--?[a-z][a-z0-9-]*)", examples))
+        used -= {"-v"}  # the app's option, before the command
+        assert used and used <= known, (name, used - known)
+        assert f"tiramisu-brats {name} " in examples
+        shown = " ".join(runner.invoke(app, [name, "--help"]).output.split())
+        assert f"Examples: • tiramisu-brats {name} " in shown
+
+
 def test_train_with_teachers_records_them(small_cases, tiny_weights, tmp_path):
     from tiramisu_brats.export import file_sha256
 

@@ -201,7 +201,18 @@ def parse_shard(shard: str | None) -> tuple[int, int] | None:
     return int(parts[0]), int(parts[1])
 
 
-@app.command()
+SEGMENT_EXAMPLES = """Examples:
+
+- `tiramisu-brats segment CASE_DIR -o seg.nii.gz`: one case, fast mode.
+- `tiramisu-brats segment CASES_DIR -o out --mode accurate`: every case of a folder, with
+  `out/index.html` listing them (cases to review first).
+- `tiramisu-brats segment --t1 a.nii.gz --t1ce b.nii.gz --t2 c.nii.gz --flair d.nii.gz -o
+  seg.nii.gz`: four files.
+- `tiramisu-brats -v segment ...`: log details (`-v` goes before the command).
+"""
+
+
+@app.command(epilog=SEGMENT_EXAMPLES)
 def segment(
     input: Annotated[Path | None, typer.Argument(help=INPUT_HELP)] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help=(
@@ -324,7 +335,17 @@ def _qc_line(qc: dict) -> str:
     return f"quality score {qc['score']:.2f}{', to review' if qc['review'] else ''}: {qc['why']}"
 
 
-@app.command()
+EVALUATE_EXAMPLES = """Examples:
+
+- `tiramisu-brats evaluate out CASES_DIR -o report`: the label maps `segment` wrote into
+  `out` for the cases of `CASES_DIR` against the experts' `_seg` files; `report/index.html`,
+  `metrics.csv`.
+- `tiramisu-brats evaluate seg.nii.gz CASE_DIR -o report`: one label map against the case's
+  `_seg` file.
+"""
+
+
+@app.command(epilog=EVALUATE_EXAMPLES)
 def evaluate(
     pred: Annotated[Path, typer.Argument(help="Predicted label map, or a folder of them.")],
     ref: Annotated[Path, typer.Argument(help=(
@@ -510,7 +531,18 @@ def _given(ctx: typer.Context, name: str) -> bool:
     return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
 
 
-@app.command()
+TRAIN_EXAMPLES = """Examples:
+
+- `tiramisu-brats train CASES_DIR -o run --val-fraction 0.2`: from scratch, with the
+  defaults (the reference's loss and optimizer, axial slices), a fifth of the cases held out.
+- `tiramisu-brats train CASES_DIR -o run --init WEIGHTS --planes axial,coronal,sagittal
+  --loss dice_ce --batch-size 32 --patch 192 160 --epochs 1 --steps-per-epoch 150`: the
+  shipped model's recipe (docs/model-card.md).
+- `tiramisu-brats train CASES_DIR -o run --resume --epochs 5`: go on with a run.
+"""
+
+
+@app.command(epilog=TRAIN_EXAMPLES)
 def train(
     ctx: typer.Context,
     data: Annotated[list[Path], typer.Argument(help=(
@@ -639,7 +671,14 @@ def train(
               highlight=False)
 
 
-@app.command()
+VIEW_EXAMPLES = """Examples:
+
+- `tiramisu-brats view CASE_DIR seg.nii.gz --open`: one case and its labels.
+- `tiramisu-brats view out --open`: the output folder of `segment` on a folder of cases.
+"""
+
+
+@app.command(epilog=VIEW_EXAMPLES)
 def view(
     case: Annotated[Path, typer.Argument(help=(
         "A case folder (any layout segment reads), or the output folder of segment on a "
