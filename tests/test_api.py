@@ -681,6 +681,23 @@ def test_an_overwrite_removes_the_raw_map_of_a_run_that_finished_while_it_ran(
     assert sorted(p.name for p in out.parent.iterdir()) == ["x.json", "x.nii.gz"]
 
 
+def test_skip_existing_loads_no_model_where_every_case_was_done_before(
+        cohort, tmp_path, small_segmenter, tiny_weights, monkeypatch):
+    out = tmp_path / "out"
+    api.segment_cohort(cohort, out, segmenter=small_segmenter)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded with nothing to segment")
+
+    monkeypatch.setattr(api, "Segmenter", no_model)
+    run = api.segment_cohort(cohort, out, model=tiny_weights, backend="torch",
+                             skip_existing=True)
+    assert run.results == [] and run.segmenter is None
+    assert [r["case"] for r in run.skipped] == ["c0", "c1"]
+    with pytest.raises(ValueError, match="unknown mode 'slow'"):  # still checked
+        api.segment_cohort(cohort, out, model=tiny_weights, mode="slow", skip_existing=True)
+
+
 def test_skip_existing_redoes_a_case_whose_label_map_was_removed(cohort, tmp_path,
                                                                  small_segmenter):
     out = tmp_path / "out"

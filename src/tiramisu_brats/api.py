@@ -314,8 +314,7 @@ class Segmenter:
         not 1 mm to 1 mm for the network, but for in-plane axes of 1 to
         ``preprocess.KEEP_IN_PLANE_MM`` mm (``segment_case``, and ``segment`` given an
         affine)."""
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
+        _check_mode(mode)
         self.mode = mode
         self.resample = resample
         self.weights = Path(model) if model is not None else default_weights()
@@ -834,7 +833,8 @@ class CohortRun:
     ``(case, reason)`` of each case of a folder of cases that failed, in the folder's order
     (``case`` is the folder's name when its files were not found); ``cohort``: whether the
     input was a folder of cases; ``failures_csv``: the list of failures written (a folder of
-    cases with failures), else None; ``segmenter``: the model used; ``skipped``: the summary
+    cases with failures), else None; ``segmenter``: the model used (None where every case
+    was skipped as done before and none was given); ``skipped``: the summary
     of each case left as an earlier run finished it (``skip_existing``), as that run wrote it,
     in the folder's order."""
 
@@ -842,7 +842,7 @@ class CohortRun:
     failures: list[tuple[str, str]]
     cohort: bool
     failures_csv: Path | None
-    segmenter: Segmenter
+    segmenter: Segmenter | None
     skipped: list[dict] = field(default_factory=list)
 
 
@@ -894,8 +894,11 @@ def segment_cohort(
     io.check_convention(convention)
     if overwrite and skip_existing:
         raise ValueError("replacing existing outputs and skipping them were both asked for")
+    if segmenter is None:
+        _check_mode(mode)
+    mode = segmenter.mode if segmenter else mode
     if uncertainty:  # checked before any case, as each case would fail alike
-        _check_uncertainty(segmenter.mode if segmenter else mode)
+        _check_uncertainty(mode)
     output = Path(output)
     jobs, cohort = _cohort_jobs(input, output, (t1, t1ce, t2, flair), shard)
     emit = on_event or (lambda kind, case_id, value: None)
@@ -917,12 +920,13 @@ def segment_cohort(
     # The first case is read and preprocessed while the model and the libraries it needs load.
     with io.ReadAhead([files for _, files, _, _ in plan],
                       read=lambda f: _read_prepared(f, crop, resample)) as reader:
-        if segmenter is None:
+        if segmenter is None and plan:  # every case done before: no model to load
             segmenter = Segmenter(model, backend, batch_size=batch_size, threads=threads,
                                   precision=precision, postprocess=postprocess,
                                   whole_slices=whole_slices, mode=mode, resample=resample,
                                   tumor_slices=tumor_slices)
-        emit("model", "", segmenter)
+        if segmenter is not None:
+            emit("model", "", segmenter)
         if cohort:  # only now: a bad model or option leaves no output folder behind
             output.mkdir(parents=True, exist_ok=True)
             emit("cases", "", len(plan))
@@ -946,7 +950,7 @@ def segment_cohort(
     # Cases an earlier run finished keep their row in the index, from the summary it wrote.
     earlier = [_earlier_summary(files, target) for files, target in skipped]
     # summaries from before the mode was recorded are fast mode's (the only one then)
-    other = [e["case"] for e in earlier if e.get("mode", "fast") != segmenter.mode
+    other = [e["case"] for e in earlier if e.get("mode", "fast") != mode
              or e.get("label_convention", convention) != convention]
     if other:
         log.warning("%d case(s) skipped as done before were segmented in another mode or label "
@@ -1130,10 +1134,16 @@ def _case_outputs(target: Path, save_raw: bool, uncertainty: bool = False) -> li
             *([target.with_name(stem + "_uncertainty.nii.gz")] if uncertainty else [])]
 
 
+def _check_mode(mode: str) -> None:
+    """Refuse a mode not in ``MODES``."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
+
+
 def _check_uncertainty(mode: str) -> None:
     """An uncertainty map is the views' disagreement: refused for a mode of one view (a
     partner model's views replace the flips, as many); an unknown mode is left to
-    ``Segmenter`` to refuse."""
+    ``_check_mode``."""
     if len(MODES.get(mode, ())) == 1:
         raise ValueError(f"an uncertainty map needs several views; mode {mode!r} has one "
                          "(mode 'accurate' has six)")
