@@ -698,6 +698,19 @@ def test_skip_existing_loads_no_model_where_every_case_was_done_before(
         api.segment_cohort(cohort, out, model=tiny_weights, mode="slow", skip_existing=True)
 
 
+def test_a_case_id_named_like_a_companion_map_fails_before_anything_is_written(
+        tmp_path, small_segmenter):
+    root = tmp_path / "cases"
+    for case_id in ("Y", "Y_raw"):
+        write_case(make_case(0, shape=(64, 64, 40), case_id=case_id), root)
+    run = api.segment_cohort(root, tmp_path / "out", segmenter=small_segmenter, save_raw=True)
+    assert [r["case"] for r in run.results] == ["Y"]
+    assert run.failures == [("Y_raw", f"{root / 'Y_raw'}: case id 'Y_raw' ends like a map "
+                                      "segment writes beside a label map (_raw, _uncertainty): "
+                                      "its label map would be taken for another case's")]
+    assert io.read_label_map(tmp_path / "out" / "Y_raw.nii.gz")[0].shape == (64, 64, 40)  # Y's
+
+
 def test_skip_existing_redoes_a_case_whose_label_map_was_removed(cohort, tmp_path,
                                                                  small_segmenter):
     out = tmp_path / "out"

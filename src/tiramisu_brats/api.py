@@ -980,6 +980,11 @@ def _refuse_existing(output: Path, plan: list, save_raw: bool, uncertainty: bool
                               "was asked for; nothing was written")
 
 
+# The maps segment writes beside a label map <case>.nii.gz: <case>_raw.nii.gz (before
+# postprocessing) and <case>_uncertainty.nii.gz.
+_COMPANIONS = ("_raw", "_uncertainty")
+
+
 def _planes_picture(target: Path) -> Path:
     """The picture of a case's three planes that a folder of cases gets beside its label map."""
     return target.with_name(label_stem(target) + "_planes.png")
@@ -1104,6 +1109,11 @@ def _plan_cases(jobs: list, output: Path, overwrite: bool, skip_existing: bool,
                 continue
             files = io.find_case_files(job) if isinstance(job, Path) else job
             if target is None:
+                if files.case_id.endswith(_COMPANIONS):  # evaluate would never score it
+                    raise io.InputError(
+                        f"{job}: case id {files.case_id!r} ends like a map segment writes "
+                        f"beside a label map ({', '.join(_COMPANIONS)}): its label map would "
+                        "be taken for another case's")
                 target = output / f"{io.safe_case_id(files.case_id)}.nii.gz"
                 if files.case_id in sources:
                     raise io.InputError(f"{job}: case id {files.case_id!r} is also the one "
@@ -1228,7 +1238,7 @@ def find_label_maps(root: PathLike) -> dict[str, LabelSource]:
         stem = label_stem(p)
         # segment's other maps beside the label maps: before postprocessing, and the views'
         # disagreement
-        companion = stem.endswith(("_raw", "_uncertainty"))
+        companion = stem.endswith(_COMPANIONS)
         if stem != p.name and not companion and not case_folder:
             add(LabelSource(_label_id(p), p, raw=raws.get(stem)))
     if not found:
