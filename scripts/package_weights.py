@@ -47,8 +47,10 @@ parser = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("run", type=Path, help="a training run's folder, or packaged weights")
 parser.add_argument("out", type=Path)
-parser.add_argument("--recipe")
-parser.add_argument("--postprocess", help="the postprocessing decision, in words")
+parser.add_argument("--recipe", help="how the weights were trained, in words (needed for a "
+                    "run folder)")
+parser.add_argument("--postprocess", help="the postprocessing decision, in words (needed for a "
+                    "run folder)")
 parser.add_argument("--decision",
                     help="JSON: region_threshold, qc_spread_review, qc_confidence_review")
 parser.add_argument("--partner-of", type=Path,

@@ -604,6 +604,20 @@ def test_atomic_write_temp_name_and_failure(tmp_path: Path) -> None:
     assert target.read_bytes() == b"old"
 
 
+def test_atomic_write_gives_files_the_umask_s_permissions_whoever_writes_them(
+        tmp_path: Path) -> None:
+    from safetensors.numpy import save_file
+
+    umask = os.umask(0o027)
+    try:
+        path = io.atomic_write(tmp_path / "w.safetensors",  # safetensors makes its files 0600
+                               lambda tmp: save_file({"a": np.zeros(3)}, str(tmp)))
+        text = io.atomic_write_text(tmp_path / "a.json", "{}")
+    finally:
+        os.umask(umask)
+    assert oct(path.stat().st_mode & 0o777) == oct(text.stat().st_mode & 0o777) == oct(0o640)
+
+
 def test_atomic_write_text_and_bytes(tmp_path: Path) -> None:
     path = io.atomic_write_text(tmp_path / "a.json", '{"ü": 1}\n')
     assert path.read_text(encoding="utf-8") == '{"ü": 1}\n'

@@ -535,9 +535,10 @@ TRAIN_EXAMPLES = """Examples:
 
 - `tiramisu-brats train CASES_DIR -o run --val-fraction 0.2`: from scratch, with the
   defaults (the reference's loss and optimizer, axial slices), a fifth of the cases held out.
-- `tiramisu-brats train CASES_DIR -o run --init WEIGHTS --planes axial,coronal,sagittal
-  --loss dice_ce --batch-size 32 --patch 192 160 --epochs 1 --steps-per-epoch 150`: the
-  shipped model's recipe (docs/model-card.md).
+- `tiramisu-brats train CASES_DIR -o run --init WEIGHTS --val-cases A,B,C --planes
+  axial,coronal,sagittal --loss dice_ce --batch-size 32 --patch 192 160 --epochs 1
+  --steps-per-epoch 150 --seed 1`: the shipped model's epoch as a CPU runs it (its GPU run
+  also had a cosine schedule over 8 minutes: docs/model-card.md, "Recipe").
 - `tiramisu-brats train CASES_DIR -o run --resume --epochs 5`: go on with a run.
 """
 
@@ -667,8 +668,8 @@ def train(
                   f"ET {last['val_dice_ET']:.3f}" if run.val_set else "no validation cases")
         out.print(f"epoch {last['epoch']}: loss {last['train_loss']:.4f}, {scores}",
                   highlight=False)
-    out.print(f"run folder: {output} (log.csv, curves.png, model_best.safetensors)",
-              highlight=False)
+    out.print(f"run folder: {output} (log.csv, curves.png, model_best.safetensors, "
+              "model_last.safetensors, checkpoint.safetensors to resume)", highlight=False)
 
 
 VIEW_EXAMPLES = """Examples:

@@ -637,11 +637,16 @@ def atomic_write(
             raise FileExistsError(
                 f"{target}: already exists (and overwriting was not asked for)")
     tmp = folder / f".{path.name}.tmp-{secrets.token_hex(4)}{_extension(path.name)}"
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # reserve the name
+    reserved = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # reserve the name
+    # the permissions the umask gives a new file, for writers that make their own (safetensors
+    # writes 0600: a run's weights unreadable to the others of a shared machine)
+    mode = os.fstat(reserved).st_mode & 0o777
+    os.close(reserved)
     pairs = [(tmp.with_suffix(s), path.with_suffix(s)) for s in companions]
     try:
         write_fn(tmp)
         for written in (*(t for t, _ in pairs), tmp):
+            os.chmod(written, mode)
             with open(written, "rb+") as f:
                 os.fsync(f.fileno())
         for written, target in pairs:

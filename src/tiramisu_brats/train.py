@@ -529,8 +529,11 @@ def plot_curves(rows: list[dict], path: Path) -> Path:
         ax2.plot(epochs, [r[f"val_dice_{region}"] for r in rows], marker="o", label=region)
     ax2.set(xlabel="epoch", ylabel="Dice", ylim=(0, 1), title="Validation Dice (whole volumes)")
     ax2.legend()
+    from matplotlib.ticker import MaxNLocator
+
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs: no 1.5
     fig.tight_layout()
     io.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"), overwrite=True)
     return path
