@@ -711,6 +711,25 @@ def test_a_case_id_named_like_a_companion_map_fails_before_anything_is_written(
     assert io.read_label_map(tmp_path / "out" / "Y_raw.nii.gz")[0].shape == (64, 64, 40)  # Y's
 
 
+def test_the_json_says_whether_the_qc_threshold_was_chosen_for_the_weights(
+        tmp_path, tiny_weights):
+    from safetensors.numpy import load_file, save_file
+
+    from tiramisu_brats.model import read_config
+
+    borrowed = api.Segmenter(tiny_weights, "torch").model_info()["qc_threshold_chosen_for"]
+    assert borrowed == "the shipped weights (these record none)"
+    _, header = read_config(tiny_weights)
+    own = tmp_path / "own.safetensors"  # the same weights, with their own fast-mode threshold
+    save_file(load_file(str(tiny_weights)), str(own),
+              metadata={**header, "decision": json.dumps({"qc_confidence_review": 0.8})})
+    segmenter = api.Segmenter(own, "torch")
+    assert segmenter.qc_confidence == 0.8
+    assert segmenter.model_info()["qc_threshold_chosen_for"] == "these weights"
+    # the shipped weights' defaults were chosen for them
+    assert api.Segmenter().model_info()["qc_threshold_chosen_for"] == "these weights"
+
+
 def test_skip_existing_redoes_a_case_whose_label_map_was_removed(cohort, tmp_path,
                                                                  small_segmenter):
     out = tmp_path / "out"

@@ -337,6 +337,10 @@ class Segmenter:
         self.threshold = rule.get("region_threshold")
         self.qc_review = rule.get("qc_spread_review", QC_SPREAD_REVIEW)
         self.qc_confidence = rule.get("qc_confidence_review", QC_CONFIDENCE_REVIEW)
+        # whether the QC threshold this mode uses was chosen for these weights (their
+        # decision, or the defaults, chosen for the shipped weights) or is borrowed
+        key = "qc_spread_review" if len(self.views) > 1 else "qc_confidence_review"
+        self.qc_own = key in rule or self._sha256 == file_sha256(default_weights())
         self.batch_size = batch_size
         self.crop = crop
         self.postprocess = postprocess
@@ -358,6 +362,8 @@ class Segmenter:
                 "tumor_slices": self.tumor_slices, "mode": self.mode,
                 "labels_by": ("argmax" if self.threshold is None else
                               f"region probabilities > {self.threshold:g}"),
+                "qc_threshold_chosen_for": ("these weights" if self.qc_own else
+                                            "the shipped weights (these record none)"),
                 "views": [f"{plane}{' flipped' if flip else ''}{' (partner)' if model else ''}"
                           for plane, flip, model in self.views], **extra}
 
