@@ -173,8 +173,6 @@ def test_accurate_mode_of_a_mirrored_image_is_the_mirrored_labels(case, accurate
 
 
 def test_segment_case_records_the_mode(tmp_path, tiny_weights):
-    from tiramisu_brats.synthetic import write_case
-
     folder = write_case(make_case(1, shape=(64, 64, 40), case_id="syn-1"), tmp_path)
     files = io.find_case_files(folder)
     for mode in api.MODES:
@@ -363,8 +361,6 @@ def test_evaluate_says_in_metrics_csv_whether_the_affines_match(tmp_path, caplog
 def test_evaluate_overwrite_replaces_the_reports_overlays_and_raw_table(tmp_path):
     import nibabel as nib
 
-    from tiramisu_brats.synthetic import write_case
-
     refs = tmp_path / "cases"
     preds = tmp_path / "preds"
     preds.mkdir()
@@ -400,8 +396,6 @@ def test_evaluate_overwrite_replaces_the_reports_overlays_and_raw_table(tmp_path
 def test_evaluate_says_what_it_cannot_find_in_one_line(tmp_path):
     import nibabel as nib
 
-    from tiramisu_brats.synthetic import write_case
-
     case = make_case(3, shape=(24, 24, 24), case_id="c0")
     folder = write_case(case, tmp_path / "cases")
     with pytest.raises(io.InputError, match=rf"^{tmp_path / 'nope'}: no such file or folder$"):
@@ -435,8 +429,6 @@ def test_evaluate_pairs_a_file_with_a_case_and_warns_of_mismatches(tmp_path, cap
     import logging
 
     import nibabel as nib
-
-    from tiramisu_brats.synthetic import write_case
 
     case = make_case(3, shape=(24, 24, 24), case_id="c0")
     folder = write_case(case, tmp_path / "cases")  # images and the expert's c0_seg
@@ -495,8 +487,6 @@ def test_quality_score_from_the_spread_inside_the_tumor():
 
 @pytest.mark.slow
 def test_accurate_mode_writes_qc_and_an_uncertainty_map(tmp_path, tiny_weights):
-    from tiramisu_brats.synthetic import write_case
-
     folder = write_case(make_case(3, shape=(64, 64, 40), case_id="syn-3"), tmp_path)
     files = io.find_case_files(folder)
     seg = api.Segmenter(tiny_weights, "torch", mode="accurate", crop=(64, 64))
@@ -570,8 +560,6 @@ def test_fast_mode_confidence_is_the_networks_whole_tumor_probability(tiny_weigh
 @pytest.fixture()
 def cohort(tmp_path):
     """A folder of three small cases: two complete (c0, c1), one without its FLAIR (c2)."""
-    from tiramisu_brats.synthetic import write_case
-
     root = tmp_path / "cohort"
     for seed in range(3):
         write_case(make_case(seed, shape=(64, 64, 40), case_id=f"c{seed}"), root)
@@ -871,8 +859,6 @@ def test_segment_cohort_reports_a_broken_case_and_a_case_id_found_twice(
 
 
 def test_segment_cohort_of_one_case_raises_its_error(tmp_path, tiny_weights):
-    from tiramisu_brats.synthetic import write_case
-
     folder = write_case(make_case(5, shape=(64, 64, 40), case_id="one"), tmp_path / "in")
     files = io.find_case_files(folder)
     events = []
@@ -975,8 +961,6 @@ def test_the_weights_decision_rule_labels_the_case_and_is_recorded(tmp_path, tin
 
 def test_quantize_int8_says_what_is_wrong_before_any_work(tmp_path, tiny_weights, small_cases,
                                                           monkeypatch):
-    from tiramisu_brats.synthetic import write_case
-
     monkeypatch.setattr(export, "require_nncf", lambda source: None)  # installed or not
 
     write_case(make_case(0, shape=(48, 40, 32)), tmp_path / "unlabelled", with_seg=False)
@@ -991,8 +975,6 @@ def test_quantize_int8_calibrates_on_a_brain_larger_than_the_crop_too(tmp_path, 
     import dataclasses
 
     from tiramisu_brats.preprocess import compute_geometry
-    from tiramisu_brats.synthetic import write_case
-
     small = make_case(0, shape=(64, 64, 24), case_id="small")
     big = make_case(1, shape=(120, 120, 24), case_id="big")
     big = dataclasses.replace(big, image=np.repeat(big.image, 3, axis=1),  # X stretched
@@ -1085,8 +1067,6 @@ def test_the_api_takes_what_an_image_can_be_and_says_what_it_cannot(tiny_weights
 
 def test_segment_case_checks_its_arguments_before_the_network_runs(tmp_path, tiny_weights,
                                                                     monkeypatch):
-    from tiramisu_brats.synthetic import write_case
-
     folder = write_case(make_case(1, shape=(48, 48, 32), case_id="c"), tmp_path / "in")
     segmenter = api.Segmenter(tiny_weights, "torch", crop=(64, 64))
     monkeypatch.setattr(segmenter, "_segment_grid", lambda *a, **k: pytest.fail("ran"))

@@ -340,7 +340,9 @@ class Segmenter:
         # whether the QC threshold this mode uses was chosen for these weights (their
         # decision, or the defaults, chosen for the shipped weights) or is borrowed
         key = "qc_spread_review" if len(self.views) > 1 else "qc_confidence_review"
-        self.qc_own = key in rule or self._sha256 == file_sha256(default_weights())
+        shipped = default_weights()
+        self.qc_own = key in rule or (self.weights.resolve() == shipped.resolve()
+                                      or self._sha256 == file_sha256(shipped))
         self.batch_size = batch_size
         self.crop = crop
         self.postprocess = postprocess
@@ -625,8 +627,7 @@ class Segmenter:
         if not os.access(output.parent, os.W_OK | os.X_OK):
             raise io.InputError(f"{output}: output folder {output.parent} is not writable")
         if not overwrite:
-            for target in (output, sidecar, *((raw_path,) if save_raw else ()),
-                           *((spread_path,) if uncertainty else ()),
+            for target in (*_case_outputs(output, save_raw, uncertainty),
                            *((Path(picture),) if picture is not None else ())):
                 if target.exists():
                     raise FileExistsError(f"{target}: exists (and overwriting was not asked "
